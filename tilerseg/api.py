@@ -1,0 +1,165 @@
+"""The library entry points the CLI is a thin layer over.
+
+``run`` does what ``tilerseg run`` does: open the input lazily, build the
+model once, tile, compute chunk by chunk into the output. ``segment`` gives
+the same computation as a lazy dask array for notebooks and pipelines."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from .engine import Output, TileSpec, compute_into, lazy_segment
+from .errors import ModelError, OutputError
+from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
+from .io import open_reader, open_writer
+from .io.arrays import ArrayReader
+from .io.base import Reader
+from .io.writers import OutputInfo, check_output, output_format
+from .models import ModelInfo, ModelSpec, Normalization, describe
+
+log = logging.getLogger(__name__)
+
+
+class UntrainedModelWarning(UserWarning):
+    """The model has random weights: its output means nothing."""
+
+
+@dataclass(frozen=True)
+class PredictorRef:
+    """Picklable handle to a predictor, built once per worker process."""
+
+    info: ModelInfo
+    bands: int
+    dtype: str
+    device: str
+
+    def get(self) -> Predictor:
+        return cached_predictor(self.info, self.bands, self.dtype, self.device)
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run did, for the CLI and for scripts."""
+
+    output: str
+    shape: tuple[int, int]
+    windows: int
+    seconds: float
+    tile: int
+    halo: int
+    stride: int
+    note: str = ""
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.shape[0] * self.shape[1] / 1e6 / max(self.seconds, 1e-9)
+
+
+def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", classes: int = 1,
+               encoder_weights: str | None = None, bands: int = 3, mean=None, std=None, scale=None,
+               **kwargs: Any) -> ModelInfo:
+    """Resolve the model from flags and weights, and check it fits ``bands``."""
+    spec = ModelSpec(arch=model, encoder=encoder, classes=classes, in_channels=bands,
+                     encoder_weights=encoder_weights, kwargs=ModelSpec.freeze(kwargs))
+    info = describe(weights, spec)
+    if info.spec.in_channels != bands:
+        raise ModelError(
+            f"{weights}: the weights take {info.spec.in_channels} input band(s), the image has {bands}: "
+            f"choose {info.spec.in_channels} with --bands (e.g. --bands "
+            f"{','.join(str(i + 1) for i in range(min(info.spec.in_channels, bands)))}) or use matching weights")
+    if any(v is not None for v in (mean, std, scale)):
+        n = info.normalization
+        info = replace(info, normalization=Normalization(
+            mean=tuple(mean) if mean is not None else n.mean, std=tuple(std) if std is not None else n.std,
+            scale=scale if scale is not None else n.scale))
+    return info
+
+
+def run(input, output, *, model: str = "unet", weights=None, encoder: str = "resnet34", classes: int = 1,
+        encoder_weights: str | None = None, tile: int | None = None, halo: int | None = None, batch_size: int = 4,
+        pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
+        mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
+        device: str = "auto", workers: int = 2, scheduler=None, overwrite: bool = False,
+        progress: Callable[[int, int], None] | None = None) -> RunReport:
+    """Segment ``input`` into ``output`` (.zarr, .tif or .png) chunk by chunk.
+
+    Options mirror ``tilerseg run --help``. ``progress(done, total)`` is
+    called as windows finish (local runs)."""
+    output = os.fspath(output)
+    if output_format(output) == "png" and probabilities:
+        raise OutputError(f"{output}: PNG holds label masks only; write probabilities to .tif or .zarr")
+    check_output(output, overwrite)
+    src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
+    info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
+                      bands=src.meta.bands, mean=mean, std=std, scale=scale)
+    if not info.trained:
+        warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
+                      "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=2)
+    tiles = TileSpec(tile=tile or info.tile or 512, halo=halo if halo is not None else (info.halo or 64),
+                     batch_size=batch_size, pad_mode=pad_mode)
+    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
+    predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
+    grid = tiles.grid(src.meta.shape, predictor.stride)
+    done = [0]
+
+    def on_done(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], grid.total_windows)
+
+    out = Output(probabilities=probabilities, threshold=threshold)
+    arr = lazy_segment(src, ref, grid, tiles, out, info.spec.classes,
+                       on_done=on_done if scheduler is None else None)
+    writer = open_writer(output, OutputInfo(meta=src.meta, probabilities=probabilities, classes=info.spec.classes,
+                                            class_names=info.class_names, source=os.fspath(input),
+                                            model=f"{info.spec.arch}/{info.spec.encoder}"), overwrite=overwrite)
+    t0 = time.perf_counter()
+    writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
+    seconds = time.perf_counter() - t0
+    src.close()
+    return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows, seconds=seconds,
+                     tile=tiles.tile, halo=tiles.halo, stride=predictor.stride, note=src.meta.note)
+
+
+def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",
+            probabilities: bool = True, threshold: float = 0.5, valid=None, classes: int | None = None,
+            mean=None, std=None, scale=None, device: str = "auto"):
+    """Segment an in-memory or lazy array; returns a lazy dask array.
+
+    ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
+    :class:`~tilerseg.io.Reader`. ``model`` is a torch module, a registry
+    name (random weights) or a path to weights. The result is ``(classes,
+    H, W)`` float32 probabilities (NaN where ``valid`` is False), or
+    ``(H, W)`` uint8 labels with ``probabilities=False``; compute it, or
+    store it with ``dask.array.to_zarr``, chunk by chunk."""
+    src = array if isinstance(array, Reader) else ArrayReader(array, valid=valid)
+    bands, dtype = src.meta.bands, src.meta.dtype
+    if hasattr(model, "forward"):
+        m, s, sc = resolve_normalization(Normalization(_t(mean), _t(std), scale), bands, dtype)
+        predictor = Predictor(model, mean=m, std=s, scale=sc, device=device)
+        n_classes = classes or _probe_classes(predictor, bands)
+    else:
+        path = os.fspath(model)
+        weights = path if os.path.exists(path) else None
+        info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
+                          classes=classes or 1, mean=mean, std=std, scale=scale)
+        predictor = PredictorRef(info, bands, np.dtype(dtype).str, pick_device(device)).get()
+        n_classes = info.spec.classes
+    tiles = TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode)
+    grid = tiles.grid(src.meta.shape, predictor.stride)
+    return lazy_segment(src, predictor, grid, tiles, Output(probabilities, threshold), n_classes)
+
+
+def _t(v):
+    return tuple(v) if v is not None else None
+
+
+def _probe_classes(predictor: Predictor, bands: int) -> int:
+    s = predictor.stride
+    return int(predictor(np.zeros((1, s * 2, s * 2, bands), np.uint8)).shape[1])

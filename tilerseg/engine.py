@@ -1,0 +1,134 @@
+"""The only module that knows dask: one task per block of windows.
+
+Each task reads its region plus halo (mirror-padded at image borders),
+runs the model on its windows in batches, keeps each window's centre crop
+and returns one finished output chunk. Chunks go straight to the store, so
+peak memory depends on the tile and batch size, never on the image."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+from .geometry import PAD_MODES, Grid, Region, block_layout
+from .io.base import Reader, read_padded
+
+log = logging.getLogger(__name__)
+
+LABEL_NODATA = 255
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Window side, context on each side, windows per forward pass, padding."""
+
+    tile: int = 512
+    halo: int = 64
+    batch_size: int = 4
+    pad_mode: Literal["reflect", "symmetric", "constant", "edge"] = "reflect"
+
+    def __post_init__(self) -> None:
+        if self.pad_mode not in PAD_MODES:
+            from .errors import TileError
+            raise TileError(f"unknown pad mode {self.pad_mode!r}: use one of {', '.join(PAD_MODES)}")
+        if self.batch_size < 1:
+            from .errors import TileError
+            raise TileError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+    def grid(self, shape: tuple[int, int], stride: int) -> Grid:
+        return Grid(tuple(shape), self.tile, self.halo, stride, block_layout(self.batch_size))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What each task returns: probabilities (float32, NaN = nodata) or
+    labels (uint8; threshold for one class, argmax for several; 255 = nodata)."""
+
+    probabilities: bool = False
+    threshold: float = 0.5
+
+
+def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec,
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities ``(classes, h, w)`` and validity ``(h, w)`` of one region's output."""
+    data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+    c, h, T = grid.crop, grid.halo, grid.tile
+    wy0, wx0 = region.windows[0]
+    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in region.windows]
+    rows = (region.windows[-1][0] - wy0 + 1) * c
+    cols = (region.windows[-1][1] - wx0 + 1) * c
+    out = None
+    for start in range(0, len(offsets), tiles.batch_size):
+        batch = offsets[start:start + tiles.batch_size]
+        probs = predictor(np.stack([data[y:y + T, x:x + T] for y, x in batch]))
+        if out is None:
+            out = np.empty((probs.shape[1], rows, cols), np.float32)
+        for (y, x), p in zip(batch, probs):
+            out[:, y:y + c, x:x + c] = p[:, h:h + c, h:h + c]
+    oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
+    if valid is not None:
+        valid = valid[h:h + oh, h:h + ow]
+    return out[:, :oh, :ow], valid
+
+
+def _block(reader, predictor, grid, region, tiles, output: Output, on_done):
+    if hasattr(predictor, "get"):  # a picklable reference, resolved once per worker
+        predictor = predictor.get()
+    probs, valid = predict_region(reader, predictor, grid, region, tiles)
+    if output.probabilities:
+        if valid is not None:
+            probs[:, ~valid] = np.nan
+        result = probs
+    else:
+        if probs.shape[0] == 1:
+            result = (probs[0] >= output.threshold).astype(np.uint8)
+        else:
+            result = probs.argmax(axis=0).astype(np.uint8)
+        if valid is not None:
+            result[~valid] = LABEL_NODATA
+    if on_done is not None:
+        on_done(len(region.windows))
+    return result
+
+
+def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
+                 on_done: Callable[[int], None] | None = None):
+    """A lazy dask array of the segmentation: ``(classes, H, W)`` float32
+    probabilities or ``(H, W)`` uint8 labels, one chunk per task."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    name = "tilerseg-" + tokenize(getattr(reader, "path", id(reader)), reader.meta.shape, id(predictor),
+                                  grid, tiles, output)
+    lead = (0,) if output.probabilities else ()
+    dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, on_done)
+           for r in grid.regions()}
+    if output.probabilities:
+        return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
+    return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)
+
+
+def compute_into(array, target, *, workers: int = 2, scheduler=None) -> None:
+    """Store ``array`` into ``target`` (a zarr array) chunk by chunk.
+
+    Local runs use dask's threaded scheduler with ``workers`` threads: the
+    model is shared and runs one batch at a time on all cores, while other
+    threads read and write. With a distributed ``scheduler`` (address or
+    Client) tasks run on its workers, each building the model once."""
+    import dask
+    import dask.array as da
+
+    if scheduler is None:
+        with dask.config.set(scheduler="threads", num_workers=max(1, workers)):
+            da.store(array, target, lock=False, compute=True)
+        return
+    from distributed import Client
+
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    try:
+        da.store(array, target, lock=False, compute=True, scheduler=client)
+    finally:
+        if client is not scheduler:
+            client.close()

@@ -1,0 +1,92 @@
+"""Numpy windows in, probabilities out: normalisation, batching, device.
+
+The only module besides ``models`` that touches torch. One
+:class:`Predictor` per model and device per process; dask tasks share it,
+and a lock lets one batch run at a time so that reading and writing in
+other threads overlap the model instead of competing with it for cores."""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import numpy as np
+
+from .errors import ModelError
+from .models import ModelInfo, Normalization, instantiate
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet's, averaged over RGB
+
+
+def resolve_normalization(norm: Normalization, bands: int, dtype) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-band mean, std and the divisor that maps pixels to [0, 1].
+
+    Defaults: ImageNet mean/std for 3 bands, their average for any other
+    band count; the divisor is the integer dtype's maximum, 1 for floats."""
+    dtype = np.dtype(dtype)
+    scale = norm.scale if norm.scale else (float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0)
+    mean = norm.mean or (IMAGENET_MEAN if bands == 3 else (GRAY_MEAN,) * bands)
+    std = norm.std or (IMAGENET_STD if bands == 3 else (GRAY_STD,) * bands)
+    if len(mean) == 1:
+        mean = tuple(mean) * bands
+    if len(std) == 1:
+        std = tuple(std) * bands
+    if len(mean) != bands or len(std) != bands:
+        raise ModelError(f"normalisation has {len(mean)} mean / {len(std)} std values for a {bands}-band "
+                         "image: give one value or one per band")
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32), float(scale)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def output_stride(model) -> int:
+    """The model's total down-sampling factor: window sides must be multiples."""
+    enc = getattr(model, "encoder", None)
+    return int(getattr(enc, "output_stride", None) or getattr(model, "output_stride", None) or 32)
+
+
+class Predictor:
+    """Run ``model`` on batches of windows ``(N, T, T, bands)`` of raw pixels
+    and return float32 probabilities ``(N, classes, T, T)``: sigmoid for one
+    class, softmax over classes otherwise."""
+
+    def __init__(self, model, *, mean, std, scale: float, device: str = "cpu"):
+        import torch
+
+        self.device = pick_device(device)
+        self.model = model.eval().to(self.device)
+        self.stride = output_stride(model)
+        self._mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device).view(1, -1, 1, 1)
+        self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
+        self._scale = float(scale)
+        self._lock = threading.Lock()
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(self._scale).sub_(self._mean).div_(self._std)
+        with self._lock, torch.inference_mode():
+            logits = self.model(x)
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            return probs.float().cpu().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str) -> Predictor:
+    """One predictor per model, band count and device in each process (worker)."""
+    model = instantiate(info)
+    mean, std, scale = resolve_normalization(info.normalization, bands, dtype)
+    log.debug("built %s/%s on %s", info.spec.arch, info.spec.encoder, device)
+    return Predictor(model, mean=mean, std=std, scale=scale, device=device)

@@ -1,0 +1,193 @@
+"""The Reader protocol every input backend implements, and the shared
+helpers built on it (level choice, resampling, padded reads)."""
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, ReadError
+from ..geometry import pad_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What a reader knows about its image, at the resolution it serves.
+
+    ``transform`` is an affine ``(a, b, c, d, e, f)`` as in rasterio/GDAL
+    (x = a*col + b*row + c, y = d*col + e*row + f); ``crs`` is WKT.
+    ``levels`` lists the (H, W) of every pyramid level in the file and
+    ``level_mpp`` their microns per pixel where known."""
+
+    shape: tuple[int, int]
+    bands: int
+    dtype: np.dtype
+    format: str
+    mpp: float | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    nodata: float | None = None
+    levels: tuple[tuple[int, int], ...] = ()
+    level_mpp: tuple[float | None, ...] = ()
+    level: int = 0
+    note: str = ""
+    band_names: tuple[str, ...] = field(default=())
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None or (self.transform is not None and self.transform != IDENTITY)
+
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+class Reader(ABC):
+    """A lazily read 2-D image with bands last.
+
+    Subclasses implement :meth:`_read` for a window inside the image and set
+    ``self.meta``. :meth:`read` adds bounds checks and turns any decoding
+    failure into one :class:`ReadError` that names the file and the window.
+    Readers pickle by their opening arguments, so dask workers reopen them."""
+
+    path: str
+    meta: ImageMeta
+
+    @abstractmethod
+    def _read(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return ``(pixels (h, w, bands), valid (h, w) bool or None)``."""
+
+    def read(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        H, W = self.meta.shape
+        if not (0 <= rows[0] < rows[1] <= H and 0 <= cols[0] < cols[1] <= W):
+            raise ValueError(f"window rows {rows} cols {cols} outside image {H}x{W}")
+        try:
+            data, valid = self._read(rows, cols)
+        except ReadError:
+            raise
+        except Exception as err:  # any decoder failure: report where, not how
+            raise ReadError(
+                f"{self.path}: could not decode rows {rows[0]}:{rows[1]}, cols {cols[0]}:{cols[1]} "
+                f"({type(err).__name__}: {_one_line(err)}); the file is damaged or uses an unsupported "
+                "codec there: re-export it, or check it with `tilerseg info`") from err
+        data = np.asarray(data)
+        if data.ndim == 2:
+            data = data[..., None]
+        if np.issubdtype(data.dtype, np.floating):
+            finite = np.isfinite(data).all(axis=-1)
+            if not finite.all():
+                valid = finite if valid is None else (valid & finite)
+                data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
+        return data, valid
+
+    def close(self) -> None:  # pragma: no cover - trivial
+        pass
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] or type(err).__name__
+
+
+def pick_level(level_mpp: tuple[float | None, ...], target: float, tolerance: float = 0.05) -> tuple[int, float]:
+    """Choose the pyramid level to serve ``target`` microns per pixel.
+
+    Returns ``(level, scale)``: read ``level`` and downsample it by ``scale``
+    (1.0 means the level matches within ``tolerance``). The finest level not
+    coarser than the target is chosen, so resampling only ever shrinks;
+    if every level is coarser, the finest level is upsampled (scale < 1)."""
+    if not level_mpp or level_mpp[0] is None:
+        raise InputError("the image has no microns-per-pixel metadata, so --mpp cannot be used: use --level")
+    known = [(i, m) for i, m in enumerate(level_mpp) if m]
+    for i, m in known:
+        if abs(m / target - 1) <= tolerance:
+            return i, 1.0
+    finer = [(i, m) for i, m in known if m <= target]
+    i, m = max(finer, key=lambda t: t[1]) if finer else known[0]
+    return i, target / m
+
+
+class ResampledReader(Reader):
+    """Serve ``base`` resampled by ``scale`` (> 1 shrinks).
+
+    Each output pixel is computed from its exact source position, so any
+    window gives the same values as resampling the whole image (no seams):
+    PIL's ``resize`` with a sub-pixel ``box`` over a source window padded by
+    the filter's support."""
+
+    def __init__(self, base: Reader, scale: float):
+        self.base, self.scale = base, float(scale)
+        self.path = base.path
+        H, W = base.meta.shape
+        shape = (max(1, round(H / scale)), max(1, round(W / scale)))
+        m = base.meta
+        transform = None
+        if m.transform is not None:
+            a, b, c, d, e, f = m.transform
+            transform = (a * scale, b * scale, c, d * scale, e * scale, f)
+        self.meta = replace(m, shape=shape, mpp=(m.mpp * scale if m.mpp else None), transform=transform)
+
+    def _read(self, rows, cols):
+        from PIL import Image
+
+        s, (H, W) = self.scale, self.base.meta.shape
+        margin = math.ceil(max(s, 1.0)) + 2
+        y0 = max(0, math.floor(rows[0] * s) - margin)
+        y1 = min(H, math.ceil(rows[1] * s) + margin)
+        x0 = max(0, math.floor(cols[0] * s) - margin)
+        x1 = min(W, math.ceil(cols[1] * s) + margin)
+        src, valid = self.base.read((y0, y1), (x0, x1))
+        box = (cols[0] * s - x0, rows[0] * s - y0, cols[1] * s - x0, rows[1] * s - y0)
+        size = (cols[1] - cols[0], rows[1] - rows[0])
+        filt = Image.Resampling.BOX if s > 1 else Image.Resampling.BILINEAR
+        bands = []
+        for k in range(src.shape[-1]):
+            img = Image.fromarray(src[..., k].astype(np.float32), mode="F")
+            bands.append(np.asarray(img.resize(size, filt, box=box)))
+        out = np.stack(bands, axis=-1)
+        if np.issubdtype(src.dtype, np.integer):
+            info = np.iinfo(src.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(src.dtype)
+        if valid is not None:
+            v = Image.fromarray(valid.astype(np.uint8) * 255, mode="L")
+            valid = np.asarray(v.resize(size, Image.Resampling.NEAREST, box=box)) > 127
+        return out, valid
+
+    def __reduce__(self):
+        return (ResampledReader, (self.base, self.scale))
+
+
+def read_padded(reader: Reader, rows: tuple[int, int], cols: tuple[int, int], mode: str,
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read image rows/cols that may reach outside the image, padded as
+    :func:`numpy.pad` with ``mode`` would pad the whole image.
+
+    Only the bounding box of the source pixels is read, so an interior
+    window reads exactly itself and a border window a little more."""
+    H, W = reader.meta.shape
+    ri, r_in = pad_index(np.arange(*rows), H, mode)
+    ci, c_in = pad_index(np.arange(*cols), W, mode)
+    r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
+    data, valid = reader.read((r0, r1), (c0, c1))
+    if rows[0] >= 0 and rows[1] <= H and cols[0] >= 0 and cols[1] <= W:
+        return data, valid  # interior: the read is the window
+    data = data[ri - r0][:, ci - c0]
+    if valid is not None:
+        valid = valid[ri - r0][:, ci - c0]
+    if r_in is not None:  # constant mode: zero outside, and mark it invalid
+        inside = r_in[:, None] & c_in[None, :]
+        data = np.where(inside[..., None], data, 0).astype(data.dtype)
+        valid = inside if valid is None else (valid & inside)
+    return data, valid

@@ -1,0 +1,56 @@
+"""PNG, JPEG and other small raster formats through Pillow.
+
+These formats cannot be read window by window, so the image is decoded
+once, when opened; for images larger than memory use a tiled TIFF or
+``tilerseg ingest`` on a format that can."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import ImageMeta, Reader
+
+
+class PillowReader(Reader):
+    """Gray or RGB, 8- or 16-bit; an alpha channel becomes the validity mask."""
+
+    def __init__(self, path: str):
+        from PIL import Image
+
+        self.path = str(path)
+        try:
+            with Image.open(self.path) as img:
+                img.load()
+                self._pixels, self._valid = _to_array(img)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise FormatError(f"{self.path}: Pillow cannot decode it ({err}); it is corrupt or not an image") from err
+        H, W, C = self._pixels.shape
+        self.meta = ImageMeta(shape=(H, W), bands=C, dtype=self._pixels.dtype, format="image (Pillow)")
+
+    def _read(self, rows, cols):
+        win = (slice(*rows), slice(*cols))
+        return self._pixels[win], (None if self._valid is None else self._valid[win])
+
+    def __reduce__(self):
+        return (PillowReader, (self.path,))
+
+
+def _to_array(img) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("L" if mode == "1" else "RGB")
+        mode = img.mode
+    arr = np.asarray(img)
+    if mode.startswith("I;16"):
+        arr = arr.astype(np.uint16)
+    elif mode == "I":
+        arr = arr.astype(np.uint16) if arr.min() >= 0 and arr.max() <= 65535 else arr.astype(np.int32)
+    if arr.ndim == 2:
+        return arr[..., None], None
+    if mode in ("RGBA", "LA"):
+        alpha = arr[..., -1]
+        return np.ascontiguousarray(arr[..., :-1]), (None if alpha.min() == alpha.max() == 255 else alpha > 0)
+    return arr, None

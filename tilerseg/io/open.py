@@ -1,0 +1,133 @@
+"""Pick the backend for an input path and apply level/mpp/band choices."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Literal
+
+from ..errors import FormatError, InputError
+from .base import Reader, ResampledReader, pick_level
+
+log = logging.getLogger(__name__)
+
+ReaderName = Literal["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"]
+READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
+SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
+TIFF_EXT = {".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff"}
+IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+GEO_EXT = {".vrt", ".img", ".jp2", ".nc", ".hdf", ".ecw"}
+_GEO_TAGS = (33550, 33922, 34264, 34735)  # pixel scale, tiepoint, transformation, geokeys
+
+
+def open_reader(path, *, level: int | None = None, mpp: float | None = None,
+                bands: tuple[int, ...] | None = None, reader: str = "auto") -> Reader:
+    """Open ``path`` lazily with the right backend.
+
+    ``level`` picks a pyramid level; ``mpp`` picks the level nearest a
+    target microns per pixel and resamples when none is within 5%. The
+    choice is logged and kept in ``reader.meta.note``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or directory; check the path")
+    name = _detect(path) if reader == "auto" else reader
+    if level is not None and mpp is not None:
+        raise InputError("give --level or --mpp, not both")
+    r = _open(name, path, level or 0, bands)
+    if mpp is not None:
+        lvl, scale = pick_level(r.meta.level_mpp, float(mpp))
+        if lvl != r.meta.level:
+            r.close()
+            r = _open(name, path, lvl, bands)
+        if scale != 1.0:
+            r = ResampledReader(r, scale)
+        note = (f"--mpp {mpp:g}: using level {lvl} ({r.meta.levels[lvl][1]}x{r.meta.levels[lvl][0]} px, "
+                f"{r.meta.level_mpp[lvl]:.4g} µm/px)" + (f", resampled by 1/{scale:.4g} to "
+                                                       f"{r.meta.shape[1]}x{r.meta.shape[0]} px" if scale != 1.0 else ""))
+        log.info(note)
+        r.meta = replace(r.meta, note=note)
+    if bands and name != "rasterio":  # rasterio reads only the chosen bands itself
+        r = _BandSelect(r, bands)
+    _probe(r)
+    return r
+
+
+def _detect(path: str) -> str:
+    low = path.lower().rstrip("/")
+    ext = os.path.splitext(low)[1]
+    from .arrays import is_zarr
+
+    if is_zarr(path) or low.endswith(".zarr"):
+        return "zarr"
+    if ext in SLIDE_EXT:
+        return "openslide"
+    if ext in IMAGE_EXT:
+        return "pillow"
+    if ext in GEO_EXT:
+        return "rasterio"
+    if ext in TIFF_EXT:
+        return "rasterio" if _is_geotiff(path) else "tifffile"
+    raise FormatError(f"{path}: unsupported file type {ext or '(no extension)'!r}; tilerseg reads slides "
+                      f"({', '.join(sorted(SLIDE_EXT))}), TIFF/OME-TIFF/GeoTIFF, PNG/JPEG and zarr "
+                      "(force a backend with --reader)")
+
+
+def _is_geotiff(path: str) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            return any(t in tags for t in _GEO_TAGS)
+    except Exception as err:
+        raise FormatError(f"{path}: not a readable TIFF ({err}); it is corrupt or truncated") from err
+
+
+def _open(name: str, path: str, level: int, bands) -> Reader:
+    if name == "openslide":
+        from .slide import SlideReader
+        return SlideReader(path, level)
+    if name == "tifffile":
+        from .tiff import TiffReader
+        return TiffReader(path, level)
+    if name == "rasterio":
+        from .geotiff import GeoReader
+        return GeoReader(path, level, bands)
+    if level:
+        raise InputError(f"{path}: --level needs a pyramidal format; this one has a single level")
+    if name == "pillow":
+        from .image import PillowReader
+        return PillowReader(path)
+    if name == "zarr":
+        from .arrays import ZarrReader
+        return ZarrReader(path)
+    raise InputError(f"unknown reader {name!r}: use one of {', '.join(READERS)}")
+
+
+def _probe(r: Reader) -> None:
+    """Decode one pixel now, so an unsupported codec fails before any work."""
+    try:
+        r.read((0, 1), (0, 1))
+    except Exception as err:
+        r.close()
+        msg = str(err).split("; the file is damaged")[0]
+        raise FormatError(f"{msg}; it is corrupt or uses an unsupported codec: re-export or convert it") from err
+
+
+class _BandSelect(Reader):
+    """Pick bands (1-based) of any reader."""
+
+    def __init__(self, base: Reader, bands):
+        self.base, self.bands = base, tuple(int(b) for b in bands)
+        self.path = base.path
+        bad = [b for b in self.bands if not 1 <= b <= base.meta.bands]
+        if bad:
+            raise InputError(f"{base.path}: has bands 1..{base.meta.bands}; --bands {bad} do not exist")
+        self.meta = replace(base.meta, bands=len(self.bands))
+
+    def _read(self, rows, cols):
+        data, valid = self.base.read(rows, cols)
+        return data[..., [b - 1 for b in self.bands]], valid
+
+    def __reduce__(self):
+        return (_BandSelect, (self.base, self.bands))

@@ -1,0 +1,88 @@
+"""TIFF, BigTIFF and OME-TIFF (pyramids included) through tifffile's zarr store."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import ImageMeta, Reader
+
+_CHANNEL_AXES = "SC"
+
+
+class TiffReader(Reader):
+    """One level of the first image series, read chunk-wise through zarr."""
+
+    def __init__(self, path: str, level: int = 0):
+        import tifffile
+        import zarr
+
+        self.path, self.level = str(path), int(level)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+        except Exception as err:
+            raise FormatError(f"{self.path}: not a readable TIFF ({err})") from err
+        if not 0 <= self.level < len(series.levels):
+            raise FormatError(f"{self.path}: has levels 0..{len(series.levels) - 1}, not {self.level}: "
+                              "pick one of those with --level")
+        axes = series.axes
+        self._axes = axes
+        extra = [(a, n) for a, n in zip(axes, series.levels[self.level].shape) if a not in "YX" + _CHANNEL_AXES and n > 1]
+        if extra:
+            raise FormatError(f"{self.path}: has axes {axes} with shape {series.shape}; only 2-D images "
+                              "(Y, X and channels) are supported: extract one plane first")
+        self._z = zarr.open_array(series.aszarr(level=self.level), mode="r")
+        shapes = []
+        for lvl in series.levels:
+            shapes.append((lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")]))
+        chan = [a for a in axes if a in _CHANNEL_AXES]
+        bands = int(np.prod([series.shape[axes.index(a)] for a in chan])) if chan else 1
+        mpp0 = _mpp(self._tif)
+        level_mpp = tuple((mpp0 * shapes[0][1] / w if mpp0 else None) for _, w in shapes)
+        self.meta = ImageMeta(
+            shape=shapes[self.level], bands=bands, dtype=np.dtype(series.dtype),
+            format="OME-TIFF" if self._tif.is_ome else "TIFF", mpp=level_mpp[self.level],
+            levels=tuple(shapes), level_mpp=level_mpp, level=self.level)
+
+    def _read(self, rows, cols):
+        index = []
+        for a in self._axes:
+            if a == "Y":
+                index.append(slice(*rows))
+            elif a == "X":
+                index.append(slice(*cols))
+            elif a in _CHANNEL_AXES:
+                index.append(slice(None))
+            else:
+                index.append(0)
+        block = np.asarray(self._z[tuple(index)])
+        kept = [a for a in self._axes if a in "YX" + _CHANNEL_AXES]
+        order = [kept.index("Y"), kept.index("X")] + [i for i, a in enumerate(kept) if a in _CHANNEL_AXES]
+        block = block.transpose(order)
+        return block.reshape(block.shape[0], block.shape[1], -1), None
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __reduce__(self):
+        return (TiffReader, (self.path, self.level))
+
+
+def _mpp(tif) -> float | None:
+    """Microns per pixel at level 0: OME PhysicalSizeX, else the resolution tags."""
+    if tif.is_ome:
+        import re
+
+        m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+        if m and (unit is None or unit.group(1) in ("µm", "um", "\u00b5m")):
+            return float(m.group(1))
+    page = tif.pages[0]
+    xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+    if xres is None or unit is None:
+        return None
+    num, den = xres.value
+    if not num:
+        return None
+    per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # inch, centimetre in µm
+    return per_unit * den / num if per_unit else None

@@ -1,0 +1,88 @@
+"""Model registry: a name -> builder map over segmentation-models-pytorch.
+
+Every smp architecture is available under its lower-case name, plus the
+aliases below. The registry also records which architectures are *local*
+(no global pooling or attention): only those give tiled output equal to
+whole-image inference (DESIGN.md)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# tilerseg never downloads at run time unless the user opts in with
+# HF_HUB_OFFLINE=0: on a cluster node without internet, huggingface_hub would
+# otherwise retry for half a minute before failing. Must precede its import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ..errors import ModelError  # noqa: E402
+
+ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deeplabv3plus"}
+# Architectures without global context: seam-exact under overlap-tile.
+LOCAL = {"unet", "unetplusplus", "linknet", "fpn"}
+NON_LOCAL_WHY = {
+    "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
+    "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
+    "upernet": "pyramid pooling", "segformer": "self-attention", "dpt": "a vision transformer",
+}
+
+
+def architectures() -> dict[str, str]:
+    """Registry names -> smp class names."""
+    import segmentation_models_pytorch as smp
+
+    return {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+
+
+def canonical(name: str) -> str:
+    """Resolve aliases and case; an unknown name lists the valid ones."""
+    key = ALIASES.get(name.lower(), name.lower())
+    names = architectures()
+    if key not in names:
+        valid = ", ".join(sorted(names) + sorted(ALIASES))
+        raise ModelError(f"unknown model {name!r}: choose one of {valid} (see `tilerseg models`)")
+    return key
+
+
+def is_local(name: str) -> bool:
+    return canonical(name) in LOCAL
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model; hashable so workers cache it.
+
+    ``kwargs`` holds extra smp arguments as sorted (key, value) pairs with
+    lists turned into tuples (``decoder_channels``...)."""
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    classes: int = 1
+    in_channels: int = 3
+    encoder_weights: str | None = None
+    kwargs: tuple[tuple[str, Any], ...] = field(default=())
+
+    @staticmethod
+    def freeze(kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+
+
+def build(spec: ModelSpec):
+    """Build an untrained (or ImageNet-encoder) model from ``spec``."""
+    import segmentation_models_pytorch as smp
+
+    arch = canonical(spec.arch)
+    try:
+        return smp.create_model(arch, encoder_name=spec.encoder, encoder_weights=spec.encoder_weights,
+                                in_channels=spec.in_channels, classes=spec.classes, **dict(spec.kwargs))
+    except (OSError, ConnectionError) as err:  # the hub: offline, or not cached
+        raise ModelError(
+            f"encoder weights {spec.encoder_weights!r} for {spec.encoder} are not in the local cache and "
+            "tilerseg does not download at run time: download them once with HF_HUB_OFFLINE=0 on a machine "
+            "with internet (then copy ~/.cache/huggingface), pass trained --weights, or use "
+            "--encoder-weights none") from err
+    except KeyError as err:
+        raise ModelError(f"encoder {spec.encoder!r} is not known to segmentation-models-pytorch: "
+                         "see `python -c 'import segmentation_models_pytorch as s; print(s.encoders.get_encoder_names())'`") from err
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        raise ModelError(f"cannot build {arch} with encoder {spec.encoder}: {err}") from err

@@ -1,0 +1,156 @@
+"""Loading weights: smp ``save_pretrained`` folders, bare state dicts
+(``.safetensors``/``.pt``) and self-describing tilerseg checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import ModelError
+from .registry import ModelSpec, build, canonical, is_local
+
+log = logging.getLogger(__name__)
+CHECKPOINT_KEY = "tilerseg_checkpoint"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``(pixel / scale - mean) / std`` per band; ``scale`` None means the
+    dtype's maximum (255 for uint8, 65535 for uint16, 1 for floats)."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's rebuildable description plus what a checkpoint tells about it."""
+
+    spec: ModelSpec
+    weights: str | None = None
+    normalization: Normalization = Normalization()
+    class_names: tuple[str, ...] = ()
+    mpp: float | None = None
+    tile: int | None = None
+    halo: int | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.spec.arch)
+
+
+def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
+    """Resolve the model config: from the weights where they carry it
+    (smp folder, tilerseg checkpoint), else from ``spec`` (the flags)."""
+    if weights is None:
+        canonical(spec.arch)
+        return ModelInfo(spec=spec)
+    weights = os.fspath(weights)
+    if not os.path.exists(weights):
+        raise ModelError(f"{weights}: weights not found; check the --weights path")
+    if os.path.isdir(weights):
+        cfg_path = os.path.join(weights, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ModelError(f"{weights}: a folder without config.json; expected one written by smp's save_pretrained")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cls = cfg.pop("_model_class", None) or spec.arch
+        known = {"encoder_name", "encoder_weights", "in_channels", "classes"}
+        extra = {k: v for k, v in cfg.items() if k not in known and not k.startswith("_")}
+        spec = ModelSpec(arch=canonical(cls), encoder=cfg.get("encoder_name", spec.encoder),
+                         classes=int(cfg.get("classes", spec.classes)), in_channels=int(cfg.get("in_channels", 3)),
+                         kwargs=ModelSpec.freeze(extra))
+        return ModelInfo(spec=spec, weights=weights)
+    state = _load_file(weights)
+    if isinstance(state, dict) and CHECKPOINT_KEY in state:
+        m = state["model"]
+        n = state.get("normalization") or {}
+        spec = ModelSpec(arch=canonical(m["arch"]), encoder=m["encoder"], classes=int(m["classes"]),
+                         in_channels=int(m["in_channels"]), kwargs=ModelSpec.freeze(m.get("kwargs", {})))
+        norm = Normalization(mean=_tuple(n.get("mean")), std=_tuple(n.get("std")), scale=n.get("scale"))
+        return ModelInfo(spec=spec, weights=weights, normalization=norm,
+                         class_names=tuple(state.get("class_names") or ()), mpp=state.get("mpp"),
+                         tile=state.get("tile"), halo=state.get("halo"))
+    in_ch = _first_conv_in_channels(_state_dict(state, weights))
+    return ModelInfo(spec=replace(spec, in_channels=in_ch or spec.in_channels), weights=weights)
+
+
+def instantiate(info: ModelInfo):
+    """Build the module of ``info`` and load its weights, in eval mode."""
+    spec = info.spec if info.weights is None else replace(info.spec, encoder_weights=None)
+    model = build(spec)
+    if info.weights is not None:
+        path = info.weights
+        if os.path.isdir(path):
+            st = os.path.join(path, "model.safetensors")
+            state = _load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
+        else:
+            state = _load_file(path)
+        try:
+            model.load_state_dict(_state_dict(state, path), strict=True)
+        except RuntimeError as err:
+            raise ModelError(f"{path}: weights do not fit {spec.arch}/{spec.encoder} with {spec.classes} "
+                             f"class(es): {str(err).splitlines()[0]}; pass the --model/--encoder/--classes "
+                             "they were trained with") from err
+    return model.eval()
+
+
+def save_checkpoint(path: str, model, info: ModelInfo) -> None:
+    """Write a self-describing checkpoint that ``tilerseg run --weights``
+    loads with no other model flag."""
+    import torch
+
+    s, n = info.spec, info.normalization
+    torch.save({
+        CHECKPOINT_KEY: 1,
+        "model": {"arch": s.arch, "encoder": s.encoder, "classes": s.classes, "in_channels": s.in_channels,
+                  "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in s.kwargs}},
+        "normalization": {"mean": list(n.mean) if n.mean else None, "std": list(n.std) if n.std else None,
+                          "scale": n.scale},
+        "class_names": list(info.class_names), "mpp": info.mpp, "tile": info.tile, "halo": info.halo,
+        "state_dict": model.state_dict(),
+    }, path)
+
+
+def _load_file(path: str) -> Any:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        import torch
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(f"{path}: cannot read weights ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "expected a .safetensors/.pt state dict, a tilerseg checkpoint or an smp save_pretrained folder") from err
+
+
+def _state_dict(state: Any, path: str) -> dict:
+    if isinstance(state, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state:
+        raise ModelError(f"{path}: holds no state dict")
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _first_conv_in_channels(state: dict) -> int | None:
+    for k, v in state.items():
+        if getattr(v, "ndim", 0) == 4 and k.startswith("encoder"):
+            return int(v.shape[1])
+    return None
+
+
+def _tuple(v):
+    return tuple(float(x) for x in v) if v is not None else None
