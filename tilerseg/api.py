@@ -68,11 +68,11 @@ def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", 
     spec = ModelSpec(arch=model, encoder=encoder, classes=classes, in_channels=bands,
                      encoder_weights=encoder_weights, kwargs=ModelSpec.freeze(kwargs))
     info = describe(weights, spec)
-    if info.spec.in_channels != bands:
-        raise ModelError(
-            f"{weights}: the weights take {info.spec.in_channels} input band(s), the image has {bands}: "
-            f"choose {info.spec.in_channels} with --bands (e.g. --bands "
-            f"{','.join(str(i + 1) for i in range(min(info.spec.in_channels, bands)))}) or use matching weights")
+    need = info.spec.in_channels
+    if need != bands:
+        pick = ",".join(str(i % bands + 1) for i in range(need))
+        raise ModelError(f"{weights}: the weights take {need} input band(s), the image has {bands}: "
+                         f"choose or repeat bands with --bands (e.g. --bands {pick}) or use matching weights")
     if any(v is not None for v in (mean, std, scale)):
         n = info.normalization
         info = replace(info, normalization=Normalization(
@@ -163,3 +163,45 @@ def _t(v):
 def _probe_classes(predictor: Predictor, bands: int) -> int:
     s = predictor.stride
     return int(predictor(np.zeros((1, s * 2, s * 2, bands), np.uint8)).shape[1])
+
+
+def ingest(input, output, *, level: int | None = None, mpp: float | None = None, bands=None,
+           reader: str = "auto", chunk: int = 1024, workers: int = 2, overwrite: bool = False) -> str:
+    """Copy any readable input into a chunked zarr group (``image``,
+    ``valid`` when the input has masked pixels, metadata in attributes) that
+    every cluster worker can read fast. Written atomically."""
+    import shutil
+    import uuid
+
+    import dask
+    import dask.array as da
+    import zarr
+
+    from .engine import lazy_image
+
+    output = os.path.abspath(os.fspath(output).rstrip("/"))
+    check_output(output, overwrite)
+    src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
+    image, valid = lazy_image(src, chunk)
+    head, tail = os.path.split(output)
+    tmp = os.path.join(head, f".{tail}.{uuid.uuid4().hex[:8]}.partial.zarr")
+    m = src.meta
+    try:
+        root = zarr.open_group(tmp, mode="w")
+        root.attrs["tilerseg"] = {"mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
+                                  "nodata": m.nodata, "band_names": list(m.band_names), "source": os.fspath(input),
+                                  "level": m.level, "note": m.note}
+        z = root.create_array("image", shape=image.shape, chunks=(chunk, chunk, m.bands), dtype=m.dtype)
+        zv = root.create_array("valid", shape=valid.shape, chunks=(chunk, chunk), dtype=bool)
+        with dask.config.set(scheduler="threads", num_workers=max(1, workers)):
+            da.store([image, valid], [z, zv], lock=False)  # one read per chunk feeds both
+        if bool(da.from_zarr(zv).all().compute()):
+            del root["valid"]  # nothing masked: readers then treat every pixel as valid
+        if os.path.exists(output):
+            shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+        os.rename(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        src.close()
+    return output

@@ -132,3 +132,37 @@ def compute_into(array, target, *, workers: int = 2, scheduler=None) -> None:
     finally:
         if client is not scheduler:
             client.close()
+
+
+def _image_part(read, part: str):
+    data, valid = read
+    if part == "image":
+        return data
+    return np.ones(data.shape[:2], bool) if valid is None else valid
+
+
+def lazy_image(reader: Reader, chunk: int = 1024):
+    """The reader's pixels ``(H, W, bands)`` and validity ``(H, W)`` as lazy
+    dask arrays sharing one read per chunk (for ``ingest``)."""
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    H, W = reader.meta.shape
+    rows = [(r, min(r + chunk, H)) for r in range(0, H, chunk)]
+    cols = [(c, min(c + chunk, W)) for c in range(0, W, chunk)]
+    chunks = (tuple(b - a for a, b in rows), tuple(b - a for a, b in cols))
+    token = tokenize(reader.path, reader.meta, chunk)
+    read = f"tilerseg-read-{token}"
+    reads = {(read, i, j): (reader.read, r, c) for i, r in enumerate(rows) for j, c in enumerate(cols)}
+    out = []
+    for part in ("image", "valid"):
+        name = f"tilerseg-{part}-{token}"
+        lead = (0,) if part == "image" else ()
+        dsk = {(name, i, j, *lead): (_image_part, (read, i, j), part) for i in range(len(rows)) for j in range(len(cols))}
+        graph = HighLevelGraph({read: reads, name: dsk}, {read: set(), name: {read}})
+        if part == "image":
+            out.append(da.Array(graph, name, chunks=chunks + ((reader.meta.bands,),), dtype=reader.meta.dtype))
+        else:
+            out.append(da.Array(graph, name, chunks=chunks, dtype=bool))
+    return out[0], out[1]

@@ -1,0 +1,208 @@
+"""Command line: parse arguments, call the library, print one-line errors.
+
+Thin on purpose: every command is a function in :mod:`tilerseg.api` or
+:mod:`tilerseg.info`. Errors the user can fix (``TilersegError``) print as
+one line and exit 1; ``--debug`` shows the traceback instead."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from .geometry import PAD_MODES
+
+log = logging.getLogger("tilerseg")
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _none_or_str(text: str):
+    return None if text.lower() in ("none", "null", "") else text
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--level", type=int, help="pyramid level to read (0 = full resolution)")
+    g.add_argument("--mpp", type=float, help="target microns per pixel: nearest level, resampled if none matches")
+    g.add_argument("--bands", type=_ints, help="1-based bands to use, e.g. 1,2,3 (default: all but alpha)")
+    g.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"],
+                   help="force a backend (default: by file type)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tilerseg", description="Seam-exact, out-of-core tiled segmentation.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("--version", action="version", version=f"tilerseg {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="segment an image into a full-resolution mask")
+    r.add_argument("input", help="slide, TIFF, GeoTIFF, PNG/JPEG or zarr")
+    r.add_argument("-o", "--output", help="output .zarr (default), .tif or .png; default: ./<input>.mask.zarr")
+    _input_args(r)
+    m = r.add_argument_group("model")
+    m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
+    m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict or tilerseg checkpoint")
+    m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
+    m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
+    m.add_argument("--encoder-weights", type=_none_or_str, default=None,
+                   help="pretrained encoder weights for an untrained model, e.g. imagenet (default none)")
+    m.add_argument("--mean", type=_floats, help="normalisation mean per band, in [0, 1] units (default ImageNet)")
+    m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
+    m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
+    t = r.add_argument_group("tiling")
+    t.add_argument("--tile", type=int, help="window side in px (default 512, or the checkpoint's)")
+    t.add_argument("--halo", type=int, help="context on each side in px (default 64, or the checkpoint's)")
+    t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
+    o = r.add_argument_group("output")
+    o.add_argument("--probabilities", action="store_true", help="write float32 probabilities, one band per class")
+    o.add_argument("--threshold", type=float, default=0.5, help="binary threshold (default 0.5)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    e = r.add_argument_group("engine")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--workers", type=int, default=2, help="dask worker threads (default 2)")
+    e.add_argument("--scheduler", help="address of a dask scheduler, e.g. tcp://host:8786")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="print size, levels, mpp, CRS, bands and dtype")
+    i.add_argument("input")
+    _input_args(i)
+
+    g = sub.add_parser("ingest", help="copy an input into chunked zarr for reuse across a cluster")
+    g.add_argument("input")
+    g.add_argument("output", help="OUT.zarr")
+    _input_args(g)
+    g.add_argument("--chunk", type=int, default=1024, help="chunk side in px (default 1024)")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("models", help="list the model registry")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def cmd_run(a) -> int:
+    from .api import run
+
+    output = a.output or os.path.basename(os.fspath(a.input).rstrip("/")).split(".")[0] + ".mask.zarr"
+    progress, bar = _progress(a.quiet)
+    with bar:
+        report = run(a.input, output, model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,
+                     encoder_weights=a.encoder_weights, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
+                     pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
+                     mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
+                     device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
+                     progress=progress)
+    H, W = report.shape
+    print(f"wrote {report.output}: {W}x{H} px, {report.windows} windows of {report.tile} px "
+          f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
+          f"{report.megapixels_per_second:.2f} Mpx/s")
+    return 0
+
+
+def _progress(quiet: bool):
+    """A rich progress bar of windows done, and the callback feeding it."""
+    import contextlib
+
+    if quiet or not sys.stderr.isatty() and os.environ.get("TILERSEG_PROGRESS") != "1":
+        return None, contextlib.nullcontext()
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    bar = Progress(TextColumn("windows"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   transient=False)
+    task = bar.add_task("run", total=None, rate="")
+
+    def update(done: int, total: int) -> None:
+        t = bar.tasks[0]
+        rate = done / t.elapsed if t.elapsed else 0.0
+        bar.update(task, completed=done, total=total, rate=f"{rate:.2f} win/s")
+
+    return update, bar
+
+
+def cmd_info(a) -> int:
+    from .info import describe_input
+
+    print(describe_input(a.input, level=a.level, mpp=a.mpp, bands=a.bands, reader=a.reader))
+    return 0
+
+
+def cmd_ingest(a) -> int:
+    from .api import ingest
+
+    out = ingest(a.input, a.output, level=a.level, mpp=a.mpp, bands=a.bands, reader=a.reader, chunk=a.chunk,
+                 workers=a.workers, overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import ALIASES, NON_LOCAL_WHY, architectures, is_local
+
+    names = architectures()
+    aliases = {}
+    for k, v in ALIASES.items():
+        aliases.setdefault(v, []).append(k)
+    print(f"{'name':<16}{'smp class':<16}{'seam-exact':<12}aliases / why not")
+    for name, cls in sorted(names.items()):
+        why = ", ".join(aliases.get(name, [])) if is_local(name) else NON_LOCAL_WHY.get(name, "")
+        print(f"{name:<16}{cls:<16}{'yes' if is_local(name) else 'no':<12}{why}")
+    print("\n--encoder takes any segmentation-models-pytorch encoder (default resnet34).")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    for noisy in ("distributed", "rasterio", "fsspec", "PIL", "urllib3", "huggingface_hub", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.showwarning = lambda msg, cat, *rest: print(f"tilerseg: warning: {msg}", file=sys.stderr)
+    if not args.debug:
+        warnings.filterwarnings("ignore", module="(rasterio|zarr|dask|distributed|timm|torch).*")
+    from .errors import TilersegError
+
+    try:
+        return COMMANDS[args.command](args)
+    except TilersegError as err:
+        if args.debug:
+            raise
+        print(f"tilerseg: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("tilerseg: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            raise
+        text = " ".join(str(err).split())[:400]
+        print(f"tilerseg: internal error: {type(err).__name__}: {text} (rerun with --debug for the traceback "
+              "and report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
