@@ -136,13 +136,13 @@ def _bands_first(z) -> tuple[int, int, int]:
 
 def _iter_windows(z, tile: int):
     """Yield ``(row0, col0, block)`` over ``z`` in strips one tile high and
-    one zarr chunk wide, so each chunk is decoded a few times at most and
-    memory stays at one strip-chunk."""
+    about one zarr chunk wide (whole tiles), so each chunk is decoded a few
+    times at most and memory stays at one strip-chunk."""
     H, W = z.shape[-2:]
-    cw = z.chunks[-1]
+    step = max(1, z.chunks[-1] // tile) * tile  # whole tiles, so none straddles two reads
     for r0 in range(0, H, tile):
-        for c0 in range(0, W, cw):
-            yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + cw])
+        for c0 in range(0, W, step):
+            yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
 
 
 def _write_geotiff(z, path: str, info: OutputInfo) -> None:

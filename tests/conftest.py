@@ -1,0 +1,79 @@
+"""Shared fixtures: real data by path, tiny seeded models, small images."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub in tests
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TILERSEG_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def data(rel: str) -> str:
+    path = DATA / rel
+    if not path.exists():
+        pytest.skip(f"shared test data missing: {path}")
+    return str(path)
+
+
+def tiny_unet(seed: int = 0, classes: int = 1, in_channels: int = 3):
+    """The issue's seam-test model: smp Unet-resnet18, depth 3, stride 8,
+    receptive-field radius 65 px (so seam-exact tests use halo >= 72)."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    torch.manual_seed(seed)
+    return smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4),
+                    classes=classes, in_channels=in_channels).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "unet-r18-d3"
+    tiny_unet().save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def rgb_tiff(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """A 1000x1300 RGB tiled TIFF with structure at several scales."""
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:1000, 0:1300]
+    base = (np.sin(yy / 37.0) * np.cos(xx / 53.0) * 90 + 128)[..., None]
+    img = np.clip(base + rng.normal(0, 30, (1000, 1300, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("images") / "img.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib")
+    return str(path), img
+
+
+def reference(model, img: np.ndarray, halo: int, stride: int, mode: str = "reflect") -> np.ndarray:
+    """Whole-image inference, the oracle: pad by the halo with numpy (and the
+    bottom/right up to a multiple of the stride), run once, crop."""
+    import torch
+
+    H, W = img.shape[:2]
+    pb, pr = (-(H + 2 * halo)) % stride, (-(W + 2 * halo)) % stride
+    pad = np.pad(img, ((halo, halo + pb), (halo, halo + pr), (0, 0)), mode=mode)
+    x = torch.from_numpy(pad).permute(2, 0, 1)[None].float() / 255
+    C = img.shape[2]
+    mean = torch.tensor((0.485, 0.456, 0.406) if C == 3 else (0.449,) * C).view(1, -1, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225) if C == 3 else (0.226,) * C).view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits = model((x - mean) / std)
+    probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
+    return probs[0, :, halo:halo + H, halo:halo + W].numpy()
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed command line as a user would."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "tilerseg.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
