@@ -3,7 +3,6 @@ helpers built on it (level choice, resampling, padded reads)."""
 from __future__ import annotations
 
 import logging
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,10 +120,10 @@ def pick_level(level_mpp: tuple[float | None, ...], target: float, tolerance: fl
 class ResampledReader(Reader):
     """Serve ``base`` resampled by ``scale`` (> 1 shrinks).
 
-    Each output pixel is computed from its exact source position, so any
-    window gives the same values as resampling the whole image (no seams):
-    PIL's ``resize`` with a sub-pixel ``box`` over a source window padded by
-    the filter's support."""
+    Shrinking averages each output pixel's footprint ``[i*s, (i+1)*s)``
+    (area weighting, as GDAL's ``average``); enlarging is bilinear. The
+    weights are a function of absolute pixel positions only, so any window
+    gives the values of resampling the whole image: no seams."""
 
     def __init__(self, base: Reader, scale: float):
         self.base, self.scale = base, float(scale)
@@ -139,34 +138,36 @@ class ResampledReader(Reader):
         self.meta = replace(m, shape=shape, mpp=(m.mpp * scale if m.mpp else None), transform=transform)
 
     def _read(self, rows, cols):
-        from PIL import Image
-
-        s, (H, W) = self.scale, self.base.meta.shape
-        margin = math.ceil(max(s, 1.0)) + 2
-        y0 = max(0, math.floor(rows[0] * s) - margin)
-        y1 = min(H, math.ceil(rows[1] * s) + margin)
-        x0 = max(0, math.floor(cols[0] * s) - margin)
-        x1 = min(W, math.ceil(cols[1] * s) + margin)
+        H, W = self.base.meta.shape
+        (y0, y1), wy = _resample_weights(rows, self.scale, H)
+        (x0, x1), wx = _resample_weights(cols, self.scale, W)
         src, valid = self.base.read((y0, y1), (x0, x1))
-        box = (cols[0] * s - x0, rows[0] * s - y0, cols[1] * s - x0, rows[1] * s - y0)
-        size = (cols[1] - cols[0], rows[1] - rows[0])
-        filt = Image.Resampling.BOX if s > 1 else Image.Resampling.BILINEAR
-        bands = []
-        for k in range(src.shape[-1]):
-            img = Image.fromarray(src[..., k].astype(np.float32), mode="F")
-            bands.append(np.asarray(img.resize(size, filt, box=box)))
-        out = np.stack(bands, axis=-1)
+        out = np.einsum("ij,jkc,lk->ilc", wy, src.astype(np.float64), wx, optimize=True)
         if np.issubdtype(src.dtype, np.integer):
             info = np.iinfo(src.dtype)
             out = np.clip(np.rint(out), info.min, info.max)
-        out = out.astype(src.dtype)
-        if valid is not None:
-            v = Image.fromarray(valid.astype(np.uint8) * 255, mode="L")
-            valid = np.asarray(v.resize(size, Image.Resampling.NEAREST, box=box)) > 127
-        return out, valid
+        if valid is not None:  # invalid wherever the footprint touches an invalid pixel
+            valid = np.einsum("ij,jk,lk->il", wy > 0, ~valid, wx > 0, optimize=True) == 0
+        return out.astype(src.dtype), valid
 
     def __reduce__(self):
         return (ResampledReader, (self.base, self.scale))
+
+
+def _resample_weights(span: tuple[int, int], s: float, n: int) -> tuple[tuple[int, int], np.ndarray]:
+    """Source range and ``(out, src)`` weights for output pixels ``span``."""
+    i = np.arange(*span, dtype=np.float64)
+    if s >= 1:  # area: overlap of [k, k+1) with [i*s, (i+1)*s), clipped to the image
+        lo, hi = i * s, np.minimum((i + 1) * s, n)
+        k0, k1 = int(np.floor(lo[0])), min(n, int(np.ceil(hi[-1])))
+        k = np.arange(k0, k1, dtype=np.float64)
+        w = np.clip(np.minimum(hi[:, None], k + 1) - np.maximum(lo[:, None], k), 0, None)
+    else:  # bilinear at centres, edges clamped
+        x = np.clip((i + 0.5) * s - 0.5, 0, n - 1)
+        k0, k1 = int(np.floor(x[0])), min(n, int(np.floor(x[-1])) + 2)
+        k = np.arange(k0, k1, dtype=np.float64)
+        w = np.clip(1 - np.abs(x[:, None] - k), 0, None)
+    return (k0, k1), w / w.sum(axis=1, keepdims=True)
 
 
 def read_padded(reader: Reader, rows: tuple[int, int], cols: tuple[int, int], mode: str,
