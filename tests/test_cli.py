@@ -1,0 +1,155 @@
+"""End to end through the command line: real files, and bad input that
+must end in one line, a non-zero exit and nothing at the output path."""
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import cli, data
+
+
+def _leftovers(folder) -> list[str]:
+    return [f for f in os.listdir(folder) if "partial" in f]
+
+
+def test_geotiff_keeps_crs_transform_shape_and_nodata(tmp_path, tiny_model_dir):
+    import rasterio
+
+    src = data("rasterio/RGB.byte.tif")
+    out = tmp_path / "mask.tif"
+    r = cli("run", src, "--weights", tiny_model_dir, "--halo", "72", "--tile", "256", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
+        assert b.nodata == 255 and b.block_shapes[0] == (256, 256)
+        nodata = a.dataset_mask() == 0
+        mask = b.read(1)
+    assert nodata.any() and (mask[nodata] == 255).all()
+    assert set(np.unique(mask[~nodata])) <= {0, 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_geotiff_probabilities_nan_where_masked(tmp_path, tiny_model_dir):
+    import rasterio
+
+    out = tmp_path / "p.tif"
+    r = cli("run", data("rasterio/RGB.byte.tif"), "--weights", tiny_model_dir, "--probabilities", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with rasterio.open(out) as b, rasterio.open(data("rasterio/RGB.byte.tif")) as a:
+        p = b.read(1)
+        assert b.dtypes[0] == "float32" and np.isnan(b.nodata)
+        assert np.isnan(p[a.dataset_mask() == 0]).all()
+
+
+@pytest.mark.parametrize("rel,extra", [
+    ("openslide/small.svs", ["--tile", "128", "--halo", "32"]),
+    ("openslide/boxes.tiff", ["--tile", "256", "--halo", "64"]),
+    ("rasterio/cogeo.tif", []),
+    ("isbi2012/image/0.png", ["--bands", "1,1,1"]),
+])
+def test_real_files_run_end_to_end(tmp_path, tiny_model_dir, rel, extra):
+    import zarr
+
+    out = tmp_path / "out.zarr"
+    r = cli("run", data(rel), "--weights", tiny_model_dir, "-o", str(out), *extra)
+    assert r.returncode == 0, r.stderr
+    z = zarr.open_array(str(out), mode="r")
+    from tilerseg.io import open_reader
+
+    assert z.shape == open_reader(data(rel)).meta.shape and z.dtype == np.uint8
+    assert set(np.unique(z[...])) <= {0, 1, 255}
+    assert "wrote" in r.stdout
+
+
+def test_png_output_and_untrained_warning(tmp_path):
+    out = tmp_path / "m.png"
+    r = cli("run", data("isbi2012/image/0.png"), "--encoder", "resnet18", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stderr
+    from PIL import Image
+
+    assert np.asarray(Image.open(out)).shape == (512, 512)
+
+
+def _corrupt_one_tile(path, tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    bad = tmp_path / "bad.tif"
+    tifffile.imwrite(bad, img, tile=(128, 128), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(bad) as tif:
+        offset = tif.pages[0].dataoffsets[12]
+    with open(bad, "r+b") as f:  # overwrite tile 12's deflate stream with garbage
+        f.seek(offset)
+        f.write(b"\xff" * 64)
+    return str(bad)
+
+
+def _fails_cleanly(r, out, *words):
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("tilerseg: warning")]
+    assert r.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("tilerseg: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not os.path.exists(out)
+    assert _leftovers(os.path.dirname(out)) == []
+
+
+@pytest.mark.parametrize("rel", ["openslide/unopenable.tiff", "openslide/unreadable.svs", "rasterio/corrupt.tif"])
+def test_corrupt_inputs_one_line_no_output(tmp_path, tiny_model_dir, rel):
+    out = str(tmp_path / "out.tif")
+    r = cli("run", data(rel), "--weights", tiny_model_dir, "-o", out)
+    _fails_cleanly(r, out, os.path.basename(rel))
+
+
+def test_window_that_fails_to_decode(tmp_path, tiny_model_dir):
+    bad = _corrupt_one_tile(None, tmp_path)
+    out = str(tmp_path / "out.zarr")
+    r = cli("run", bad, "--weights", tiny_model_dir, "--tile", "256", "--halo", "64", "-o", out)
+    _fails_cleanly(r, out, "bad.tif", "could not decode rows")
+
+
+def test_missing_file_band_mismatch_unwritable_output(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "o.zarr")
+    _fails_cleanly(cli("run", str(tmp_path / "nope.svs"), "-o", out), out, "nope.svs", "no such file")
+    _fails_cleanly(cli("run", data("isbi2012/image/0.png"), "--weights", tiny_model_dir, "-o", out), out,
+                   "3 input band(s), the image has 1", "--bands 1,1,1")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        target = str(locked / "o.tif")
+        r = cli("run", data("rasterio/byte.tif"), "-o", target)
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a missing folder instead
+            target = str(tmp_path / "missing" / "o.tif")
+            r = cli("run", data("rasterio/byte.tif"), "-o", target)
+        assert r.returncode != 0 and "tilerseg: error:" in r.stderr and "Traceback" not in r.stderr
+        assert not os.path.exists(target)
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_bad_tile_names_valid_values_and_unknown_model(tmp_path, tiny_model_dir):
+    out = str(tmp_path / "o.zarr")
+    _fails_cleanly(cli("run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1",
+                       "--tile", "500", "-o", out), out, "--tile 496 or 504")
+    _fails_cleanly(cli("run", data("rasterio/byte.tif"), "--model", "unetx", "-o", out), out,
+                   "unknown model", "unetplusplus")
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path, tiny_model_dir):
+    out = tmp_path / "o.png"
+    out.write_bytes(b"keep")
+    args = ["run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1", "-o", str(out)]
+    r = cli(*args)
+    assert r.returncode != 0 and "--overwrite" in r.stderr and out.read_bytes() == b"keep"
+    r = cli(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_models_lists_registry():
+    r = cli("models")
+    assert r.returncode == 0
+    for name in ("unet", "unetplusplus", "unetpp", "fpn", "segformer", "deeplabv3plus"):
+        assert name in r.stdout
