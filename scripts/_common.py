@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmark scripts (never imported by the package)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+
+def tiny_model_dir(path: str) -> str:
+    """The issue's tiny model: smp Unet-resnet18, depth 3, seeded, saved with save_pretrained."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4)).save_pretrained(path)
+    return path
+
+
+def run_with_peak_rss(cmd: list[str], interval: float = 0.05) -> tuple[float, float, int]:
+    """Run ``cmd``; return (seconds, peak RSS of the whole process tree in MiB, exit code)."""
+    import psutil
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    peak = [0]
+
+    def poll():
+        while proc.poll() is None:
+            try:
+                procs = [root] + root.children(recursive=True)
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(interval)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    _, err = proc.communicate()
+    t.join()
+    if proc.returncode:
+        sys.stderr.write(err.decode())
+    return time.perf_counter() - t0, peak[0] / 2**20, proc.returncode
