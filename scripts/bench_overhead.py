@@ -6,7 +6,8 @@ Needs MONAI for the comparison: pip install -e ".[bench]".
 Setup (issue 2): a 4096x4096 RGB tiled TIFF, smp Unet-resnet18 (random
 weights, eval), tile 512, halo 64, batch 4, on this machine's CPU.
 - model-only: the same forward passes (same batch sizes) on ready tensors,
-  the physical floor;
+  the physical floor, in channels-last memory as tilerseg uses (the NCHW
+  figure is printed too: channels-last is faster on CPU);
 - tilerseg: `tilerseg.run` from the TIFF to a zarr mask, end to end;
 - MONAI: `sliding_window_inference` on the whole image as one tensor (read
   and normalised first, included), roi 512, overlap 0.25 (the same 121 windows).
@@ -14,6 +15,7 @@ Each is timed `--reps` times, interleaved; the best of each is reported."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -52,8 +54,15 @@ def main() -> int:
     grid = tiles.grid((a.size, a.size), 32)
     batches = [len(r.windows[i:i + 4]) for r in grid.regions() for i in range(0, len(r.windows), 4)]
     ready = {b: torch.randn(b, 3, 512, 512) for b in set(batches)}
+    ready_cl = {b: t.contiguous(memory_format=torch.channels_last) for b, t in ready.items()}
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
-    def model_only():
+    def model_only():  # tilerseg runs channels-last (faster on CPU): the floor uses it too
+        with torch.inference_mode():
+            for b in batches:
+                model_cl(ready_cl[b])
+
+    def model_only_nchw():
         with torch.inference_mode():
             for b in batches:
                 model(ready[b])
@@ -62,7 +71,7 @@ def main() -> int:
         tilerseg.run(src, os.path.join(work, "mask.zarr"), weights=mdir, tile=512, halo=64, batch_size=4,
                      device="cpu", overwrite=True)
 
-    def run_monai():
+    def run_monai(net=model, channels_last=False):
         from monai.inferers import sliding_window_inference
 
         img = tifffile.imread(src)
@@ -70,17 +79,20 @@ def main() -> int:
         mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
         std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
         x = (x - mean) / std
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out = sliding_window_inference(x, roi_size=(512, 512), sw_batch_size=4, predictor=model,
+            out = sliding_window_inference(x, roi_size=(512, 512), sw_batch_size=4, predictor=net,
                                            overlap=0.25, mode="constant")
             torch.sigmoid(out)
 
     try:
         import monai  # noqa: F401
-        runs = {"model_only": model_only, "tilerseg": run_tilerseg, "monai": run_monai}
+        runs = {"model_only": model_only, "model_nchw": model_only_nchw, "tilerseg": run_tilerseg,
+                "monai": run_monai, "monai_cl": lambda: run_monai(model_cl, True)}
     except ImportError:
         print("MONAI not installed (pip install -e '.[bench]'): comparing with model-only only", file=sys.stderr)
-        runs = {"model_only": model_only, "tilerseg": run_tilerseg}
+        runs = {"model_only": model_only, "model_nchw": model_only_nchw, "tilerseg": run_tilerseg}
     import warnings
 
     warnings.simplefilter("ignore")
@@ -96,8 +108,9 @@ def main() -> int:
            "seconds": {k: round(v, 2) for k, v in best.items()},
            "tilerseg_over_model": round(best["tilerseg"] / best["model_only"], 3)}
     if "monai" in best:
-        res["monai_over_model"] = round(best["monai"] / best["model_only"], 3)
-        res["tilerseg_over_monai"] = round(best["tilerseg"] / best["monai"], 3)
+        fastest_monai = min(best["monai"], best["monai_cl"])
+        res["monai_over_model"] = round(fastest_monai / best["model_only"], 3)
+        res["tilerseg_over_monai"] = round(best["tilerseg"] / fastest_monai, 3)
     if a.json:
         print(json.dumps(res))
     else:
@@ -107,7 +120,8 @@ def main() -> int:
             print(f"  {k:<11} {v:7.2f} s   {v / best['model_only']:.3f}x model-only")
         print(f"tilerseg / model-only: {res['tilerseg_over_model']:.3f} (target <= 1.15)")
         if "monai" in best:
-            print(f"tilerseg / MONAI:      {res['tilerseg_over_monai']:.3f} (target <= 1.05)")
+            print(f"tilerseg / MONAI:      {res['tilerseg_over_monai']:.3f} (target <= 1.05; MONAI at its faster "
+                  "memory format)")
     return 0
 
 

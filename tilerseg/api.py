@@ -21,13 +21,17 @@ from .io import open_reader, open_writer
 from .io.arrays import ArrayReader
 from .io.base import Reader
 from .io.writers import OutputInfo, check_output, output_format
-from .models import ModelInfo, ModelSpec, Normalization, describe
+from .models import ModelInfo, ModelSpec, Normalization, describe, global_context
 
 log = logging.getLogger(__name__)
 
 
 class UntrainedModelWarning(UserWarning):
     """The model has random weights: its output means nothing."""
+
+
+class NonLocalModelWarning(UserWarning):
+    """The model has global context, so tiling changes its output."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", 
     """Resolve the model from flags and weights, and check it fits ``bands``."""
     spec = ModelSpec(arch=model, encoder=encoder, classes=classes, in_channels=bands,
                      encoder_weights=encoder_weights, kwargs=ModelSpec.freeze(kwargs))
+    if weights == "demo" and not os.path.exists("demo"):
+        from .demo import demo_weights
+
+        weights = demo_weights()  # the small nuclei model shipped in the package
     info = describe(weights, spec)
     need = info.spec.in_channels
     if need != bands:
@@ -96,16 +104,33 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         raise OutputError(f"{output}: PNG holds label masks only; write probabilities to .tif or .zarr")
     check_output(output, overwrite)
     src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
+    try:
+        return _run(src, output, input=input, model=model, weights=weights, encoder=encoder, classes=classes,
+                    encoder_weights=encoder_weights, tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode,
+                    probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
+                    device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress)
+    finally:
+        src.close()
+
+
+def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
+         batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
+         progress) -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale)
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
-                      "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=2)
+                      "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)
     tiles = TileSpec(tile=tile or info.tile or 512, halo=halo if halo is not None else (info.halo or 64),
                      batch_size=batch_size, pad_mode=pad_mode)
     ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
     grid = tiles.grid(src.meta.shape, predictor.stride)
+    parts = global_context(predictor.model)
+    if parts:
+        warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
+                      "output cannot equal whole-image inference; a larger --tile reduces the difference",
+                      NonLocalModelWarning, stacklevel=3)
     done = [0]
 
     def on_done(n: int) -> None:
@@ -121,10 +146,9 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
                                             model=f"{info.spec.arch}/{info.spec.encoder}"), overwrite=overwrite)
     t0 = time.perf_counter()
     writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
-    seconds = time.perf_counter() - t0
-    src.close()
-    return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows, seconds=seconds,
-                     tile=tiles.tile, halo=tiles.halo, stride=predictor.stride, note=src.meta.note)
+    return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
+                     seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
+                     note=src.meta.note)
 
 
 def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",

@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="segment an image into a full-resolution mask")
     r.add_argument("input", help="slide, TIFF, GeoTIFF, PNG/JPEG or zarr")
     r.add_argument("-o", "--output", help="output .zarr (default), .tif or .png; default: ./<input>.mask.zarr")
+    r.add_argument("--config", help="YAML of run options (see pipelines/); flags override it")
     _input_args(r)
     m = r.add_argument_group("model")
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
-    m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict or tilerseg checkpoint")
+    m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
+                   "or `demo` for the shipped nuclei model")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
     m.add_argument("--encoder-weights", type=_none_or_str, default=None,
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry")
 
+    p.subcommands = dict(sub.choices)
     d = sub.add_parser("demo", help="segment a synthetic slide with the shipped demo model (no download)")
     d.add_argument("outdir", nargs="?", default="tilerseg-demo", help="folder for slide, mask and preview")
     d.add_argument("--size", type=int, default=3072, help="slide side in px (default 3072)")
@@ -196,8 +199,29 @@ def cmd_demo(a) -> int:
 COMMANDS = {"run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
 
 
+def _parse(argv) -> argparse.Namespace:
+    """Parse, letting a run's ``--config`` YAML supply defaults that flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        from .config import load_run_config
+
+        cfg = load_run_config(args.config)
+        parser.subcommands["run"].set_defaults(**cfg)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except Exception as err:  # a bad --config file
+        from .errors import TilersegError
+
+        if not isinstance(err, TilersegError):
+            raise
+        print(f"tilerseg: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     for noisy in ("distributed", "rasterio", "fsspec", "PIL", "urllib3", "huggingface_hub", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from .errors import TileError
 from .geometry import PAD_MODES, Grid, Region, block_layout
 from .io.base import Reader, read_padded
 
@@ -31,10 +32,8 @@ class TileSpec:
 
     def __post_init__(self) -> None:
         if self.pad_mode not in PAD_MODES:
-            from .errors import TileError
             raise TileError(f"unknown pad mode {self.pad_mode!r}: use one of {', '.join(PAD_MODES)}")
         if self.batch_size < 1:
-            from .errors import TileError
             raise TileError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
     def grid(self, shape: tuple[int, int], stride: int) -> Grid:

@@ -60,7 +60,7 @@ def validate_tile(tile: int, halo: int, stride: int) -> None:
         best = ((tile // 2 - 1) // stride) * stride if tile // 2 > stride else 0
         raise TileError(
             f"halo {halo} leaves no centre crop in a {tile}-px window (tile - 2*halo = {crop}): "
-            f"use --halo {best // 1 if best else 0} or a larger --tile")
+            f"use --halo {best} or a larger --tile")
     if crop % stride:
         step = stride // 2 if stride % 2 == 0 else stride
         lo = (halo // step) * step

@@ -7,6 +7,7 @@ whole-image inference (DESIGN.md)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,25 @@ def canonical(name: str) -> str:
 
 def is_local(name: str) -> bool:
     return canonical(name) in LOCAL
+
+
+_GLOBAL_NAME = re.compile(r"squeeze|excit|^se[A-Z_]|^SE|scse|attention|attn|pyramidpool|psp|aspppool", re.I)
+
+
+def global_context(model) -> list[str]:
+    """Names of the module types in ``model`` that see the whole input
+    (global pooling, squeeze-excitation, attention): any of them makes the
+    tiled output differ from whole-image inference. Checked on the built
+    module, so encoders with SE blocks (EfficientNet, SE-ResNet...) and
+    ``decoder_attention_type="scse"`` are caught too."""
+    import torch.nn as nn
+
+    found = set()
+    for m in model.modules():
+        name = type(m).__name__
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MultiheadAttention)) or _GLOBAL_NAME.search(name):
+            found.add(name)
+    return sorted(found)
 
 
 @dataclass(frozen=True)

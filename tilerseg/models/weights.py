@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ModelError
-from .registry import ModelSpec, build, canonical, is_local
+from .registry import ModelSpec, build, canonical
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "tilerseg_checkpoint"
@@ -40,10 +40,6 @@ class ModelInfo:
     @property
     def trained(self) -> bool:
         return self.weights is not None
-
-    @property
-    def local(self) -> bool:
-        return is_local(self.spec.arch)
 
 
 def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
