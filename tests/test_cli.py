@@ -153,3 +153,24 @@ def test_models_lists_registry():
     assert r.returncode == 0
     for name in ("unet", "unetplusplus", "unetpp", "fpn", "segformer", "deeplabv3plus"):
         assert name in r.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 96 KiB tmpfs: a real full disk (needs root; skipped otherwise)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("name", ["probs.zarr", "probs.tif"])
+def test_full_disk_one_line_no_output(tiny_disk, tiny_model_dir, name):
+    out = str(tiny_disk / name)
+    r = cli("run", data("rasterio/RGB.byte.tif"), "--weights", tiny_model_dir, "--probabilities", "-o", out)
+    _fails_cleanly(r, out, "disk full")
+    assert os.listdir(tiny_disk) == []

@@ -139,3 +139,18 @@ def test_info_prints_size_levels_crs_bands_dtype():
         assert text in r.stdout
     r = cli("info", data("openslide/small.svs"))
     assert "0.499 µm/px" in r.stdout and "aperio" in r.stdout
+
+
+def test_ome_tiff_pyramid_mpp_and_levels(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (512, 640, 3), dtype=np.uint8)
+    path = tmp_path / "x.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(img, subifds=2, tile=(128, 128), photometric="rgb",
+                 metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+        for k in (2, 4):
+            tw.write(img[::k, ::k], subfiletype=1, tile=(128, 128), photometric="rgb")
+    r = open_reader(str(path))
+    assert r.meta.format == "OME-TIFF" and r.meta.mpp == pytest.approx(0.25)
+    assert r.meta.levels == ((512, 640), (256, 320), (128, 160))
+    r2 = open_reader(str(path), mpp=1.0)  # level 2 matches exactly: no resampling
+    assert r2.meta.level == 2 and np.array_equal(r2.read((0, 128), (0, 160))[0], img[::4, ::4])

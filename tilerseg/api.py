@@ -93,7 +93,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         encoder_weights: str | None = None, tile: int | None = None, halo: int | None = None, batch_size: int = 4,
         pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
-        device: str = "auto", workers: int = 2, scheduler=None, overwrite: bool = False,
+        device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
         progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` (.zarr, .tif or .png) chunk by chunk.
 

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e = r.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    e.add_argument("--workers", type=int, default=2, help="dask worker threads (default 2)")
+    e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
+                   "(default: sized to the machine, 2 to 8)")
     e.add_argument("--scheduler", help="address of a dask scheduler, e.g. tcp://host:8786")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -109,7 +109,15 @@ def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
     return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)
 
 
-def compute_into(array, target, *, workers: int = 2, scheduler=None) -> None:
+def default_workers() -> int:
+    """Threads for a local run: enough to keep reading and writing ahead of
+    the one model (which uses every core itself), capped to bound memory."""
+    import os
+
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def compute_into(array, target, *, workers: int | None = None, scheduler=None) -> None:
     """Store ``array`` into ``target`` (a zarr array) chunk by chunk.
 
     Local runs use dask's threaded scheduler with ``workers`` threads: the
@@ -120,7 +128,7 @@ def compute_into(array, target, *, workers: int = 2, scheduler=None) -> None:
     import dask.array as da
 
     if scheduler is None:
-        with dask.config.set(scheduler="threads", num_workers=max(1, workers)):
+        with dask.config.set(scheduler="threads", num_workers=max(1, workers or default_workers())):
             da.store(array, target, lock=False, compute=True)
         return
     from distributed import Client
