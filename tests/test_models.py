@@ -99,3 +99,19 @@ def test_segment_reference_with_full_depth_model_and_large_halo():
     got = tilerseg.segment(img, model, tile=704, halo=288, device="cpu").compute()
     ref = reference(model, img, halo=288, stride=32)
     assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch,encoder,kwargs,local", [
+    ("unet", "resnet18", {}, True),
+    ("unetplusplus", "resnet18", {}, True),
+    ("fpn", "resnet18", {}, True),
+    ("unet", "resnet18", {"decoder_attention_type": "scse"}, False),
+    ("unet", "efficientnet-b0", {}, False),  # squeeze-excitation in the encoder
+    ("pspnet", "resnet18", {}, False),
+    ("deeplabv3plus", "resnet18", {}, False),
+])
+def test_global_context_is_found_on_the_built_module(arch, encoder, kwargs, local):
+    from tilerseg.models import build, global_context
+
+    m = build(ModelSpec(arch=arch, encoder=encoder, kwargs=ModelSpec.freeze(kwargs)))
+    assert (global_context(m) == []) == local

@@ -24,7 +24,7 @@ LOCAL = {"unet", "unetplusplus", "linknet", "fpn"}
 NON_LOCAL_WHY = {
     "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
     "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
-    "upernet": "pyramid pooling", "segformer": "self-attention", "dpt": "a vision transformer",
+    "upernet": "pyramid pooling", "segformer": "self-attention in its MiT encoders", "dpt": "a vision transformer",
 }
 
 
@@ -49,7 +49,7 @@ def is_local(name: str) -> bool:
     return canonical(name) in LOCAL
 
 
-_GLOBAL_NAME = re.compile(r"squeeze|excit|^se[A-Z_]|^SE|scse|attention|attn|pyramidpool|psp|aspppool", re.I)
+_GLOBAL_NAME = re.compile(r"Squeeze|Excit|^SE[A-Z_]|^SE$|SCSE|Attention|Attn|PyramidPool|^PSP|ASPPPool")
 
 
 def global_context(model) -> list[str]:
@@ -57,14 +57,19 @@ def global_context(model) -> list[str]:
     (global pooling, squeeze-excitation, attention): any of them makes the
     tiled output differ from whole-image inference. Checked on the built
     module, so encoders with SE blocks (EfficientNet, SE-ResNet...) and
-    ``decoder_attention_type="scse"`` are caught too."""
+    ``decoder_attention_type="scse"`` are caught too; wrappers holding only
+    ``nn.Identity`` (smp's disabled attention) are not."""
     import torch.nn as nn
 
     found = set()
     for m in model.modules():
         name = type(m).__name__
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MultiheadAttention)) or _GLOBAL_NAME.search(name):
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MultiheadAttention)):
             found.add(name)
+        elif _GLOBAL_NAME.search(name):
+            children = list(m.children())
+            if not (children and all(isinstance(c, nn.Identity) for c in children)):
+                found.add(name)
     return sorted(found)
 
 
