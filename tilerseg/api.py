@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import Output, TileSpec, compute_into, lazy_segment
+from .engine import Output, TileSpec, compute_into, lazy_image, lazy_segment
 from .errors import ModelError, OutputError
 from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
 from .io import open_reader, open_writer
@@ -190,18 +190,15 @@ def _probe_classes(predictor: Predictor, bands: int) -> int:
 
 
 def ingest(input, output, *, level: int | None = None, mpp: float | None = None, bands=None,
-           reader: str = "auto", chunk: int = 1024, workers: int = 2, overwrite: bool = False) -> str:
+           reader: str = "auto", chunk: int = 1024, workers: int | None = None, overwrite: bool = False) -> str:
     """Copy any readable input into a chunked zarr group (``image``,
-    ``valid`` when the input has masked pixels, metadata in attributes) that
-    every cluster worker can read fast. Written atomically."""
+    ``valid``, metadata in attributes) that every cluster worker can read
+    fast. Written atomically."""
     import shutil
     import uuid
 
-    import dask
-    import dask.array as da
     import zarr
 
-    from .engine import lazy_image
 
     output = os.path.abspath(os.fspath(output).rstrip("/"))
     check_output(output, overwrite)
@@ -216,11 +213,9 @@ def ingest(input, output, *, level: int | None = None, mpp: float | None = None,
                                   "nodata": m.nodata, "band_names": list(m.band_names), "source": os.fspath(input),
                                   "level": m.level, "note": m.note}
         z = root.create_array("image", shape=image.shape, chunks=(chunk, chunk, m.bands), dtype=m.dtype)
-        zv = root.create_array("valid", shape=valid.shape, chunks=(chunk, chunk), dtype=bool)
-        with dask.config.set(scheduler="threads", num_workers=max(1, workers)):
-            da.store([image, valid], [z, zv], lock=False)  # one read per chunk feeds both
-        if bool(da.from_zarr(zv).all().compute()):
-            del root["valid"]  # nothing masked: readers then treat every pixel as valid
+        # all-valid chunks equal the fill value and are not written: no cost when nothing is masked
+        zv = root.create_array("valid", shape=valid.shape, chunks=(chunk, chunk), dtype=bool, fill_value=True)
+        compute_into([image, valid], [z, zv], workers=workers)  # one read per chunk feeds both
         if os.path.exists(output):
             shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
         os.rename(tmp, output)

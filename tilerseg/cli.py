@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("output", help="OUT.zarr")
     _input_args(g)
     g.add_argument("--chunk", type=int, default=1024, help="chunk side in px (default 1024)")
-    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--workers", type=int, help="reader threads (default: sized to the machine)")
     g.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("models", help="list the model registry")

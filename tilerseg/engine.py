@@ -118,7 +118,7 @@ def default_workers() -> int:
 
 
 def compute_into(array, target, *, workers: int | None = None, scheduler=None) -> None:
-    """Store ``array`` into ``target`` (a zarr array) chunk by chunk.
+    """Store ``array`` into ``target`` (a zarr array; or lists of both) chunk by chunk.
 
     Local runs use dask's threaded scheduler with ``workers`` threads: the
     model is shared and runs one batch at a time on all cores, while other

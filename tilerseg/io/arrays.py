@@ -1,7 +1,7 @@
 """In-memory and zarr arrays: numpy, dask, zarr arrays, and zarr stores on disk.
 
 ``tilerseg ingest`` writes a zarr group with an ``image`` array (H, W, C),
-an optional ``valid`` mask (H, W) and the source's metadata in the group's
+a ``valid`` mask (H, W) and the source's metadata in the group's
 ``tilerseg`` attribute; :class:`ZarrReader` reads it back, georeference and
 all. A plain 2-D or 3-D (bands last) zarr array is read too."""
 from __future__ import annotations
