@@ -199,7 +199,6 @@ def ingest(input, output, *, level: int | None = None, mpp: float | None = None,
 
     import zarr
 
-
     output = os.path.abspath(os.fspath(output).rstrip("/"))
     check_output(output, overwrite)
     src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
