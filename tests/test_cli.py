@@ -174,3 +174,16 @@ def test_full_disk_one_line_no_output(tiny_disk, tiny_model_dir, name):
     r = cli("run", data("rasterio/RGB.byte.tif"), "--weights", tiny_model_dir, "--probabilities", "-o", out)
     _fails_cleanly(r, out, "disk full")
     assert os.listdir(tiny_disk) == []
+
+
+def test_failed_window_waits_for_tasks_in_flight(tmp_path, tiny_model_dir):
+    """A failing task must not let the run close the reader under tasks still
+    reading (that segfaulted in GDAL at exit): repeat with many threads."""
+    import tilerseg
+    from tilerseg.errors import ReadError
+
+    for i in range(4):
+        out = tmp_path / f"o{i}.zarr"
+        with pytest.raises(ReadError, match="TIFFReadEncodedTile"):
+            tilerseg.run(data("rasterio/corrupt.tif"), out, weights=tiny_model_dir, tile=256, halo=64, workers=6)
+        assert not out.exists() and _leftovers(tmp_path) == []

@@ -128,8 +128,17 @@ def compute_into(array, target, *, workers: int | None = None, scheduler=None) -
     import dask.array as da
 
     if scheduler is None:
-        with dask.config.set(scheduler="threads", num_workers=max(1, workers or default_workers())):
-            da.store(array, target, lock=False, compute=True)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # our own pool, so that when a task fails we wait for the others in
+        # flight before the caller closes the reader under them (a closed
+        # GDAL dataset read by a live thread segfaults)
+        pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg")
+        try:
+            with dask.config.set(scheduler="threads", pool=pool):
+                da.store(array, target, lock=False, compute=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return
     from distributed import Client
 

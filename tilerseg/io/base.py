@@ -95,7 +95,12 @@ class Reader(ABC):
 
 
 def _one_line(err: BaseException) -> str:
+    """The error's text on one line, with its cause where the library
+    points to it ("See previous exception")."""
     text = " ".join(str(err).split())
+    cause = err.__cause__ or err.__context__
+    if cause is not None and "previous exception" in text:
+        text = f"{text.split('. See previous')[0]}: {' '.join(str(cause).split())}"
     return text[:300] or type(err).__name__
 
 

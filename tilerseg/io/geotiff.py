@@ -59,7 +59,8 @@ class GeoReader(Reader):
         return np.moveaxis(data, 0, -1), valid
 
     def close(self) -> None:
-        self._ds.close()
+        with self._lock:  # never under a read in flight
+            self._ds.close()
 
     def __reduce__(self):
         return (GeoReader, (self.path, self.level, self._bands_req))
