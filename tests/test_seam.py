@@ -64,3 +64,15 @@ def test_nodata_becomes_nodata_not_class_zero():
                               device="cpu").compute()
     assert np.isnan(probs[0][~valid]).all() and np.isfinite(probs[0][valid]).all()
     assert (labels[~valid] == 255).all() and set(np.unique(labels[valid])) <= {0, 1}
+
+
+def test_two_arrays_of_one_shape_stay_distinct_in_one_graph(tiny_model_dir):
+    import dask
+
+    rng = np.random.default_rng(8)
+    a, b = (rng.integers(0, 256, (90, 100, 3), dtype=np.uint8) for _ in range(2))
+    # a weights path: both calls share the cached predictor, so only the reader tells them apart
+    pa, pb = (tilerseg.segment(x, tiny_model_dir, tile=256, halo=72, device="cpu") for x in (a, b))
+    ra, rb = dask.compute(pa, pb)
+    assert not np.array_equal(ra, rb)
+    assert np.abs(rb - reference(tiny_unet(), b, halo=72, stride=8)).max() <= 1e-4

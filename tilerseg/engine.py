@@ -99,8 +99,8 @@ def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
     import dask.array as da
     from dask.base import tokenize
 
-    name = "tilerseg-" + tokenize(getattr(reader, "path", id(reader)), reader.meta.shape, id(predictor),
-                                  grid, tiles, output)
+    # id(): two in-memory arrays of one shape share the path "<array>"
+    name = "tilerseg-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, tiles, output)
     lead = (0,) if output.probabilities else ()
     dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, on_done)
            for r in grid.regions()}
