@@ -21,7 +21,8 @@ from .io import open_reader, open_writer
 from .io.arrays import ArrayReader
 from .io.base import Reader
 from .io.writers import OutputInfo, check_output, output_format
-from .models import ModelInfo, ModelSpec, Normalization, describe, global_context
+from .models import ModelInfo, ModelSpec, Normalization, describe, global_context, instantiate
+from .receptive import HaloReport, measure_halo
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,16 @@ def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", 
 
 
 def run(input, output, *, model: str = "unet", weights=None, encoder: str = "resnet34", classes: int = 1,
-        encoder_weights: str | None = None, tile: int | None = None, halo: int | None = None, batch_size: int = 4,
+        encoder_weights: str | None = None, tile: int | None = None, halo: int | str | None = None, batch_size: int = 4,
         pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
         progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` (.zarr, .tif or .png) chunk by chunk.
 
-    Options mirror ``tilerseg run --help``. ``progress(done, total)`` is
-    called as windows finish (local runs)."""
+    Options mirror ``tilerseg run --help``; ``halo="auto"`` measures the
+    model's receptive field first. ``progress(done, total)`` is called as
+    windows finish (local runs)."""
     output = os.fspath(output)
     if output_format(output) == "png" and probabilities:
         raise OutputError(f"{output}: PNG holds label masks only; write probabilities to .tif or .zarr")
@@ -121,10 +123,14 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
                       "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)
-    tiles = TileSpec(tile=tile or info.tile or 512, halo=halo if halo is not None else (info.halo or 64),
-                     batch_size=batch_size, pad_mode=pad_mode)
     ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
+    if halo == "auto":
+        report = measure_halo(predictor.model, in_channels=src.meta.bands, stride=predictor.stride)
+        log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
+        halo = report.halo
+    tiles = TileSpec(tile=tile or info.tile or 512, halo=halo if halo is not None else (info.halo or 64),
+                     batch_size=batch_size, pad_mode=pad_mode)
     grid = tiles.grid(src.meta.shape, predictor.stride)
     parts = global_context(predictor.model)
     if parts:
@@ -223,3 +229,15 @@ def ingest(input, output, *, level: int | None = None, mpp: float | None = None,
             shutil.rmtree(tmp, ignore_errors=True)
         src.close()
     return output
+
+
+def halo(model: str = "unet", *, weights=None, encoder: str = "resnet34", classes: int = 1, in_channels: int = 3,
+         **kwargs: Any) -> HaloReport:
+    """Measure the receptive-field radius of a model (input-gradient support)
+    and the halo to use with it; see :mod:`tilerseg.receptive`."""
+    from .infer import output_stride
+
+    info = describe(weights, ModelSpec(arch=model, encoder=encoder, classes=classes, in_channels=in_channels,
+                                       kwargs=ModelSpec.freeze(kwargs)))
+    net = instantiate(info)
+    return measure_halo(net, in_channels=info.spec.in_channels, stride=output_stride(net))

@@ -31,6 +31,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _halo(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}") from None
+
+
 def _none_or_str(text: str):
     return None if text.lower() in ("none", "null", "") else text
 
@@ -68,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
     t = r.add_argument_group("tiling")
     t.add_argument("--tile", type=int, help="window side in px (default 512, or the checkpoint's)")
-    t.add_argument("--halo", type=int, help="context on each side in px (default 64, or the checkpoint's)")
+    t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
+                   "receptive field first (default 64, or the checkpoint's)")
     t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
     o = r.add_argument_group("output")
@@ -95,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("models", help="list the model registry")
+
+    h = sub.add_parser("halo", help="measure a model's receptive-field radius and recommend a halo")
+    h.add_argument("--model", default="unet")
+    h.add_argument("--weights")
+    h.add_argument("--encoder", default="resnet34")
+    h.add_argument("--encoder-depth", type=int, help="smp encoder_depth (default: the architecture's)")
+    h.add_argument("--classes", type=int, default=1)
+    h.add_argument("--in-channels", type=int, default=3, help="input bands (default 3; weights may fix it)")
+    h.add_argument("--json", action="store_true", help='print {"radius": ..., "stride": ..., "halo": ...}')
 
     p.subcommands = dict(sub.choices)
     d = sub.add_parser("demo", help="segment a synthetic slide with the shipped demo model (no download)")
@@ -197,7 +216,22 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
+def cmd_halo(a) -> int:
+    import json
+
+    from .api import halo
+
+    extra = {"encoder_depth": a.encoder_depth} if a.encoder_depth else {}
+    rep = halo(a.model, weights=a.weights, encoder=a.encoder, classes=a.classes, in_channels=a.in_channels, **extra)
+    if a.json:
+        print(json.dumps(rep.as_dict()))
+    else:
+        print(f"receptive-field radius {rep.radius} px (input-gradient support, output stride {rep.stride}): "
+              f"use --halo {rep.halo} for seam-exact tiles")
+    return 0
+
+
+COMMANDS = {"halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
 
 
 def _parse(argv) -> argparse.Namespace:

@@ -28,6 +28,10 @@ NON_LOCAL_WHY = {
 }
 
 
+_DEPTH_DECODERS = {"unet": (256, 128, 64, 32, 16), "unetplusplus": (256, 128, 64, 32, 16),
+                   "manet": (256, 128, 64, 32, 16)}
+
+
 def architectures() -> dict[str, str]:
     """Registry names -> smp class names."""
     import segmentation_models_pytorch as smp
@@ -97,9 +101,13 @@ def build(spec: ModelSpec):
     import segmentation_models_pytorch as smp
 
     arch = canonical(spec.arch)
+    kwargs = dict(spec.kwargs)
+    if "encoder_depth" in kwargs and "decoder_channels" not in kwargs and arch in _DEPTH_DECODERS:
+        # smp wants one decoder width per level: keep its defaults' first ones
+        kwargs["decoder_channels"] = _DEPTH_DECODERS[arch][:kwargs["encoder_depth"]]
     try:
         return smp.create_model(arch, encoder_name=spec.encoder, encoder_weights=spec.encoder_weights,
-                                in_channels=spec.in_channels, classes=spec.classes, **dict(spec.kwargs))
+                                in_channels=spec.in_channels, classes=spec.classes, **kwargs)
     except (OSError, ConnectionError) as err:  # the hub: offline, or not cached
         raise ModelError(
             f"encoder weights {spec.encoder_weights!r} for {spec.encoder} are not in the local cache and "
