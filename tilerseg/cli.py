@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--probabilities", action="store_true", help="write float32 probabilities, one band per class")
     o.add_argument("--threshold", type=float, default=0.5, help="binary threshold (default 0.5)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")
     e = r.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
@@ -142,6 +143,11 @@ def cmd_run(a) -> int:
                      mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
                      device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
                      progress=progress)
+    if a.preview:
+        from .preview import write_preview
+
+        write_preview(a.input, report.output, a.preview, threshold=a.threshold, bands=a.bands, reader=a.reader)
+        print(f"wrote {a.preview}")
     H, W = report.shape
     print(f"wrote {report.output}: {W}x{H} px, {report.windows} windows of {report.tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "

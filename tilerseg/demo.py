@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 from importlib import resources
 
-import numpy as np
-
 from . import synthetic
 from .api import run
 from .io import open_reader
+from .preview import write_preview
 
 
 def demo_weights() -> str:
@@ -38,22 +37,5 @@ def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=
                 total += int(pred.sum() + truth.sum())
     dice = 2 * inter / total if total else 1.0
     preview = os.path.join(outdir, "preview.png")
-    _preview(slide, mask, preview)
+    write_preview(slide, mask, preview)
     return {"slide": slide, "mask": mask, "preview": preview, "dice": dice, "report": report}
-
-
-def _preview(slide: str, mask: str, path: str, side: int = 1024) -> None:
-    """A thumbnail with the mask in green over the slide's smallest level."""
-    from PIL import Image
-
-    with open_reader(slide, level=2) as r:
-        img = r.read((0, r.meta.shape[0]), (0, r.meta.shape[1]))[0]
-    with open_reader(mask) as m:
-        H, W = m.meta.shape
-        f = max(1, -(-max(H, W) // side))
-        rows = [m.read((y, min(y + f * 64, H)), (0, W))[0][::f, ::f, 0] for y in range(0, H, f * 64)]
-        lab = np.concatenate(rows, axis=0)
-    thumb = np.asarray(Image.fromarray(img).resize((lab.shape[1], lab.shape[0]), Image.Resampling.BOX)).astype(float)
-    hit = lab == 1
-    thumb[hit] = 0.45 * thumb[hit] + 0.55 * np.array([0, 230, 60])
-    Image.fromarray(thumb.astype(np.uint8)).save(path)
