@@ -20,6 +20,7 @@ def test_geotiff_keeps_crs_transform_shape_and_nodata(tmp_path, tiny_model_dir):
     out = tmp_path / "mask.tif"
     r = cli("run", src, "--weights", tiny_model_dir, "--halo", "72", "--tile", "256", "-o", str(out))
     assert r.returncode == 0, r.stderr
+    assert "windows 56/56 (100%)" in r.stderr  # progress, logged when not on a terminal
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
         assert b.nodata == 255 and b.block_shapes[0] == (256, 256)

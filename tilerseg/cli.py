@@ -156,25 +156,52 @@ def cmd_run(a) -> int:
 
 
 def _progress(quiet: bool):
-    """A rich progress bar of windows done, and the callback feeding it."""
+    """Windows done of total and throughput: a rich bar on a terminal, a log
+    line every 10% elsewhere (batch jobs, CI), nothing with ``--quiet``."""
     import contextlib
 
-    if quiet or not sys.stderr.isatty() and os.environ.get("TILERSEG_PROGRESS") != "1":
+    if quiet:
         return None, contextlib.nullcontext()
+    if not sys.stderr.isatty() and os.environ.get("TILERSEG_PROGRESS") != "1":
+        return _log_progress(), contextlib.nullcontext()
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     bar = Progress(TextColumn("windows"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    transient=False)
-    task = bar.add_task("run", total=None, rate="")
+    task = bar.add_task("run", total=None, rate="", start=False)  # the clock starts with the first windows
+    first = []
 
     def update(done: int, total: int) -> None:
+        if not first:
+            first.append(done)
+            bar.start_task(task)
         t = bar.tasks[0]
-        rate = done / t.elapsed if t.elapsed else 0.0
+        rate = (done - first[0]) / t.elapsed if t.elapsed else 0.0
         bar.update(task, completed=done, total=total, rate=f"{rate:.2f} win/s")
 
     return update, bar
+
+
+def _log_progress():
+    import threading
+    import time
+
+    lock, shown, first = threading.Lock(), [0], []
+
+    def update(done: int, total: int) -> None:
+        with lock:
+            if not first:  # rate from the first finished windows on, not from model loading
+                first.append((done, time.perf_counter()))
+            tenth = done * 10 // total
+            if tenth > shown[0]:
+                shown[0] = tenth
+                d0, t0 = first[0]
+                rate = (done - d0) / max(time.perf_counter() - t0, 1e-9)
+                log.info("windows %d/%d (%d%%), %.2f windows/s", done, total, tenth * 10, rate)
+
+    return update
 
 
 def cmd_info(a) -> int:
