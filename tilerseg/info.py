@@ -1,6 +1,10 @@
 """``tilerseg info``: what a reader sees in a file, as text."""
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+
 from .io import open_reader
 
 
@@ -39,4 +43,79 @@ def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "aut
                 lines.append(f"  {k}: {w} x {h}" + (f"  {lm:.4g} µm/px" if lm else ""))
         if m.note:
             lines.append(f"note:       {m.note}")
+    lines += _class_area_lines(path)
     return "\n".join(lines)
+
+
+def _label_output(path: str):
+    """``(class_names, strips)`` when ``path`` is a tilerseg label mask (zarr
+    attributes, GeoTIFF tag or TIFF description), else None; ``strips()``
+    yields the mask in bands of rows."""
+    import json
+    import os
+
+    from .io.arrays import is_zarr
+
+    if is_zarr(path):
+        import zarr
+
+        node = zarr.open(path, mode="r")
+        attrs = dict(getattr(node, "attrs", {}).get("tilerseg", {}))
+
+        def strips():
+            for y in range(0, node.shape[0], 1024):
+                yield np.asarray(node[y:y + 1024])
+    elif os.path.splitext(path)[1].lower() in (".tif", ".tiff"):
+        import rasterio
+        from rasterio.windows import Window
+
+        with warnings.catch_warnings():  # a plain TIFF output has no georeference: expected
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                tags = ds.tags()
+        text = tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", "")
+        try:
+            attrs = json.loads(text) if text.lstrip().startswith("{") else {}
+        except ValueError:
+            return None
+        attrs = attrs.get("tilerseg", attrs)
+
+        def strips():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                ds = rasterio.open(path)
+            with ds:
+                for y in range(0, ds.height, 1024):
+                    yield ds.read(1, window=Window(0, y, ds.width, min(1024, ds.height - y)))
+    else:
+        return None
+    if attrs.get("kind") != "labels":
+        return None
+    return attrs.get("class_names") or [], strips
+
+
+def _class_area_lines(path) -> list[str]:
+    """Per-class pixel counts and areas of a label mask, counted in strips."""
+    found = _label_output(str(path))
+    if found is None:
+        return []
+    names, strips = found
+    counts = np.zeros(256, np.int64)
+    for strip in strips():
+        counts += np.bincount(strip.ravel(), minlength=256)
+    with open_reader(path) as r:
+        m = r.meta
+    unit, per_px = None, None
+    if m.mpp:
+        unit, per_px = "mm²", (m.mpp / 1000) ** 2
+    elif m.transform is not None and m.georeferenced:
+        a, b, _, d, e, _ = m.transform
+        unit, per_px = "map units²", abs(a * e - b * d)
+    valid = counts[:255].sum()
+    lines = ["classes:"]
+    for k in np.flatnonzero(counts):
+        label = "nodata" if k == 255 else (names[k] if k < len(names) else f"class {k}")
+        share = f"{counts[k] / valid:7.2%} of valid" if k != 255 and valid else ""
+        area = f"  {counts[k] * per_px:.6g} {unit}" if per_px else ""
+        lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}{area}")
+    return lines

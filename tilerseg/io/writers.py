@@ -7,6 +7,7 @@ that exists is a finished output."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -130,6 +131,12 @@ def open_writer(path, info: OutputInfo, *, overwrite: bool = False) -> Writer:
     return Writer(path, info, overwrite=overwrite)
 
 
+def _kind(info: OutputInfo) -> dict:
+    """What the file holds, for `tilerseg info` (TIFF description / GDAL tag)."""
+    return {"kind": "probabilities" if info.probabilities else "labels", "classes": info.classes,
+            "class_names": list(info.class_names)}
+
+
 def _bands_first(z) -> tuple[int, int, int]:
     return (z.shape[0], *z.shape[1:]) if z.ndim == 3 else (1, *z.shape)
 
@@ -159,6 +166,7 @@ def _write_geotiff(z, path: str, info: OutputInfo) -> None:
         for r0, c0, block in _iter_windows(z, TIFF_TILE):
             block = block if block.ndim == 3 else block[None]
             dst.write(block, window=Window(c0, r0, block.shape[-1], block.shape[-2]))
+        dst.update_tags(TILERSEG=json.dumps(_kind(info)))
         if info.class_names:
             for k, name in enumerate(info.class_names[:K] if info.probabilities else ()):
                 dst.set_band_description(k + 1, name)
@@ -188,7 +196,7 @@ def _write_tiff(z, path: str, info: OutputInfo) -> None:
     tifffile.imwrite(path, tiles(), shape=(K, H, W) if K > 1 else (H, W), dtype=dtype, tile=(t, t),
                      compression="zlib", photometric="minisblack",
                      planarconfig="separate" if K > 1 else None, bigtiff=H * W * K * np.dtype(dtype).itemsize > 2**31,
-                     metadata=None, **kw)
+                     metadata=None, description=json.dumps({"tilerseg": _kind(info)}), **kw)
 
 
 class _Plane:
