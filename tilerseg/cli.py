@@ -199,7 +199,8 @@ def _log_progress():
                 shown[0] = tenth
                 d0, t0 = first[0]
                 rate = (done - d0) / max(time.perf_counter() - t0, 1e-9)
-                log.info("windows %d/%d (%d%%), %.2f windows/s", done, total, tenth * 10, rate)
+                log.info("windows %d/%d (%d%%)%s", done, total, tenth * 10,
+                         f", {rate:.2f} windows/s" if done > d0 else "")
 
     return update
 
@@ -290,9 +291,13 @@ def main(argv=None) -> int:
             raise
         print(f"tilerseg: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
-    for noisy in ("distributed", "rasterio", "fsspec", "PIL", "urllib3", "huggingface_hub", "timm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # tilerseg's own messages (progress, level choice) as "tilerseg: ..."; other libraries' warnings by name
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("tilerseg: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     warnings.showwarning = lambda msg, cat, *rest: print(f"tilerseg: warning: {msg}", file=sys.stderr)
     if not args.debug:
         warnings.filterwarnings("ignore", module="(rasterio|zarr|dask|distributed|timm|torch).*")
