@@ -15,12 +15,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .engine import Output, TileSpec, compute_into, lazy_image, lazy_segment
-from .errors import ModelError, OutputError
+from .errors import ModelError
 from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
 from .io import open_reader, open_writer
 from .io.arrays import ArrayReader
 from .io.base import Reader
-from .io.writers import OutputInfo, check_output, output_format
+from .io.writers import OutputInfo, check_output
 from .models import ModelInfo, ModelSpec, Normalization, describe, global_context, instantiate
 from .receptive import HaloReport, measure_halo
 
@@ -102,9 +102,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     model's receptive field first. ``progress(done, total)`` is called as
     windows finish (local runs)."""
     output = os.fspath(output)
-    if output_format(output) == "png" and probabilities:
-        raise OutputError(f"{output}: PNG holds label masks only; write probabilities to .tif or .zarr")
-    check_output(output, overwrite)
+    check_output(output, overwrite, probabilities)
     src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
     try:
         return _run(src, output, input=input, model=model, weights=weights, encoder=encoder, classes=classes,

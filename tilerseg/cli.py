@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from .geometry import PAD_MODES
+from .io.open import READERS
 
 log = logging.getLogger("tilerseg")
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
@@ -49,7 +50,7 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--level", type=int, help="pyramid level to read (0 = full resolution)")
     g.add_argument("--mpp", type=float, help="target microns per pixel: nearest level, resampled if none matches")
     g.add_argument("--bands", type=_ints, help="1-based bands to use, e.g. 1,2,3 (default: all but alpha)")
-    g.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"],
+    g.add_argument("--reader", default="auto", choices=READERS,
                    help="force a backend (default: by file type)")
 
 

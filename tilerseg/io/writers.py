@@ -49,8 +49,10 @@ def output_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def check_output(path: str, overwrite: bool) -> None:
-    """Fail before any work when the output cannot be written."""
+def check_output(path: str, overwrite: bool, probabilities: bool = False) -> None:
+    """Fail before any work when the output cannot be written or cannot hold the result."""
+    if probabilities and output_format(path) == "png":
+        raise OutputError(f"{path}: PNG holds label masks only; write probabilities to .tif or .zarr")
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
@@ -70,9 +72,7 @@ class Writer:
         self.path = os.path.abspath(os.fspath(path).rstrip("/"))
         self.format = output_format(self.path)
         self.info, self.overwrite = info, overwrite
-        check_output(self.path, overwrite)
-        if self.format == "png" and info.probabilities:
-            raise OutputError(f"{self.path}: PNG holds label masks only; write probabilities to .tif or .zarr")
+        check_output(self.path, overwrite, info.probabilities)
         head, tail = os.path.split(self.path)
         tag = uuid.uuid4().hex[:8]
         self._tmp_zarr = os.path.join(head, f".{tail}.{tag}.partial.zarr")
