@@ -13,7 +13,7 @@ def _leftovers(folder) -> list[str]:
     return [f for f in os.listdir(folder) if "partial" in f]
 
 
-def test_geotiff_keeps_crs_transform_shape_and_nodata(tmp_path, tiny_model_dir):
+def test_geotiff_output_is_a_cog_with_crs_transform_nodata_and_colours(tmp_path, tiny_model_dir):
     import rasterio
 
     src = data("rasterio/RGB.byte.tif")
@@ -23,9 +23,14 @@ def test_geotiff_keeps_crs_transform_shape_and_nodata(tmp_path, tiny_model_dir):
     assert "windows 56/56 (100%)" in r.stderr  # progress, logged when not on a terminal
     with rasterio.open(src) as a, rasterio.open(out) as b:
         assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
-        assert b.nodata == 255 and b.block_shapes[0] == (256, 256)
+        assert b.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert b.overviews(1) == [2] and b.block_shapes[0] == (512, 512)  # 791 x 718 px: one overview fits 512
+        assert b.nodata == 255  # not the input's 0: that is a class here; the masked pixels are the same
         nodata = a.dataset_mask() == 0
+        assert ((b.dataset_mask() == 0) == nodata).all()
         mask = b.read(1)
+        assert b.colormap(1)[1][:3] == (0, 230, 60) and b.colormap(1)[255][:3] == (0, 0, 0)
+        assert '"kind": "labels"' in b.tags()["TILERSEG"]
     assert nodata.any() and (mask[nodata] == 255).all()
     assert set(np.unique(mask[~nodata])) <= {0, 1}
     assert _leftovers(tmp_path) == []
@@ -55,7 +60,7 @@ def test_real_files_run_end_to_end(tmp_path, tiny_model_dir, rel, extra):
     out = tmp_path / "out.zarr"
     r = cli("run", data(rel), "--weights", tiny_model_dir, "-o", str(out), *extra)
     assert r.returncode == 0, r.stderr
-    z = zarr.open_array(str(out), mode="r")
+    z = zarr.open_array(str(out / "0"), mode="r")  # level 0 of the OME-Zarr multiscale
     from tilerseg.io import open_reader
 
     assert z.shape == open_reader(data(rel)).meta.shape and z.dtype == np.uint8

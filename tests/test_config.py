@@ -31,7 +31,7 @@ def test_config_sets_options_and_flags_override(tmp_path, tiny_model_dir):
     r = cli("run", data("isbi2012/image/1.png"), "--config", str(cfg), "--tile", "320", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "windows of 320 px (halo 72" in r.stdout  # tile from the flag, halo from the file
-    z = zarr.open_array(str(out), mode="r")
+    z = zarr.open_array(str(out / "0"), mode="r")
     assert z.dtype == "float32" and z.shape == (1, 512, 512)
 
 

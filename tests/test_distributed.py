@@ -17,6 +17,6 @@ def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir):
         assert r.returncode == 0, r.stderr
     r = cli("run", src, "-o", str(tmp_path / "l.zarr"), *args)
     assert r.returncode == 0, r.stderr
-    a = zarr.open_array(str(tmp_path / "d.zarr"), mode="r")[...]
-    b = zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[...]
+    a = zarr.open_array(str(tmp_path / "d.zarr" / "0"), mode="r")[...]
+    b = zarr.open_array(str(tmp_path / "l.zarr" / "0"), mode="r")[...]
     assert np.array_equal(a, b) and (a == 255).any()

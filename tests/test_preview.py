@@ -20,7 +20,7 @@ def test_preview_blends_mask_over_input(tmp_path, tiny_model_dir, out_name, extr
     if extra:
         import zarr
 
-        p = zarr.open_array(str(out), mode="r")[0]
+        p = zarr.open_array(str(out / "0"), mode="r")[0]
         lab = np.where(np.isnan(p), 255, np.nan_to_num(p) >= 0.5)
     else:
         with rasterio.open(out) as m:

@@ -57,10 +57,9 @@ def _label_output(path: str):
     from .io.arrays import is_zarr
 
     if is_zarr(path):
-        import zarr
+        from .io.arrays import open_output
 
-        node = zarr.open(path, mode="r")
-        attrs = dict(getattr(node, "attrs", {}).get("tilerseg", {}))
+        node, attrs = open_output(path)
 
         def strips():
             for y in range(0, node.shape[0], 1024):
@@ -73,12 +72,7 @@ def _label_output(path: str):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             with rasterio.open(path) as ds:
                 tags = ds.tags()
-        text = tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", "")
-        try:
-            attrs = json.loads(text) if text.lstrip().startswith("{") else {}
-        except ValueError:
-            return None
-        attrs = attrs.get("tilerseg", attrs)
+        attrs = _tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
 
         def strips():
             with warnings.catch_warnings():
@@ -92,6 +86,27 @@ def _label_output(path: str):
     if attrs.get("kind") != "labels":
         return None
     return attrs.get("class_names") or [], strips
+
+
+def _tiff_kind(text: str) -> dict:
+    """tilerseg's JSON from a GDAL tag, a TIFF description, or the
+    description of an OME-XML image."""
+    import json
+
+    text = text.strip()
+    if text.startswith("<"):
+        try:
+            import tifffile
+
+            image = tifffile.xml2dict(text)["OME"]["Image"]
+            text = (image[0] if isinstance(image, list) else image).get("Description", "")
+        except Exception:
+            return {}
+    try:
+        attrs = json.loads(text) if text.startswith("{") else {}
+    except ValueError:
+        return {}
+    return attrs.get("tilerseg", attrs)
 
 
 def _class_area_lines(path) -> list[str]:

@@ -41,9 +41,9 @@ def _mask_rows(mask_path: str):
     from .io.arrays import is_zarr
 
     if is_zarr(mask_path):
-        import zarr
+        from .io.arrays import open_output
 
-        z = zarr.open_array(mask_path, mode="r")
+        z, _ = open_output(mask_path)
         if z.ndim == 3:  # probabilities (classes, H, W)
             return z.shape[-2:], lambda a, b: np.moveaxis(np.asarray(z[:, a:b]), 0, -1)
         return z.shape, lambda a, b: np.asarray(z[a:b])

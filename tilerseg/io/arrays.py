@@ -3,7 +3,8 @@
 ``tilerseg ingest`` writes a zarr group with an ``image`` array (H, W, C),
 a ``valid`` mask (H, W) and the source's metadata in the group's
 ``tilerseg`` attribute; :class:`ZarrReader` reads it back, georeference and
-all. A plain 2-D or 3-D (bands last) zarr array is read too."""
+all. A plain 2-D or 3-D (bands last) zarr array is read too, and so is an
+OME-Zarr multiscale image (tilerseg's own outputs among them), any level."""
 from __future__ import annotations
 
 import os
@@ -35,35 +36,87 @@ class ArrayReader(Reader):
 
 
 class ZarrReader(ArrayReader):
-    """A zarr array, or a group written by ``tilerseg ingest``."""
+    """A zarr array, a group written by ``tilerseg ingest``, or an OME-Zarr
+    multiscale image (channel axis moved last; ``level`` picks a scale)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, level: int = 0):
         import zarr
 
-        self._path = str(path)
+        self._path, self.level = str(path), int(level)
         try:
             node = zarr.open(self._path, mode="r")
         except Exception as err:
             raise FormatError(f"{self._path}: not a readable zarr store ({err})") from err
-        valid, attrs = None, {}
-        if isinstance(node, zarr.Group):
+        valid, attrs, levels = None, dict(node.attrs.get("tilerseg", {})), None
+        if isinstance(node, zarr.Group) and multiscale(node) is not None:
+            levels, axes = multiscale(node)
+            if not 0 <= self.level < len(levels):
+                raise InputError(f"{self._path}: has levels 0..{len(levels) - 1}; --level {self.level} does not exist")
+            node = levels[self.level]
+            if axes and axes[0] == "c":
+                node = _ChannelsLast(node)
+        elif isinstance(node, zarr.Group):
             if "image" not in node:
-                raise FormatError(f"{self._path}: zarr group without an 'image' array; point at the array "
-                                  "itself (path/to/store/name) or make one with `tilerseg ingest`")
-            attrs = dict(node.attrs.get("tilerseg", {}))
+                raise FormatError(f"{self._path}: zarr group without an 'image' array or OME-Zarr multiscales; "
+                                  "point at the array itself (path/to/store/name) or make one with `tilerseg ingest`")
             valid = node["valid"] if "valid" in node else None
             node = node["image"]
-        else:
-            attrs = dict(node.attrs.get("tilerseg", {}))
+        elif self.level:
+            raise InputError(f"{self._path}: --level needs a pyramidal format; this one has a single level")
         bands = 1 if node.ndim == 2 else node.shape[2]
+        f = 2 ** self.level
+        mpp = attrs.get("mpp") * f if attrs.get("mpp") else None
         transform = tuple(attrs["transform"]) if attrs.get("transform") else None
+        if transform and f > 1:
+            a, b, c, d, e, g = transform
+            transform = (a * f, b * f, c, d * f, e * f, g)
         meta = ImageMeta(shape=tuple(node.shape[:2]), bands=bands, dtype=np.dtype(node.dtype), format="zarr",
-                         mpp=attrs.get("mpp"), crs=attrs.get("crs"), transform=transform,
-                         nodata=attrs.get("nodata"), band_names=tuple(attrs.get("band_names", ())))
+                         mpp=mpp, crs=attrs.get("crs"), transform=transform, nodata=attrs.get("nodata"),
+                         band_names=tuple(attrs.get("band_names", ())), level=self.level,
+                         levels=tuple(tuple(z.shape[-2:]) for z in levels) if levels else (),
+                         level_mpp=tuple(attrs["mpp"] * 2 ** k for k in range(len(levels)))
+                         if levels and attrs.get("mpp") else ())
         super().__init__(node, valid=valid, meta=meta, path=self._path)
 
     def __reduce__(self):
-        return (ZarrReader, (self._path,))
+        return (ZarrReader, (self._path, self.level))
+
+
+class _ChannelsLast:
+    """A (C, H, W) array seen as (H, W, C)."""
+
+    def __init__(self, z):
+        self.z, self.ndim, self.dtype = z, 3, z.dtype
+        self.shape = (*z.shape[1:], z.shape[0])
+
+    def __getitem__(self, idx):
+        return np.moveaxis(np.asarray(self.z[(slice(None), *idx)]), 0, -1)
+
+
+def multiscale(group):
+    """``(level arrays, axis names)`` of an OME-Zarr group (0.4 or 0.5), else None."""
+    attrs = dict(group.attrs)
+    ms = attrs.get("ome", attrs).get("multiscales")
+    if not ms:
+        return None
+    paths = [d["path"] for d in ms[0]["datasets"]]
+    axes = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
+    return [group[p] for p in paths], axes
+
+
+def open_output(path: str):
+    """``(level-0 array, tilerseg attributes)`` of a zarr output: an
+    OME-Zarr group written by tilerseg, or a bare array."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    attrs = dict(node.attrs.get("tilerseg", {}))
+    if isinstance(node, zarr.Group):
+        found = multiscale(node)
+        if found is None:
+            raise FormatError(f"{path}: a zarr group that is not an OME-Zarr image")
+        node = found[0][0]
+    return node, attrs
 
 
 def is_zarr(path: str) -> bool:

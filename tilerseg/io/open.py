@@ -93,14 +93,14 @@ def _open(name: str, path: str, level: int, bands) -> Reader:
     if name == "rasterio":
         from .geotiff import GeoReader
         return GeoReader(path, level, bands)
+    if name == "zarr":
+        from .arrays import ZarrReader
+        return ZarrReader(path, level)
     if level:
         raise InputError(f"{path}: --level needs a pyramidal format; this one has a single level")
     if name == "pillow":
         from .image import PillowReader
         return PillowReader(path)
-    if name == "zarr":
-        from .arrays import ZarrReader
-        return ZarrReader(path)
     raise InputError(f"unknown reader {name!r}: use one of {', '.join(READERS)}")
 
 

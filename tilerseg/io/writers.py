@@ -1,13 +1,14 @@
-"""Output writers: zarr (native), tiled TIFF/GeoTIFF and PNG.
+"""Output writers: OME-Zarr, pyramidal (OME-)TIFF, COG, PNG and polygons.
 
-Every writer computes into a zarr store first, chunk by chunk, then (for
-TIFF/PNG) converts it tile by tile. Everything goes to a temporary name
-beside the output and is moved into place only when complete, so a path
-that exists is a finished output."""
+Every writer computes into a zarr group first, chunk by chunk (level ``0``
+of an OME-Zarr multiscale), resamples it to the input's full resolution
+when asked, adds reduced levels, then converts it tile by tile or object
+by object. Everything goes to a temporary name beside the output and is
+moved into place only when complete, so a path that exists is a finished
+output."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -21,14 +22,19 @@ from ..errors import OutputError
 from .base import ImageMeta
 
 log = logging.getLogger(__name__)
-TIFF_TILE = 256
 PNG_MAX_PIXELS = 20000 * 20000
-FORMATS = {".zarr": "zarr", ".tif": "tiff", ".tiff": "tiff", ".png": "png"}
+FORMATS = {".zarr": "zarr", ".ome.zarr": "zarr", ".ome.tif": "ome-tiff", ".ome.tiff": "ome-tiff",
+           ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "vector", ".gpkg": "vector"}
+LABELS_ONLY = {"png": "PNG", "vector": "polygon outputs"}
 
 
 @dataclass(frozen=True)
 class OutputInfo:
-    """What the result is, for metadata: the input's grid and georeference."""
+    """What the result is, for metadata.
+
+    ``meta`` is the grid the model ran on (the input's, at the processed
+    level or mpp). ``target``, when given, is the input's full-resolution
+    grid: the result is resampled onto it before writing."""
 
     meta: ImageMeta
     probabilities: bool
@@ -36,23 +42,37 @@ class OutputInfo:
     class_names: tuple[str, ...] = ()
     source: str = ""
     model: str = ""
+    target: ImageMeta | None = None
+
+    @property
+    def out_meta(self) -> ImageMeta:
+        return self.target or self.meta
+
+    def kind(self) -> dict:
+        """What the file holds, for `tilerseg info` and readers of the output."""
+        m = self.out_meta
+        return {"kind": "probabilities" if self.probabilities else "labels", "classes": self.classes,
+                "class_names": list(self.class_names), "nodata": None if self.probabilities else 255,
+                "mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
+                "source": self.source, "model": self.model}
 
 
 def output_format(path: str) -> str:
-    low = path.lower().rstrip("/")
-    if low.endswith((".ome.tif", ".ome.tiff", ".geojson", ".gpkg", ".ome.zarr")):
-        raise OutputError(f"{path}: pyramidal OME-TIFF, OME-Zarr and vector outputs are not available yet; "
-                          "write .zarr, .tif or .png")
+    low = os.fspath(path).lower().rstrip("/")
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if low.endswith(ext):
+            return FORMATS[ext]
     ext = os.path.splitext(low)[1]
-    if ext not in FORMATS:
-        raise OutputError(f"{path}: unknown output type {ext or '(none)'!r}; use .zarr, .tif or .png")
-    return FORMATS[ext]
+    raise OutputError(f"{path}: unknown output type {ext or '(none)'!r}; use .zarr, .ome.tif, .tif, .png, "
+                      ".geojson or .gpkg")
 
 
 def check_output(path: str, overwrite: bool, probabilities: bool = False) -> None:
     """Fail before any work when the output cannot be written or cannot hold the result."""
-    if probabilities and output_format(path) == "png":
-        raise OutputError(f"{path}: PNG holds label masks only; write probabilities to .tif or .zarr")
+    fmt = output_format(path)
+    if probabilities and fmt in LABELS_ONLY:
+        raise OutputError(f"{path}: {LABELS_ONLY[fmt]} hold label masks only; write probabilities to .tif "
+                          "or .zarr, or drop --probabilities")
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
@@ -68,10 +88,10 @@ class Writer:
 
     ``compute(array, zarr_array)`` is the engine's chunk-by-chunk store."""
 
-    def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False):
+    def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False, workers: int = 2):
         self.path = os.path.abspath(os.fspath(path).rstrip("/"))
         self.format = output_format(self.path)
-        self.info, self.overwrite = info, overwrite
+        self.info, self.overwrite, self.workers = info, overwrite, workers
         check_output(self.path, overwrite, info.probabilities)
         head, tail = os.path.split(self.path)
         tag = uuid.uuid4().hex[:8]
@@ -79,17 +99,20 @@ class Writer:
         self._tmp_file = os.path.join(head, f".{tail}.{tag}.partial{os.path.splitext(tail)[1]}")
 
     def write(self, array, compute: Callable) -> None:
+        import zarr
+
         try:
-            z = self._create_zarr(array)
-            compute(array, z)
-            if self.format == "zarr":
-                self._move(self._tmp_zarr)
-                return
-            if self.format == "tiff":
-                (_write_geotiff if self.info.meta.georeferenced else _write_tiff)(z, self._tmp_file, self.info)
-            else:
-                _write_png(z, self._tmp_file, self.info)
-            self._move(self._tmp_file)
+            group = zarr.open_group(self._tmp_zarr, mode="w")
+            target = self.info.target
+            first = self._create(group, "processed" if target else "0", array.shape, array.chunks, array.dtype)
+            compute(array, first)
+            if target is not None:
+                from .pyramid import upsample_into
+
+                z0 = self._create(group, "0", (*array.shape[:-2], *target.shape), array.chunks, array.dtype)
+                upsample_into(first, z0, self.info.probabilities, workers=self.workers)
+                del group["processed"]
+            self._convert(group)
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise OutputError(f"{self.path}: disk full while writing; free space on "
@@ -102,20 +125,41 @@ class Writer:
                 elif os.path.exists(p):
                     os.remove(p)
 
-    def _create_zarr(self, array):
-        import zarr
+    def _create(self, group, name, shape, chunks, dtype):
+        probabilities = self.info.probabilities
+        return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
+                                  fill_value=np.nan if probabilities else 255,
+                                  dimension_names=("c", "y", "x") if probabilities else ("y", "x"))
 
-        m, i = self.info.meta, self.info
-        z = zarr.create_array(
-            self._tmp_zarr, shape=array.shape, chunks=tuple(c[0] for c in array.chunks), dtype=array.dtype,
-            fill_value=np.nan if i.probabilities else 255,
-            dimension_names=("c", "y", "x") if i.probabilities else ("y", "x"))
-        z.attrs["tilerseg"] = {
-            "kind": "probabilities" if i.probabilities else "labels", "classes": i.classes,
-            "class_names": list(i.class_names), "nodata": None if i.probabilities else 255,
-            "mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
-            "source": i.source, "model": i.model}
-        return z
+    def _convert(self, group) -> None:
+        """Turn level 0 of the finished group into the requested format."""
+        from .pyramid import build_levels, ome_metadata, physical_pixel
+        from .tiffout import write_cog, write_pyramid_tiff
+
+        info, m, z0 = self.info, self.info.out_meta, group["0"]
+        if self.format == "vector":
+            from .polygons import write_vector
+
+            transform, crs = vector_transform(m)
+            n = write_vector(z0, self._tmp_file, class_names=info.class_names, transform=transform, crs=crs)
+            log.info("%s: %d polygons", self.path, n)
+            return self._move(self._tmp_file)
+        if self.format == "png":
+            _write_png(z0, self._tmp_file)
+            return self._move(self._tmp_file)
+        if self.format == "tiff" and m.georeferenced:
+            write_cog(z0, self._tmp_file, m, info.kind())  # GDAL makes the overviews
+            return self._move(self._tmp_file)
+        levels = build_levels(group, info.probabilities, workers=self.workers)
+        if self.format == "zarr":
+            size, unit = physical_pixel(m)
+            group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
+                                                classes=info.classes, class_names=info.class_names,
+                                                pixel_size=size, unit=unit),
+                               tilerseg=info.kind())
+            return self._move(self._tmp_zarr)
+        write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff")
+        return self._move(self._tmp_file)
 
     def _move(self, tmp: str) -> None:
         old = None
@@ -131,87 +175,27 @@ def open_writer(path, info: OutputInfo, *, overwrite: bool = False) -> Writer:
     return Writer(path, info, overwrite=overwrite)
 
 
-def _kind(info: OutputInfo) -> dict:
-    """What the file holds, for `tilerseg info` (TIFF description / GDAL tag)."""
-    return {"kind": "probabilities" if info.probabilities else "labels", "classes": info.classes,
-            "class_names": list(info.class_names)}
+def vector_transform(meta: ImageMeta) -> tuple[tuple[float, ...] | None, str | None]:
+    """Where polygon coordinates live: the input's CRS for georeferenced
+    inputs, else the input's level-0 pixels (what QuPath expects of a slide),
+    whatever level or mpp the model ran at."""
+    if meta.georeferenced:
+        return tuple(meta.transform), meta.crs
+    H0, W0 = meta.levels[0] if meta.levels else meta.shape
+    H, W = meta.shape
+    if (H0, W0) == (H, W):
+        return None, None
+    return (W0 / W, 0.0, 0.0, 0.0, H0 / H, 0.0), None
 
 
-def _bands_first(z) -> tuple[int, int, int]:
-    return (z.shape[0], *z.shape[1:]) if z.ndim == 3 else (1, *z.shape)
-
-
-def _iter_windows(z, tile: int):
-    """Yield ``(row0, col0, block)`` over ``z`` in strips one tile high and
-    about one zarr chunk wide (whole tiles), so each chunk is decoded a few
-    times at most and memory stays at one strip-chunk."""
-    H, W = z.shape[-2:]
-    step = max(1, z.chunks[-1] // tile) * tile  # whole tiles, so none straddles two reads
-    for r0 in range(0, H, tile):
-        for c0 in range(0, W, step):
-            yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
-
-
-def _write_geotiff(z, path: str, info: OutputInfo) -> None:
-    import rasterio
-    from rasterio.transform import Affine
-    from rasterio.windows import Window
-
-    K, H, W = _bands_first(z)
-    m = info.meta
-    profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if info.probabilities else "uint8",
-                   crs=m.crs, transform=Affine(*m.transform), nodata=float("nan") if info.probabilities else 255,
-                   tiled=True, blockxsize=TIFF_TILE, blockysize=TIFF_TILE, compress="deflate", BIGTIFF="IF_SAFER")
-    with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(path, "w", **profile) as dst:
-        for r0, c0, block in _iter_windows(z, TIFF_TILE):
-            block = block if block.ndim == 3 else block[None]
-            dst.write(block, window=Window(c0, r0, block.shape[-1], block.shape[-2]))
-        dst.update_tags(TILERSEG=json.dumps(_kind(info)))
-        if info.class_names:
-            for k, name in enumerate(info.class_names[:K] if info.probabilities else ()):
-                dst.set_band_description(k + 1, name)
-
-
-def _write_tiff(z, path: str, info: OutputInfo) -> None:
-    import tifffile
-
-    K, H, W = _bands_first(z)
-    t = TIFF_TILE
-    dtype = np.float32 if info.probabilities else np.uint8
-    fill = np.nan if info.probabilities else 255
-
-    def tiles():
-        for k in range(K):
-            plane = z if z.ndim == 2 else _Plane(z, k)
-            for _, _, block in _iter_windows(plane, t):
-                for x in range(0, block.shape[1], t):
-                    tile = np.full((t, t), fill, dtype)
-                    part = block[:, x:x + t]
-                    tile[:part.shape[0], :part.shape[1]] = part
-                    yield tile
-
-    kw = {}
-    if info.meta.mpp:
-        kw = dict(resolution=(1e4 / info.meta.mpp, 1e4 / info.meta.mpp), resolutionunit="CENTIMETER")
-    tifffile.imwrite(path, tiles(), shape=(K, H, W) if K > 1 else (H, W), dtype=dtype, tile=(t, t),
-                     compression="zlib", photometric="minisblack",
-                     planarconfig="separate" if K > 1 else None, bigtiff=H * W * K * np.dtype(dtype).itemsize > 2**31,
-                     metadata=None, description=json.dumps({"tilerseg": _kind(info)}), **kw)
-
-
-class _Plane:
-    """One band of a (K, H, W) zarr array, sliced lazily."""
-
-    def __init__(self, z, k):
-        self.z, self.k, self.shape, self.chunks = z, k, z.shape[1:], z.chunks[1:]
-
-    def __getitem__(self, idx):
-        return self.z[(self.k,) + tuple(i for i in idx if i is not Ellipsis)]
-
-
-def _write_png(z, path: str, info: OutputInfo) -> None:
+def _write_png(z, path: str) -> None:
     from PIL import Image
 
     if z.shape[0] * z.shape[1] > PNG_MAX_PIXELS:
         raise OutputError(f"{path}: {z.shape[1]}x{z.shape[0]} px is too large for PNG; write .tif or .zarr")
-    Image.fromarray(np.asarray(z[...])).save(path, format="PNG")
+    from .tiffout import colormap
+
+    labels = np.ascontiguousarray(z[...], np.uint8)
+    img = Image.frombytes("P", labels.shape[::-1], labels.tobytes())  # values kept; the palette shows classes
+    img.putpalette((colormap(255).T // 257).astype(np.uint8).ravel().tolist())
+    img.save(path, format="PNG")

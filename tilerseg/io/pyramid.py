@@ -1,0 +1,157 @@
+"""Reduced-resolution levels of a written mask, resampling to the input's
+full resolution, and the OME-Zarr (NGFF 0.5) metadata that describes them.
+
+Every step works chunk by chunk on zarr arrays, a few chunks in flight, so
+memory depends on the chunk size, never on the image. Labels are reduced by
+nearest neighbour (a class stays a class), probabilities by the mean of each
+2x2 block, ignoring NaN (nodata) unless the whole block is NaN."""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+LEVEL_MIN_SIDE = 256  # stop halving once the level fits in one 256-px tile
+LABEL_NODATA = 255
+PALETTE = np.array([[0, 0, 0], [0, 230, 60], [255, 60, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255],
+                    [0, 220, 220], [255, 130, 0]], np.uint8)
+
+
+def colour(k: int) -> tuple[int, int, int]:
+    """The display colour of class ``k`` (shared by previews, colour tables
+    and polygon classifications)."""
+    return tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+
+
+def level_shapes(shape: tuple[int, int], min_side: int = LEVEL_MIN_SIDE) -> list[tuple[int, int]]:
+    """(H, W) of each level: halved (rounding up) until it fits ``min_side``."""
+    shapes = [tuple(int(s) for s in shape)]
+    while max(shapes[-1]) > min_side:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def reduce2(block: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Halve the last two axes: every other pixel for labels, NaN-aware 2x2
+    means for probabilities (odd edges are averaged over what exists)."""
+    if not probabilities:
+        return block[..., ::2, ::2]
+    h, w = block.shape[-2:]
+    if h % 2 or w % 2:
+        pad = [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)]
+        block = np.pad(block, pad, constant_values=np.nan)
+    lead = block.shape[:-2]
+    quads = block.reshape(*lead, block.shape[-2] // 2, 2, block.shape[-1] // 2, 2)
+    with warnings.catch_warnings():  # an all-NaN block is nodata, and stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(quads, axis=(-3, -1)).astype(block.dtype)
+
+
+def _chunk_starts(shape, chunks):
+    return [(r, c) for r in range(0, shape[-2], chunks[-2]) for c in range(0, shape[-1], chunks[-1])]
+
+
+def _each_chunk(dst, fill, workers: int) -> None:
+    """``dst[..., r:r+ch, c:c+cw] = fill(r, c, r1, c1)`` for every chunk."""
+    ch, cw = dst.chunks[-2:]
+    H, W = dst.shape[-2:]
+
+    def one(rc):
+        r, c = rc
+        r1, c1 = min(r + ch, H), min(c + cw, W)
+        dst[..., r:r1, c:c1] = fill(r, c, r1, c1)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for _ in pool.map(one, _chunk_starts(dst.shape, dst.chunks)):
+            pass
+
+
+def _like(group, name: str, src, shape: tuple[int, int]):
+    lead = src.shape[:-2]
+    return group.create_array(name, shape=(*lead, *shape), chunks=src.chunks, dtype=src.dtype,
+                              fill_value=src.fill_value, dimension_names=src.metadata.dimension_names,
+                              overwrite=True)
+
+
+def build_levels(group, probabilities: bool, *, workers: int = 2) -> list:
+    """Add levels ``1..n`` to ``group`` (level ``0`` must exist) and return
+    all level arrays, finest first."""
+    levels = [group["0"]]
+    for k, shape in enumerate(level_shapes(levels[0].shape[-2:])[1:], start=1):
+        src, dst = levels[-1], _like(group, str(k), levels[-1], shape)
+        _each_chunk(dst, lambda r, c, r1, c1, src=src: reduce2(
+            np.asarray(src[..., 2 * r:2 * r1, 2 * c:2 * c1]), probabilities), workers)
+        levels.append(dst)
+    return levels
+
+
+def upsample_into(src, dst, probabilities: bool, *, workers: int = 2) -> None:
+    """Fill ``dst`` (the input's full-resolution grid) from ``src`` (the
+    processed grid covering the same extent): nearest neighbour for labels,
+    bilinear for probabilities (NaN stays NaN where it touches)."""
+    from .base import _resample_weights
+
+    (H, W), (h, w) = dst.shape[-2:], src.shape[-2:]
+    sy, sx = h / H, w / W
+
+    def nearest(r, c, r1, c1):
+        ri = np.minimum(((np.arange(r, r1) + 0.5) * sy).astype(np.int64), h - 1)
+        ci = np.minimum(((np.arange(c, c1) + 0.5) * sx).astype(np.int64), w - 1)
+        part = np.asarray(src[..., ri.min():ri.max() + 1, ci.min():ci.max() + 1])
+        return part[..., ri - ri.min(), :][..., ci - ci.min()]
+
+    def bilinear(r, c, r1, c1):
+        (y0, y1), wy = _resample_weights((r, r1), sy, h)
+        (x0, x1), wx = _resample_weights((c, c1), sx, w)
+        part = np.asarray(src[..., y0:y1, x0:x1]).astype(np.float64)
+        return np.einsum("ij,kjl,ml->kim", wy, part, wx, optimize=True).astype(src.dtype)
+
+    _each_chunk(dst, bilinear if probabilities else nearest, workers)
+
+
+def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes: int, class_names=(),
+                 pixel_size: tuple[float, float] | None = None, unit: str | None = None, name: str = "mask") -> dict:
+    """The ``ome`` attribute of an OME-Zarr 0.5 multiscale label image.
+
+    ``pixel_size`` is level 0's (y, x) size in ``unit`` (a UDUNITS name such
+    as ``micrometer`` or ``meter``); without it the scale is 1 pixel."""
+    sy, sx = pixel_size or (1.0, 1.0)
+    space = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
+    lead = [1.0] if probabilities else []
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": lead + [sy * 2 ** k, sx * 2 ** k]}]} for k in range(len(shapes))]
+    multiscale = {"name": name, "axes": ([{"name": "c", "type": "channel"}] if probabilities else []) + space,
+                  "datasets": datasets, "type": "mean" if probabilities else "nearest"}
+    ome = {"version": "0.5", "multiscales": [multiscale]}
+    if not probabilities:
+        names = [class_names[k] if k < len(class_names) else f"class {k}" for k in range(max(classes, 2))]
+        ome["image-label"] = {
+            "version": "0.5",
+            "colors": [{"label-value": k, "rgba": [*colour(k), 0 if k == 0 else 255]} for k in range(len(names))]
+            + [{"label-value": LABEL_NODATA, "rgba": [0, 0, 0, 0]}],
+            "properties": [{"label-value": k, "class": n} for k, n in enumerate(names)]
+            + [{"label-value": LABEL_NODATA, "class": "nodata"}]}
+    return ome
+
+
+def physical_pixel(meta) -> tuple[tuple[float, float] | None, str | None]:
+    """Level 0's pixel size and its unit for scale metadata: microns from
+    mpp, or the CRS's linear unit from a georeferenced transform."""
+    if meta.mpp:
+        return (meta.mpp, meta.mpp), "micrometer"
+    if meta.transform is not None and meta.georeferenced:
+        a, b, _, d, e, _ = meta.transform
+        unit = None
+        if meta.crs:
+            try:
+                from rasterio.crs import CRS
+
+                crs = CRS.from_wkt(meta.crs)
+                if crs.is_projected and (crs.linear_units or "").lower() in ("metre", "meter", "m"):
+                    unit = "meter"
+            except Exception:
+                unit = None
+        return (float(np.hypot(d, e)), float(np.hypot(a, b))), unit
+    return None, None

@@ -1,0 +1,161 @@
+"""TIFF outputs from the zarr levels of a result, written tile by tile.
+
+* Pyramidal OME-TIFF (``.ome.tif``): OME-XML with the physical pixel size;
+  the reduced levels are stored twice, as SubIFDs of the full-resolution
+  image (the OME pyramid that Bio-Formats, QuPath and tifffile read) and
+  in the main IFD chain (the levels openslide reads from a generic tiled
+  TIFF). Masks compress to little, so the copy costs a few percent.
+* Pyramidal TIFF (``.tif`` without georeference): the main-chain layout
+  only, with the result's description as JSON.
+* Cloud Optimized GeoTIFF (``.tif`` with georeference): a tiled GeoTIFF
+  copied by GDAL's COG driver, which adds overviews and orders the file.
+
+Label masks carry a colour table, so viewers show classes in colour."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .base import ImageMeta
+
+TILE = 256
+
+
+def _windows(z, tile: int):
+    """Yield ``(row0, col0, block)`` over ``z`` (``(..., H, W)``) in strips
+    one tile high and about one zarr chunk wide (whole tiles), so each chunk
+    is decoded a few times at most and memory stays at one strip-chunk."""
+    H, W = z.shape[-2:]
+    step = max(1, z.chunks[-1] // tile) * tile
+    for r0 in range(0, H, tile):
+        for c0 in range(0, W, step):
+            yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
+
+
+def _tiles(z, fill):
+    """Every ``TILE`` x ``TILE`` tile of ``z`` in TIFF order (plane, row,
+    column), padded with ``fill`` at the right and bottom edges."""
+    planes = range(z.shape[0]) if z.ndim == 3 else [None]
+    for k in planes:
+        for _, _, block in _windows(z if k is None else _Plane(z, k), TILE):
+            for x in range(0, block.shape[1], TILE):
+                tile = np.full((TILE, TILE), fill, z.dtype)
+                part = block[:, x:x + TILE]
+                tile[:part.shape[0], :part.shape[1]] = part
+                yield tile
+
+
+class _Plane:
+    """One band of a (K, H, W) zarr array, sliced lazily."""
+
+    def __init__(self, z, k):
+        self.z, self.k, self.shape, self.chunks = z, k, z.shape[1:], z.chunks[1:]
+
+    def __getitem__(self, idx):
+        return self.z[(self.k,) + tuple(i for i in idx if i is not Ellipsis)]
+
+
+def colormap(classes: int) -> np.ndarray:
+    """A TIFF palette (3, 256) uint16: class colours, black elsewhere
+    (nodata 255 included)."""
+    from .pyramid import colour
+
+    cmap = np.zeros((3, 256), np.uint16)
+    for k in range(min(max(classes, 2), 255)):
+        cmap[:, k] = np.array(colour(k), np.uint16) * 257
+    return cmap
+
+
+def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, description: str) -> str:
+    import tifffile
+
+    K = shape[0] if len(shape) == 3 else 1
+    kw = {"Name": "mask", "Description": description}
+    if meta.mpp:
+        kw.update(PhysicalSizeX=meta.mpp, PhysicalSizeY=meta.mpp)  # µm is OME's default unit
+    if channel_names:
+        kw["Channel"] = {"Name": list(channel_names)}
+    ome = tifffile.OmeXml()
+    ome.addimage(np.dtype(dtype), (K, *shape[-2:]) if K > 1 else shape[-2:],
+                 (K, 1, 1, *shape[-2:], 1), axes="CYX" if K > 1 else "YX", **kw)
+    return ome.tostring()
+
+
+def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, ome: bool) -> None:
+    """Write ``levels`` (zarr arrays, finest first) as a tiled pyramidal TIFF."""
+    import tifffile
+
+    z0 = levels[0]
+    probabilities = kind["kind"] == "probabilities"
+    fill = np.nan if probabilities else 255
+    nbytes = sum(np.prod(z.shape) * z.dtype.itemsize for z in levels)
+    description = json.dumps({"tilerseg": kind})
+    K = z0.shape[0] if z0.ndim == 3 else 1
+    common = dict(tile=(TILE, TILE), compression="zlib", metadata=None, dtype=z0.dtype,
+                  planarconfig="separate" if K > 1 else None)
+    if probabilities:
+        common["photometric"] = "minisblack"
+    else:
+        common.update(photometric="palette", colormap=colormap(kind["classes"]))
+
+    def res(k):
+        if not meta.mpp:
+            return {}
+        px = 1e4 / (meta.mpp * 2 ** k)  # pixels per centimetre
+        return {"resolution": (px, px), "resolutionunit": "CENTIMETER"}
+
+    def put(tw, k, **kw):
+        z = levels[k]
+        tw.write(_tiles(z, fill), shape=z.shape if K > 1 else z.shape[-2:], **common, **res(k), **kw)
+
+    with tifffile.TiffWriter(path, bigtiff=nbytes * (2 if ome else 1) > 2**31 - 2**26) as tw:
+        if ome:
+            xml = _ome_xml(z0.shape, z0.dtype, meta, probabilities, kind["class_names"] if probabilities else (),
+                           description)
+            put(tw, 0, description=xml, subifds=len(levels) - 1)
+            for k in range(1, len(levels)):
+                put(tw, k, subfiletype=1)
+        else:
+            put(tw, 0, description=description)
+        for k in range(1, len(levels)):
+            put(tw, k, subfiletype=1)
+
+
+def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
+    """Write ``z`` (labels (H, W) or probabilities (K, H, W)) as a COG with
+    the input's CRS and transform; nodata is 255 for labels, NaN for
+    probabilities. GDAL builds the overviews (nearest for labels, average
+    for probabilities) with a bounded cache."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.transform import Affine
+    from rasterio.windows import Window
+
+    probabilities = kind["kind"] == "probabilities"
+    K = z.shape[0] if z.ndim == 3 else 1
+    H, W = z.shape[-2:]
+    staging = path + ".staging.tif"
+    profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if probabilities else "uint8",
+                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if probabilities else 255,
+                   tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=64):
+            with rasterio.open(staging, "w", **profile) as dst:
+                for r0, c0, block in _windows(z, 512):
+                    block = block if block.ndim == 3 else block[None]
+                    dst.write(block, window=Window(c0, r0, block.shape[-1], block.shape[-2]))
+                dst.update_tags(TILERSEG=json.dumps(kind))
+                if probabilities:
+                    for k, name in enumerate(kind["class_names"][:K]):
+                        dst.set_band_description(k + 1, name)
+                else:
+                    cmap = colormap(kind["classes"])
+                    dst.write_colormap(1, {k: tuple(int(v) // 257 for v in cmap[:, k]) + (255,) for k in range(256)})
+            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+                                 OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
+                                 RESAMPLING="AVERAGE" if probabilities else "NEAREST")
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
