@@ -1,0 +1,175 @@
+"""Outputs opened by users' tools: openslide and tifffile for (OME-)TIFF
+pyramids, the ome-zarr reader for OME-Zarr, fiona/rasterio for polygons.
+The oracle is the label mask itself (numpy), reduced or rasterized back."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import cli, data
+from tilerseg.engine import compute_into
+from tilerseg.io.base import ImageMeta
+from tilerseg.io.writers import OutputInfo, Writer
+
+
+def _labels(H: int, W: int) -> np.ndarray:
+    """Blobs of classes 1..2 on background, a nodata band at the top."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    lab = ((np.sin(yy / 97.0) * np.cos(xx / 61.0)) > 0.3).astype(np.uint8)
+    lab[(np.sin(yy / 41.0 + xx / 73.0) > 0.8) & (lab == 0)] = 2
+    lab[: H // 50] = 255
+    return lab
+
+
+def _write(path, arr, meta, *, probabilities=False, classes=3, names=("background", "tissue", "tumour")):
+    import dask.array as da
+
+    a = da.from_array(arr, chunks=(arr.shape[0], 1024, 1024) if arr.ndim == 3 else (1024, 1024))
+    Writer(str(path), OutputInfo(meta=meta, probabilities=probabilities, classes=classes,
+                                 class_names=names)).write(a, lambda x, z: compute_into(x, z, workers=2))
+
+
+def test_ome_tiff_opens_in_openslide_with_levels_and_mpp(tmp_path):
+    """The issue's check: a 10,000 x 8,000 result as .ome.tif."""
+    import openslide
+    import tifffile
+
+    lab = _labels(8000, 10000)
+    out = tmp_path / "mask.ome.tif"
+    _write(out, lab, ImageMeta(shape=lab.shape, bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.2527))
+    slide = openslide.OpenSlide(str(out))
+    assert slide.level_count >= 4 and slide.dimensions == (10000, 8000)
+    assert slide.level_dimensions[:4] == ((10000, 8000), (5000, 4000), (2500, 2000), (1250, 1000))
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.2527, rel=1e-6)
+    region = np.asarray(slide.read_region((0, 0), 3, (1250, 1000)))[..., :3]  # palette -> class colours
+    coarse = lab[::8, ::8]
+    assert (region[coarse == 1] == (0, 230, 60)).all() and (region[coarse == 2] == (255, 60, 40)).all()
+    with tifffile.TiffFile(str(out)) as tif:
+        assert tif.is_ome and len(tif.series) == 1
+        series = tif.series[0]
+        assert len(series.levels) == slide.level_count
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+        assert pixels["PhysicalSizeX"] == pytest.approx(0.2527)
+        for k, level in enumerate(series.levels[:4]):
+            assert np.array_equal(level.asarray(), lab[::2 ** k, ::2 ** k])  # nearest for labels
+        described = json.loads(tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Description"])
+        assert described["tilerseg"]["class_names"] == ["background", "tissue", "tumour"]
+
+
+def test_probability_levels_are_nan_aware_means(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    p = rng.random((2, 700, 900)).astype(np.float32)
+    p[:, :40] = np.nan  # nodata rows
+    p[:, 41, 1] = np.nan  # one NaN in a 2x2 block: the mean of the other three
+    out = tmp_path / "p.ome.tif"
+    _write(out, p, ImageMeta(shape=(700, 900), bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.5),
+           probabilities=True, classes=2, names=("a", "b"))
+    with tifffile.TiffFile(str(out)) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == 3 and levels[1].shape == (2, 350, 450) and levels[2].shape == (2, 175, 225)
+        got = levels[1].asarray()
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        want = np.nanmean(p.reshape(2, 350, 2, 450, 2), axis=(2, 4))
+    assert np.allclose(got, want, equal_nan=True)
+    assert np.isnan(got[:, :20]).all() and not np.isnan(got[:, 20]).any()
+
+
+def test_ome_zarr_read_by_the_reference_reader_with_scale(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    lab = _labels(1100, 1500)
+    out = tmp_path / "mask.ome.zarr"
+    _write(out, lab, ImageMeta(shape=lab.shape, bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.5))
+    nodes = list(Reader(parse_url(str(out)))())
+    node = nodes[0]
+    assert node.load(__import__("ome_zarr.reader", fromlist=["Label"]).Label)  # an image-label
+    assert len(node.data) == 4 and tuple(node.data[0].shape) == lab.shape
+    assert np.array_equal(np.asarray(node.data[0]), lab)
+    assert np.array_equal(np.asarray(node.data[2]), lab[::4, ::4])
+    scales = [t[0]["scale"] for t in node.metadata["coordinateTransformations"]]
+    assert scales[0] == [0.5, 0.5] and scales[3] == [4.0, 4.0]
+    assert [a["unit"] for a in node.metadata["axes"]] == ["micrometer", "micrometer"]
+    # and tilerseg reads its own output back at any level
+    from tilerseg.io import open_reader
+
+    with open_reader(str(out), level=1) as r:
+        assert r.meta.shape == (550, 750) and r.meta.mpp == 1.0 and len(r.meta.levels) == 4
+        assert np.array_equal(r.read((0, 550), (0, 750))[0][..., 0], lab[::2, ::2])
+
+
+def test_cli_geojson_polygons_rasterize_back_to_the_geotiff_mask(tmp_path, tiny_model_dir):
+    """Georeferenced input: polygons in the input's CRS reproduce the mask."""
+    import fiona
+    import rasterio
+    from rasterio.features import rasterize
+
+    src = data("rasterio/RGB.byte.tif")
+    tif, gj = tmp_path / "m.tif", tmp_path / "m.geojson"
+    for out in (tif, gj):
+        r = cli("run", src, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "-o", str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+    with rasterio.open(tif) as ds:
+        mask, transform, crs = ds.read(1), ds.transform, ds.crs
+    with fiona.open(gj) as fc:
+        assert fc.crs == crs
+        shapes = [(f.geometry, f.properties["class"]) for f in fc]
+    assert shapes, "the random model found no object"
+    back = rasterize(shapes, out_shape=mask.shape, transform=transform, fill=0, dtype="uint8")
+    obj = mask == 1
+    iou = (obj & (back == 1)).sum() / (obj | (back == 1)).sum()
+    assert iou >= 0.999
+    from scipy import ndimage
+
+    assert len(shapes) == ndimage.label(obj)[1]
+
+
+def test_cli_slide_polygons_in_level0_pixels_when_run_on_a_coarser_level(tmp_path, tiny_model_dir):
+    """A slide processed at level 1: polygons still in level-0 pixels."""
+    import openslide
+    from rasterio.features import rasterize
+    from shapely.affinity import scale
+    from shapely.geometry import shape
+
+    src = data("openslide/boxes.tiff")
+    z, gj = tmp_path / "m.zarr", tmp_path / "m.geojson"
+    for out in (z, gj):
+        r = cli("run", src, "--level", "1", "--weights", tiny_model_dir, "--tile", "128", "--halo", "32",
+                "-o", str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+    import zarr
+
+    mask = zarr.open_array(str(z / "0"), mode="r")[...]
+    W0, H0 = openslide.OpenSlide(src).dimensions
+    feats = json.load(open(gj))["features"]
+    assert feats and feats[0]["properties"]["classification"]["name"]
+    geoms = [shape(f["geometry"]) for f in feats]
+    xmax = max(g.bounds[2] for g in geoms)
+    assert mask.shape[1] < xmax <= W0  # level-0 coordinates
+    fx, fy = mask.shape[1] / W0, mask.shape[0] / H0
+    back = rasterize([(scale(g, fx, fy, origin=(0, 0)), 1) for g in geoms], out_shape=mask.shape)
+    assert ((back == 1) == (mask == 1)).mean() >= 0.999
+
+
+def test_cli_ome_tiff_and_info_on_it(tmp_path, tiny_model_dir):
+    import tifffile
+
+    out = tmp_path / "m.ome.tif"
+    r = cli("run", data("openslide/small.svs"), "--weights", tiny_model_dir, "--tile", "128", "--halo", "32",
+            "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(str(out)) as tif:  # a 16 x 16 px slide: one level, the input's mpp
+        assert tif.is_ome and tif.series[0].shape == (16, 16)
+        assert tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["PhysicalSizeX"] == pytest.approx(0.499)
+    r = cli("info", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "classes:" in r.stdout and "mm²" in r.stdout
+
+
+def test_probabilities_refused_for_polygons(tmp_path, tiny_model_dir):
+    out = tmp_path / "p.geojson"
+    r = cli("run", data("isbi2012/image/0.png"), "--bands", "1,1,1", "--weights", tiny_model_dir,
+            "--probabilities", "-o", str(out))
+    assert r.returncode == 1 and "label masks only" in r.stderr and not out.exists()
