@@ -15,11 +15,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .engine import Output, TileSpec, compute_into, lazy_image, lazy_segment
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
 from .io import open_reader, open_writer
 from .io.arrays import ArrayReader
-from .io.base import Reader
+from .io.base import ImageMeta, Reader
 from .io.writers import OutputInfo, check_output
 from .models import ModelInfo, ModelSpec, Normalization, describe, global_context, instantiate
 from .receptive import HaloReport, measure_halo
@@ -60,6 +60,13 @@ class RunReport:
     halo: int
     stride: int
     note: str = ""
+    windows_run: int = -1
+    output_shape: tuple[int, int] | None = None
+
+    @property
+    def windows_skipped(self) -> int:
+        """Windows not run: no tissue, or all nodata."""
+        return self.windows - self.windows_run if self.windows_run >= 0 else 0
 
     @property
     def megapixels_per_second(self) -> float:
@@ -95,12 +102,17 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
+        tissue: str | None = None, output_level: int | None = None,
         progress: Callable[[int, int], None] | None = None) -> RunReport:
-    """Segment ``input`` into ``output`` (.zarr, .tif or .png) chunk by chunk.
+    """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
+    .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
 
     Options mirror ``tilerseg run --help``; ``halo="auto"`` measures the
-    model's receptive field first. ``progress(done, total)`` is called as
-    windows finish (local runs)."""
+    model's receptive field first. ``tissue`` is ``"auto"`` or a mask file:
+    windows without tissue are skipped and written as background.
+    ``output_level`` writes the result on that pyramid level's grid of the
+    input (0: full resolution) whatever level or mpp the model ran at.
+    ``progress(done, total)`` is called as windows finish (local runs)."""
     output = os.fspath(output)
     check_output(output, overwrite, probabilities)
     src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
@@ -108,14 +120,15 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         return _run(src, output, input=input, model=model, weights=weights, encoder=encoder, classes=classes,
                     encoder_weights=encoder_weights, tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode,
                     probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
-                    device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress)
+                    device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
+                    tissue=tissue, output_level=output_level, bands=bands, reader=reader)
     finally:
         src.close()
 
 
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
-         progress) -> RunReport:
+         progress, tissue=None, output_level=None, bands=None, reader="auto") -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale)
     if not info.trained:
@@ -135,24 +148,61 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
         warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
                       "output cannot equal whole-image inference; a larger --tile reduces the difference",
                       NonLocalModelWarning, stacklevel=3)
-    done = [0]
+    active = _tissue_windows(tissue, input, grid, bands=bands, reader=reader) if tissue else None
+    done, ran = [0], [0]
 
-    def on_done(n: int) -> None:
-        done[0] += n
+    def on_done(n_run: int, n_skipped: int) -> None:
+        done[0] += n_run + n_skipped
+        ran[0] += n_run
         if progress:
             progress(done[0], grid.total_windows)
 
     out = Output(probabilities=probabilities, threshold=threshold)
     arr = lazy_segment(src, ref, grid, tiles, out, info.spec.classes,
-                       on_done=on_done if scheduler is None else None)
+                       on_done=on_done if scheduler is None else None, active=active)
+    target = output_grid(src.meta, output_level)
     writer = open_writer(output, OutputInfo(meta=src.meta, probabilities=probabilities, classes=info.spec.classes,
                                             class_names=info.class_names, source=os.fspath(input),
-                                            model=f"{info.spec.arch}/{info.spec.encoder}"), overwrite=overwrite)
+                                            model=f"{info.spec.arch}/{info.spec.encoder}", target=target),
+                         overwrite=overwrite)
     t0 = time.perf_counter()
     writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
-                     note=src.meta.note)
+                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1,
+                     output_shape=(target or src.meta).shape)
+
+
+def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:
+    """Which windows touch tissue: ``tissue`` is "auto" or a mask file."""
+    from .tissue import detect, from_file, window_has_tissue
+
+    mask = detect(os.fspath(input), bands=bands, reader=reader) if tissue == "auto" else from_file(tissue)
+    active = window_has_tissue(mask, grid.shape, grid.crop, grid.n_windows)
+    log.info("--tissue %s: tissue on %.1f%% of the thumbnail, %d of %d windows to run", tissue,
+             100 * mask.mean(), int(active.sum()), active.size)
+    return active
+
+
+def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
+    """The input's grid at pyramid ``level`` (same extent as ``meta``), to
+    write the result on; None when that is the grid the model ran on."""
+    if level is None:
+        return None
+    levels = meta.levels or (meta.shape,)
+    if not 0 <= level < len(levels):
+        raise InputError(f"--output-level {level}: the input has levels 0..{len(levels) - 1}")
+    (H, W), (h, w) = meta.shape, tuple(levels[level])
+    if (h, w) == (H, W):
+        return None
+    fy, fx = H / h, W / w
+    mpp = meta.level_mpp[level] if level < len(meta.level_mpp) and meta.level_mpp[level] else \
+        (meta.mpp * fx if meta.mpp else None)
+    transform = None
+    if meta.transform is not None:
+        a, b, c, d, e, f = meta.transform
+        transform = (a * fx, b * fy, c, d * fx, e * fy, f)
+    return replace(meta, shape=(h, w), mpp=mpp, transform=transform, level=level, note="")
 
 
 def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",

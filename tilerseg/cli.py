@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="segment an image into a full-resolution mask")
     r.add_argument("input", help="slide, TIFF, GeoTIFF, PNG/JPEG or zarr")
-    r.add_argument("-o", "--output", help="output .zarr (default), .tif or .png; default: ./<input>.mask.zarr")
+    r.add_argument("-o", "--output", help="output: .zarr (OME-Zarr), .ome.tif (pyramidal OME-TIFF), .tif (COG "
+                   "for georeferenced inputs), .png, .geojson or .gpkg (polygons); default ./<input>.mask.zarr")
     r.add_argument("--config", help="YAML of run options (see pipelines/); flags override it")
     _input_args(r)
     m = r.add_argument_group("model")
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threshold", type=float, default=0.5, help="binary threshold (default 0.5)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")
+    o.add_argument("--output-level", type=int, help="write the mask on this pyramid level of the input "
+                   "(0: full resolution, upsampled) whatever --level/--mpp the model ran at")
+    o.add_argument("--tissue", help="`auto`: find tissue on a thumbnail and skip windows without it; "
+                   "or a mask file (non-zero = tissue)")
     e = r.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
@@ -136,6 +141,13 @@ def cmd_run(a) -> int:
     from .api import run
 
     output = a.output or os.path.basename(os.fspath(a.input).rstrip("/")).split(".")[0] + ".mask.zarr"
+    if a.preview:
+        from .io.writers import output_format
+        from .errors import OutputError
+
+        if output_format(output) == "vector":
+            raise OutputError(f"{a.preview}: --preview draws a raster mask; write .tif/.zarr with a preview, "
+                              "then polygons in a second run")
     progress, bar = _progress(a.quiet)
     with bar:
         report = run(a.input, output, model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,
@@ -143,7 +155,7 @@ def cmd_run(a) -> int:
                      pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
                      mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
                      device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
-                     progress=progress)
+                     tissue=a.tissue, output_level=a.output_level, progress=progress)
     if a.preview:
         from .preview import write_preview
 
@@ -153,6 +165,10 @@ def cmd_run(a) -> int:
     print(f"wrote {report.output}: {W}x{H} px, {report.windows} windows of {report.tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} Mpx/s")
+    if report.windows_skipped:
+        why = "no tissue or all nodata" if a.tissue else "all nodata"
+        print(f"skipped {report.windows_skipped} of {report.windows} windows "
+              f"({report.windows_skipped / report.windows:.1%}): {why}")
     return 0
 
 

@@ -49,33 +49,51 @@ class Output:
     threshold: float = 0.5
 
 
-def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec,
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities ``(classes, h, w)`` and validity ``(h, w)`` of one region's output."""
-    data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
+    """Probabilities of a skipped window: all background (class 0)."""
+    out = np.zeros((classes, *shape), np.float32)
+    if classes > 1:
+        out[0] = 1.0
+    return out
+
+
+def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec, classes: int,
+                   active: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Probabilities ``(classes, h, w)``, validity ``(h, w)`` and the number
+    of windows run, for one region's output.
+
+    Windows not ``active`` (no tissue) and windows whose output area is all
+    nodata are not run: they hold background."""
     c, h, T = grid.crop, grid.halo, grid.tile
     wy0, wx0 = region.windows[0]
-    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in region.windows]
+    oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
+    run = [w for w in region.windows if active is None or active[w]]
+    if not run:  # nothing to see here: no read at all
+        return background(classes, (oh, ow)), None, 0
+    data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+    if valid is not None:
+        run = [(wy, wx) for wy, wx in run
+               if valid[h + (wy - wy0) * c:h + (wy - wy0 + 1) * c, h + (wx - wx0) * c:h + (wx - wx0 + 1) * c].any()]
     rows = (region.windows[-1][0] - wy0 + 1) * c
     cols = (region.windows[-1][1] - wx0 + 1) * c
-    out = None
+    out = background(classes, (rows, cols))
+    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
     for start in range(0, len(offsets), tiles.batch_size):
         batch = offsets[start:start + tiles.batch_size]
         probs = predictor(np.stack([data[y:y + T, x:x + T] for y, x in batch]))
-        if out is None:
-            out = np.empty((probs.shape[1], rows, cols), np.float32)
+        if probs.shape[1] != classes:
+            raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
         for (y, x), p in zip(batch, probs):
             out[:, y:y + c, x:x + c] = p[:, h:h + c, h:h + c]
-    oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
     if valid is not None:
         valid = valid[h:h + oh, h:h + ow]
-    return out[:, :oh, :ow], valid
+    return out[:, :oh, :ow], valid, len(run)
 
 
-def _block(reader, predictor, grid, region, tiles, output: Output, on_done):
+def _block(reader, predictor, grid, region, tiles, output: Output, classes: int, active, on_done):
     if hasattr(predictor, "get"):  # a picklable reference, resolved once per worker
         predictor = predictor.get()
-    probs, valid = predict_region(reader, predictor, grid, region, tiles)
+    probs, valid, n_run = predict_region(reader, predictor, grid, region, tiles, classes, active)
     if output.probabilities:
         if valid is not None:
             probs[:, ~valid] = np.nan
@@ -88,21 +106,25 @@ def _block(reader, predictor, grid, region, tiles, output: Output, on_done):
         if valid is not None:
             result[~valid] = LABEL_NODATA
     if on_done is not None:
-        on_done(len(region.windows))
+        on_done(n_run, len(region.windows) - n_run)
     return result
 
 
 def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
-                 on_done: Callable[[int], None] | None = None):
+                 on_done: Callable[[int, int], None] | None = None, active: np.ndarray | None = None):
     """A lazy dask array of the segmentation: ``(classes, H, W)`` float32
-    probabilities or ``(H, W)`` uint8 labels, one chunk per task."""
+    probabilities or ``(H, W)`` uint8 labels, one chunk per task.
+
+    ``active`` (booleans per window, ``grid.n_windows``) skips windows: they
+    are written as background. ``on_done(run, skipped)`` counts windows."""
     import dask.array as da
     from dask.base import tokenize
 
     # id(): two in-memory arrays of one shape share the path "<array>"
-    name = "tilerseg-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, tiles, output)
+    name = "tilerseg-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, tiles, output,
+                                  active)
     lead = (0,) if output.probabilities else ()
-    dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, on_done)
+    dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, classes, active, on_done)
            for r in grid.regions()}
     if output.probabilities:
         return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)

@@ -31,10 +31,29 @@ def _hash(a: np.ndarray, b: np.ndarray, seed: int, salt: int) -> np.ndarray:
     return (h & np.uint64(0xFFFFFF)).astype(np.float64) / float(1 << 24)
 
 
-def tile(y0: int, x0: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 pixels ``(h, w, 3)`` and nuclei mask ``(h, w)`` at ``(y0, x0)``."""
+def tissue(yy: np.ndarray, xx: np.ndarray, seed: int = 0, ellipse=None) -> np.ndarray:
+    """Where the tissue is: the smooth field's high ground (about half the
+    area, in ridges), or with ``ellipse = (cy, cx, ry, rx)`` one compact
+    piece with a wavy edge, glass all around it, as on most slides."""
+    field = _field(yy, xx, seed)
+    if ellipse is None:
+        return field > 0.1
+    cy, cx, ry, rx = ellipse
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 + 0.15 * field < 1
+
+
+def glass_ellipse(shape: tuple[int, int], background: float) -> tuple[float, float, float, float]:
+    """The ``ellipse`` that leaves about ``background`` of ``shape`` as glass."""
+    H, W = shape
+    k = np.sqrt((1 - background) / np.pi)
+    return H / 2, W / 2, H * k, W * k
+
+
+def tile(y0: int, x0: int, h: int, w: int, seed: int = 0, ellipse=None) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 pixels ``(h, w, 3)`` and nuclei mask ``(h, w)`` at ``(y0, x0)``
+    (``ellipse``: see :func:`tissue`)."""
     yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-    tissue = _field(yy, xx, seed) > 0.1
+    tissue_here = tissue(yy, xx, seed, ellipse)
     nuc = np.zeros((h, w), bool)
     cy0, cy1 = (y0 - 12) // CELL, (y0 + h + 12) // CELL + 1
     cx0, cx1 = (x0 - 12) // CELL, (x0 + w + 12) // CELL + 1
@@ -49,31 +68,33 @@ def tile(y0: int, x0: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, n
         if iy0 < iy1 and ix0 < ix1:
             sub = (yy[iy0:iy1, ix0:ix1] - y) ** 2 + (xx[iy0:iy1, ix0:ix1] - x) ** 2 <= r * r
             nuc[iy0:iy1, ix0:ix1] |= sub
-    nuc &= tissue
+    nuc &= tissue_here
     noise = (_hash(yy.astype(np.int64), xx.astype(np.int64), seed, 5) - 0.5).astype(np.float32) * 24
     glass, stroma, nucleus = np.array([238, 236, 240]), np.array([225, 150, 190]), np.array([95, 55, 140])
-    rgb = np.where(tissue[..., None], stroma, glass).astype(np.float32)
+    rgb = np.where(tissue_here[..., None], stroma, glass).astype(np.float32)
     rgb[nuc] = nucleus
     rgb += noise[..., None]
     return np.clip(rgb, 0, 255).astype(np.uint8), nuc
 
 
 def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 256, levels: int = 1,
-               compression: str = "jpeg", mpp: float = 0.5) -> None:
+               compression: str = "jpeg", mpp: float = 0.5, background: float | None = None) -> None:
     """Write a tiled (pyramidal when ``levels`` > 1) RGB TIFF of ``shape``,
-    tile by tile. Reduced levels sample the generator at their resolution."""
+    tile by tile. Reduced levels sample the generator at their resolution.
+    ``background``: the share of glass around one piece of tissue."""
     import tifffile
 
     H, W = shape
     t = tile_size
+    ell = glass_ellipse(shape, background) if background is not None else None
 
     def tiles(step: int):
         for y in range(0, -(-H // step), t):
             for x in range(0, -(-W // step), t):
                 if step == 1:
-                    yield tile(y, x, t, t, seed)[0]
+                    yield tile(y, x, t, t, seed, ell)[0]
                 else:
-                    yield tile(y * step, x * step, t * step, t * step, seed)[0][::step, ::step]
+                    yield tile(y * step, x * step, t * step, t * step, seed, ell)[0][::step, ::step]
 
     kw = dict(tile=(t, t), photometric="rgb", compression=compression,
               resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")

@@ -1,0 +1,95 @@
+"""--tissue and nodata skipping: windows off tissue are not run, the output
+on tissue is unchanged. The oracle is the synthetic slide's own tissue
+field and a run without skipping."""
+import numpy as np
+import pytest
+
+from conftest import cli, data
+from tilerseg.synthetic import glass_ellipse, tissue, write_tiff
+from tilerseg.tissue import tissue_from_rgb, window_has_tissue
+
+
+@pytest.fixture(scope="module")
+def glassy_slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slides") / "glassy.tif"
+    write_tiff(path, (2048, 2048), levels=3, background=0.7, compression="zlib")
+    yy, xx = np.mgrid[0:2048, 0:2048].astype(np.float32)
+    return str(path), tissue(yy, xx, 0, glass_ellipse((2048, 2048), 0.7))
+
+
+def test_window_has_tissue_matches_brute_force():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) > 0.97
+    H, W, crop = 1000, 1430, 96
+    ny, nx = -(-H // crop), -(-W // crop)
+    got = window_has_tissue(mask, (H, W), crop, (ny, nx))
+    full = np.kron(mask, np.ones((64, 64), bool))  # nearest-up to a fine grid, then each window's footprint
+    fy, fx = full.shape[0] / H, full.shape[1] / W
+    for wy in range(ny):
+        for wx in range(nx):
+            r0, r1 = wy * crop, min((wy + 1) * crop, H)
+            c0, c1 = wx * crop, min((wx + 1) * crop, W)
+            want = full[int(r0 * fy):int(np.ceil(r1 * fy)), int(c0 * fx):int(np.ceil(c1 * fx))].any()
+            assert got[wy, wx] == want, (wy, wx)
+
+
+def test_otsu_on_saturation_finds_the_generators_tissue(glassy_slide):
+    from tilerseg.preview import _thumbnail
+
+    path, truth = glassy_slide
+    thumb = _thumbnail(path, 512)
+    found = tissue_from_rgb(thumb, margin=0)
+    t = truth[:: truth.shape[0] // found.shape[0], :: truth.shape[1] // found.shape[1]][:found.shape[0], :found.shape[1]]
+    iou = (found & t).sum() / (found | t).sum()
+    assert iou > 0.95 and 0.25 < t.mean() < 0.35
+
+
+def test_uniform_glass_has_no_tissue():
+    assert not tissue_from_rgb(np.full((64, 64, 3), 240, np.uint8)).any()
+
+
+@pytest.mark.slow
+def test_tissue_auto_skips_glass_and_keeps_tissue_output(tmp_path, tiny_model_dir, glassy_slide):
+    import zarr
+
+    path, truth = glassy_slide
+    outs = {}
+    for name, extra in (("all", []), ("tissue", ["--tissue", "auto"])):
+        out = tmp_path / f"{name}.zarr"
+        r = cli("run", path, "--weights", tiny_model_dir, "--tile", "256", "--halo", "64", "-o", str(out), "--quiet",
+                *extra)
+        assert r.returncode == 0, r.stderr
+        outs[name] = (zarr.open_array(str(out / "0"), mode="r")[...], r.stdout)
+    (full, _), (skip, text) = outs["all"], outs["tissue"]
+    assert "skipped" in text and "no tissue" in text
+    n_skipped, n_total = (int(v) for v in text.split("skipped ")[1].split(" windows")[0].split(" of "))
+    assert n_total == 256 and n_skipped >= 0.55 * n_total  # 70% glass, less the windows on its edge
+    assert np.array_equal(skip[truth], full[truth])  # same output wherever there is tissue
+    assert (skip[skip != full] == 0).all()  # elsewhere only background was written
+
+
+def test_tissue_mask_file_skips_outside_it(tmp_path, tiny_model_dir):
+    import rasterio
+    from PIL import Image
+
+    src = data("isbi2012/image/0.png")
+    keep = np.zeros((64, 64), np.uint8)
+    keep[:16, :24] = 255  # 128 x 192 px of the 512 x 512 image
+    Image.fromarray(keep).save(tmp_path / "t.png")
+    out = tmp_path / "m.tif"
+    r = cli("run", src, "--bands", "1,1,1", "--weights", tiny_model_dir, "--tile", "256", "--halo", "64",
+            "--tissue", str(tmp_path / "t.png"), "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 14 of 16 windows" in r.stdout  # crop 128: 4x4 windows, (0, 0) and (0, 1) touch the mask
+    with rasterio.open(out) as ds:
+        m = ds.read(1)
+    assert (m[128:, :] == 0).all() and (m[:, 256:] == 0).all() and (m[:128, :256] == 1).any()
+
+
+def test_all_nodata_windows_are_skipped(tmp_path, tiny_model_dir):
+    """RGB.byte.tif's corners are nodata: windows there are not run."""
+    out = tmp_path / "m.zarr"
+    r = cli("run", data("rasterio/RGB.byte.tif"), "--weights", tiny_model_dir, "--tile", "256", "--halo", "72",
+            "-o", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "skipped" in r.stdout and "all nodata" in r.stdout
