@@ -1,11 +1,14 @@
-"""Out-of-core check: peak RSS of `tilerseg run` on a large vs a small image.
+"""Out-of-core check: peak RSS of `tilerseg run` on a large vs a small image, per output format.
 
-Usage: python scripts/bench_memory.py [--small 2000] [--large 12000] [--format zarr|tif] [--json]
+Usage: python scripts/bench_memory.py [--small 2000] [--large 12000]
+                                      [--format zarr,ome.tif,cog,tif,geojson,gpkg] [--json]
 
-Writes two synthetic RGB tiled TIFFs, runs the same command with the same
-tiny model and flags on each, polls the resident memory of the whole
-process tree, and prints both peaks and their ratio. Target: large/small
-<= 1.3 (memory must not grow with the image)."""
+Writes synthetic RGB tiled TIFFs (a georeferenced one for the COG), runs
+the same command with the same model and flags on each, polls the resident
+memory of the whole process tree, and prints both peaks and their ratio per
+format. Target: large/small <= 1.3 (memory must not grow with the image).
+The model is the shipped demo nuclei model, so polygon outputs hold real
+objects (tens of thousands at 12,000 px), not a random model's noise."""
 from __future__ import annotations
 
 import argparse
@@ -15,14 +18,24 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import run_with_peak_rss, tiny_model_dir  # noqa: E402
+from _common import run_with_peak_rss  # noqa: E402
+
+EXT = {"zarr": ".zarr", "ome.tif": ".ome.tif", "cog": ".tif", "tif": ".tif", "geojson": ".geojson", "gpkg": ".gpkg"}
+
+
+def geotiff_tags(pixel: float = 0.5, origin=(500000.0, 4500000.0), epsg: int = 32618):
+    """GeoTIFF keys for tifffile: UTM zone 18N, ``pixel`` metres, north up."""
+    keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, epsg]
+    return [(33550, "d", 3, (pixel, pixel, 0.0), True), (33922, "d", 6, (0, 0, 0, *origin, 0.0), True),
+            (34735, "H", len(keys), keys, True)]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=2000)
     p.add_argument("--large", type=int, default=12000)
-    p.add_argument("--format", default="zarr", choices=["zarr", "tif"])
+    p.add_argument("--format", default="zarr,ome.tif,cog,geojson",
+                   help=f"comma-separated, of {', '.join(EXT)} (default zarr,ome.tif,cog,geojson)")
     p.add_argument("--workdir", default=None, help="keep inputs here between runs")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -30,28 +43,34 @@ def main() -> int:
 
     work = a.workdir or tempfile.mkdtemp(prefix="tilerseg-mem-")
     os.makedirs(work, exist_ok=True)
-    model = tiny_model_dir(os.path.join(work, "model"))
     results = {}
-    for name, side in (("small", a.small), ("large", a.large)):
-        src = os.path.join(work, f"{name}-{side}.tif")
-        if not os.path.exists(src):
-            synthetic.write_tiff(src, (side, side), compression="zlib")
-        out = os.path.join(work, f"{name}-out.{a.format}")
-        cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", model, "--tile", "512",
-               "--halo", "96", "--batch-size", "4", "-o", out, "--overwrite", "--quiet"]
-        seconds, peak, rc = run_with_peak_rss(cmd)
-        if rc:
-            return rc
-        results[name] = {"side": side, "peak_mib": round(peak, 1), "seconds": round(seconds, 1)}
-    ratio = results["large"]["peak_mib"] / results["small"]["peak_mib"]
-    results["ratio"] = round(ratio, 3)
+    for fmt in a.format.split(","):
+        res = {}
+        for name, side in (("small", a.small), ("large", a.large)):
+            geo = fmt == "cog"
+            src = os.path.join(work, f"{name}-{side}{'-geo' if geo else ''}.tif")
+            if not os.path.exists(src):
+                synthetic.write_tiff(src, (side, side), compression="zlib", extratags=geotiff_tags() if geo else ())
+            out = os.path.join(work, f"{name}-out{EXT[fmt]}")
+            cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", "demo", "--tile", "512",
+                   "--halo", "96", "--batch-size", "4", "-o", out, "--overwrite", "--quiet"]
+            seconds, peak, rc = run_with_peak_rss(cmd)
+            if rc:
+                return rc
+            res[name] = {"side": side, "peak_mib": round(peak, 1), "seconds": round(seconds, 1)}
+        res["ratio"] = round(res["large"]["peak_mib"] / res["small"]["peak_mib"], 3)
+        results[fmt] = res
+        if not a.json:
+            s, l = res["small"], res["large"]
+            print(f"{fmt:8} {s['side']:>6}^2: {s['peak_mib']:7.1f} MiB {s['seconds']:6.1f} s | "
+                  f"{l['side']:>6}^2: {l['peak_mib']:7.1f} MiB {l['seconds']:6.1f} s | ratio {res['ratio']:.3f}",
+                  flush=True)
+    results["ratio"] = max(r["ratio"] for r in results.values())
     if a.json:
         print(json.dumps(results))
     else:
-        for name in ("small", "large"):
-            r = results[name]
-            print(f"{name:5} {r['side']:>6}^2 px: peak RSS {r['peak_mib']:8.1f} MiB, {r['seconds']:6.1f} s")
-        print(f"ratio large/small: {ratio:.3f} (target <= 1.3); pixels ratio {(a.large / a.small) ** 2:.0f}x")
+        print(f"worst ratio large/small: {results['ratio']:.3f} (target <= 1.3); "
+              f"pixels ratio {(a.large / a.small) ** 2:.0f}x")
     return 0
 
 

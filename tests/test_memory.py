@@ -13,7 +13,7 @@ from conftest import ROOT
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["zarr", "tif"])
+@pytest.mark.parametrize("fmt", ["zarr", "ome.tif,cog,geojson"])
 def test_peak_memory_flat_from_1000_to_4000_px(tmp_path, fmt):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--small", "1000",
                         "--large", "4000", "--format", fmt, "--workdir", str(tmp_path), "--json"],

@@ -173,3 +173,40 @@ def test_probabilities_refused_for_polygons(tmp_path, tiny_model_dir):
     r = cli("run", data("isbi2012/image/0.png"), "--bands", "1,1,1", "--weights", tiny_model_dir,
             "--probabilities", "-o", str(out))
     assert r.returncode == 1 and "label masks only" in r.stderr and not out.exists()
+
+
+def test_mpp_output_scale_and_output_level_0(tmp_path, tiny_model_dir):
+    """--mpp 1.0 on a 0.5 µm/px slide: the mask is written at 1.0 µm/px;
+    --output-level 0 brings it back to the slide's grid (nearest)."""
+    import tifffile
+
+    from tilerseg.synthetic import write_tiff
+
+    slide = tmp_path / "s.tif"
+    write_tiff(slide, (1200, 1000), levels=3, mpp=0.5, compression="zlib")
+    coarse, full = tmp_path / "c.ome.tif", tmp_path / "f.ome.tif"
+    common = ["--weights", tiny_model_dir, "--mpp", "1.0", "--tile", "256", "--halo", "72", "--quiet"]
+    assert cli("run", str(slide), "-o", str(coarse), *common).returncode == 0
+    r = cli("run", str(slide), "-o", str(full), "--output-level", "0", *common)
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(str(coarse)) as a, tifffile.TiffFile(str(full)) as b:
+        lab, up = a.series[0].asarray(), b.series[0].asarray()
+        mpp = [tifffile.xml2dict(t.ome_metadata)["OME"]["Image"]["Pixels"]["PhysicalSizeX"] for t in (a, b)]
+    assert lab.shape == (600, 500) and up.shape == (1200, 1000) and mpp == [1.0, 0.5]
+    assert np.array_equal(up, np.repeat(np.repeat(lab, 2, 0), 2, 1))
+
+
+def test_cog_from_an_overview_level_keeps_the_extent(tmp_path, tiny_model_dir):
+    """cogeo.tif run on its first overview: the COG's transform is that
+    level's; with --output-level 0 it is the input's own."""
+    import rasterio
+
+    src = data("rasterio/cogeo.tif")
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    common = ["--weights", tiny_model_dir, "--level", "1", "--tile", "256", "--halo", "72", "--quiet"]
+    assert cli("run", src, "-o", str(a), *common).returncode == 0
+    assert cli("run", src, "-o", str(b), "--output-level", "0", *common).returncode == 0
+    with rasterio.open(src) as s, rasterio.open(a) as ra, rasterio.open(b) as rb:
+        assert (rb.shape, rb.transform, rb.crs) == (s.shape, s.transform, s.crs)
+        assert ra.crs == s.crs and ra.bounds == pytest.approx(s.bounds, abs=abs(s.transform.a) * 2)
+        assert ra.width < s.width and rb.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"

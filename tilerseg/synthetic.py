@@ -78,10 +78,12 @@ def tile(y0: int, x0: int, h: int, w: int, seed: int = 0, ellipse=None) -> tuple
 
 
 def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 256, levels: int = 1,
-               compression: str = "jpeg", mpp: float = 0.5, background: float | None = None) -> None:
+               compression: str = "jpeg", mpp: float = 0.5, background: float | None = None,
+               extratags=()) -> None:
     """Write a tiled (pyramidal when ``levels`` > 1) RGB TIFF of ``shape``,
     tile by tile. Reduced levels sample the generator at their resolution.
-    ``background``: the share of glass around one piece of tissue."""
+    ``background``: the share of glass around one piece of tissue;
+    ``extratags``: tifffile extra tags for the first page (e.g. GeoTIFF keys)."""
     import tifffile
 
     H, W = shape
@@ -99,7 +101,7 @@ def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 
     kw = dict(tile=(t, t), photometric="rgb", compression=compression,
               resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     with tifffile.TiffWriter(path, bigtiff=H * W * 3 > 2**31) as tw:
-        tw.write(tiles(1), shape=(H, W, 3), dtype=np.uint8, subifds=levels - 1, **kw)
+        tw.write(tiles(1), shape=(H, W, 3), dtype=np.uint8, subifds=levels - 1, extratags=extratags, **kw)
         for k in range(1, levels):
             s = 2 ** k
             tw.write(tiles(s), shape=(-(-H // s), -(-W // s), 3), dtype=np.uint8, subfiletype=1, **kw)
