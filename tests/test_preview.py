@@ -31,3 +31,16 @@ def test_preview_blends_mask_over_input(tmp_path, tiny_model_dir, out_name, extr
     blend = 0.45 * img + 0.55 * np.array([0, 230, 60])
     assert np.abs(got[on] - blend[on]).max() <= 1
     assert np.abs(got[~on] - img[~on]).max() <= 1
+
+
+def test_preview_of_polygons_matches_preview_of_the_raster(tmp_path, tiny_model_dir):
+    src = data("rasterio/RGB.byte.tif")
+    previews = []
+    for out in ("m.tif", "m.geojson"):
+        prev = tmp_path / f"{out}.png"
+        r = cli("run", src, "--weights", tiny_model_dir, "-o", str(tmp_path / out), "--preview", str(prev), "--quiet")
+        assert r.returncode == 0, r.stderr
+        previews.append(np.asarray(Image.open(prev)).astype(int))
+    a, b = previews
+    assert a.shape == b.shape
+    assert (np.abs(a - b).max(-1) <= 1).mean() >= 0.999  # polygons rasterized back on the thumbnail grid

@@ -141,13 +141,6 @@ def cmd_run(a) -> int:
     from .api import run
 
     output = a.output or os.path.basename(os.fspath(a.input).rstrip("/")).split(".")[0] + ".mask.zarr"
-    if a.preview:
-        from .io.writers import output_format
-        from .errors import OutputError
-
-        if output_format(output) == "vector":
-            raise OutputError(f"{a.preview}: --preview draws a raster mask; write .tif/.zarr with a preview, "
-                              "then polygons in a second run")
     progress, bar = _progress(a.quiet)
     with bar:
         report = run(a.input, output, model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,

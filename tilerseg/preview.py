@@ -9,8 +9,9 @@ import numpy as np
 
 from .io import open_reader
 
-PALETTE = np.array([[0, 0, 0], [0, 230, 60], [255, 60, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255],
-                    [0, 220, 220], [255, 130, 0]], np.float32)
+from .io.pyramid import PALETTE as _CLASS_COLOURS
+
+PALETTE = _CLASS_COLOURS.astype(np.float32)  # the same class colours as the outputs' colour tables
 
 
 def _strided(read, shape, f: int) -> np.ndarray:
@@ -51,6 +52,25 @@ def _mask_rows(mask_path: str):
     return r.meta.shape, lambda a, b: r.read((a, b), (0, r.meta.shape[1]))[0]
 
 
+def _vector_labels(path: str, image_path: str, shape: tuple[int, int], **reader_kw) -> np.ndarray:
+    """A polygon output rasterized onto a ``shape`` thumbnail of the input:
+    features are in the input's CRS (georeferenced) or level-0 pixels."""
+    import fiona
+    from rasterio.features import rasterize
+    from rasterio.transform import Affine
+
+    with open_reader(image_path, **reader_kw) as r:
+        m = r.meta
+    H0, W0 = m.levels[0] if m.levels else m.shape
+    if m.georeferenced:  # the transform of the level read, stretched to the thumbnail
+        transform = Affine(*m.transform) * Affine.scale(m.shape[1] / shape[1], m.shape[0] / shape[0])
+    else:
+        transform = Affine.scale(W0 / shape[1], H0 / shape[0])
+    with fiona.open(path) as fc:
+        shapes = ((f.geometry, int(f.properties["class"])) for f in fc)
+        return rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="uint8")
+
+
 def _labels(rows: np.ndarray, threshold: float) -> np.ndarray:
     """Labels from label or probability rows; NaN probabilities -> 255."""
     if rows.ndim == 3 and np.issubdtype(rows.dtype, np.floating):
@@ -67,14 +87,19 @@ def write_preview(image_path: str, mask_path: str, out_png: str, *, side: int = 
     colour k of :data:`PALETTE`; nodata (255) is left uncoloured."""
     from PIL import Image
 
-    shape, read = _mask_rows(str(mask_path))
-    f = max(1, max(shape) // side)
-    lab = _labels(_strided(read, shape, f), threshold)
-    img = _thumbnail(str(image_path), max(lab.shape), bands=tuple(bands) if bands else None, reader=reader)
+    kw = dict(bands=tuple(bands) if bands else None, reader=reader)
+    if str(mask_path).lower().endswith((".geojson", ".gpkg")):
+        img = _thumbnail(str(image_path), side, **kw)
+        lab = _vector_labels(str(mask_path), str(image_path), img.shape[:2], **kw)
+    else:
+        shape, read = _mask_rows(str(mask_path))
+        f = max(1, max(shape) // side)
+        lab = _labels(_strided(read, shape, f), threshold)
+        img = _thumbnail(str(image_path), max(lab.shape), **kw)
     img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((lab.shape[1], lab.shape[0]),
                                                                    Image.Resampling.BOX), np.float32)
     hit = (lab > 0) & (lab != 255)
-    colours = PALETTE[np.minimum(lab, len(PALETTE) - 1)]
+    colours = PALETTE[lab % len(PALETTE)]
     img[hit] = 0.45 * img[hit] + 0.55 * colours[hit]
     Image.fromarray(img.astype(np.uint8)).save(out_png)
     return out_png
