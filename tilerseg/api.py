@@ -175,9 +175,12 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
 
 def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:
     """Which windows touch tissue: ``tissue`` is "auto" or a mask file."""
-    from .tissue import detect, from_file, window_has_tissue
+    from .tissue import detect, from_file, thumbnail_side, window_has_tissue
 
-    mask = detect(os.fspath(input), bands=bands, reader=reader) if tissue == "auto" else from_file(tissue)
+    if tissue == "auto":
+        mask = detect(os.fspath(input), side=thumbnail_side(grid.shape, grid.crop), bands=bands, reader=reader)
+    else:
+        mask = from_file(tissue)
     active = window_has_tissue(mask, grid.shape, grid.crop, grid.n_windows)
     log.info("--tissue %s: tissue on %.1f%% of the thumbnail, %d of %d windows to run", tissue,
              100 * mask.mean(), int(active.sum()), active.size)

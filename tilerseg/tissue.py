@@ -17,7 +17,14 @@ import numpy as np
 from .errors import InputError
 
 log = logging.getLogger(__name__)
-SIDE = 2048  # thumbnail side: 50 px of a 100,000 px slide per mask pixel
+SIDE = 1024  # least thumbnail side; larger when windows are small against the image (see thumbnail_side)
+
+
+def thumbnail_side(shape: tuple[int, int], crop: int) -> int:
+    """A thumbnail side that gives each window's output area about 4 mask
+    pixels across, within 1024..4096 (a 100,000 px slide with 320-px crops
+    gets 1250 px, a mask pixel per 80 slide pixels)."""
+    return int(np.clip(4 * max(shape) / max(crop, 1), SIDE, 4096))
 
 
 def detect(path: str, *, side: int = SIDE, bands=None, reader: str = "auto") -> np.ndarray:
