@@ -125,7 +125,10 @@ def _class_area_lines(path) -> list[str]:
         unit, per_px = "mm²", (m.mpp / 1000) ** 2
     elif m.transform is not None and m.georeferenced:
         a, b, _, d, e, _ = m.transform
-        unit, per_px = "map units²", abs(a * e - b * d)
+        from .io.pyramid import physical_pixel
+
+        unit = "m²" if physical_pixel(m)[1] == "meter" else "map units²"
+        per_px = abs(a * e - b * d)
     valid = counts[:255].sum()
     lines = ["classes:"]
     for k in np.flatnonzero(counts):
