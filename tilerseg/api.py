@@ -43,9 +43,10 @@ class PredictorRef:
     bands: int
     dtype: str
     device: str
+    tta: str = "none"
 
     def get(self) -> Predictor:
-        return cached_predictor(self.info, self.bands, self.dtype, self.device)
+        return cached_predictor(self.info, self.bands, self.dtype, self.device, self.tta)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
-        tissue: str | None = None, output_level: int | None = None,
+        tissue: str | None = None, output_level: int | None = None, tta: str = "none",
         progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
     .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
@@ -112,6 +113,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     windows without tissue are skipped and written as background.
     ``output_level`` writes the result on that pyramid level's grid of the
     input (0: full resolution) whatever level or mpp the model ran at.
+    ``tta`` ("flips" or "d4") averages each window over flipped/rotated views.
     ``progress(done, total)`` is called as windows finish (local runs)."""
     output = os.fspath(output)
     check_output(output, overwrite, probabilities)
@@ -121,20 +123,20 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
                     encoder_weights=encoder_weights, tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode,
                     probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
                     device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
-                    tissue=tissue, output_level=output_level, bands=bands, reader=reader)
+                    tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta)
     finally:
         src.close()
 
 
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
-         progress, tissue=None, output_level=None, bands=None, reader="auto") -> RunReport:
+         progress, tissue=None, output_level=None, bands=None, reader="auto", tta="none") -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale)
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
                       "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)
-    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
+    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device), tta)
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
     if halo == "auto":
         report = measure_halo(predictor.model, in_channels=src.meta.bands, stride=predictor.stride)
@@ -210,7 +212,7 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
 
 def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",
             probabilities: bool = True, threshold: float = 0.5, valid=None, classes: int | None = None,
-            mean=None, std=None, scale=None, device: str = "auto"):
+            mean=None, std=None, scale=None, device: str = "auto", tta: str = "none"):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
@@ -223,14 +225,14 @@ def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 
     bands, dtype = src.meta.bands, src.meta.dtype
     if hasattr(model, "forward"):
         m, s, sc = resolve_normalization(Normalization(_t(mean), _t(std), scale), bands, dtype)
-        predictor = Predictor(model, mean=m, std=s, scale=sc, device=device)
+        predictor = Predictor(model, mean=m, std=s, scale=sc, device=device, tta=tta)
         n_classes = classes or _probe_classes(predictor, bands)
     else:
         path = os.fspath(model)
         weights = path if os.path.exists(path) else None
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
-        predictor = PredictorRef(info, bands, np.dtype(dtype).str, pick_device(device)).get()
+        predictor = PredictorRef(info, bands, np.dtype(dtype).str, pick_device(device), tta).get()
         n_classes = info.spec.classes
     tiles = TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode)
     grid = tiles.grid(src.meta.shape, predictor.stride)

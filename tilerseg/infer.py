@@ -56,13 +56,47 @@ def output_stride(model) -> int:
     return int(getattr(enc, "output_stride", None) or getattr(model, "output_stride", None) or 32)
 
 
+TTA_MODES = ("none", "flips", "d4")
+
+
+def _tta_views(mode: str) -> list[tuple[bool, int, tuple[int, ...]]]:
+    """``(transpose, quarter turns, flip dims)`` of each view: the identity
+    and the flips (4 views), or the dihedral group D4 (8 views)."""
+    if mode == "none":
+        return [(False, 0, ())]
+    if mode == "flips":
+        return [(False, 0, ()), (False, 0, (3,)), (False, 0, (2,)), (False, 0, (2, 3))]
+    if mode == "d4":
+        return [(t, k, ()) for t in (False, True) for k in range(4)]
+    raise ModelError(f"unknown --tta {mode!r}: use one of {', '.join(TTA_MODES)}")
+
+
+def _view(x, view, inverse: bool = False):
+    import torch
+
+    t, k, dims = view
+    if not inverse:
+        x = x.transpose(2, 3) if t else x
+        x = torch.rot90(x, k, dims=(2, 3)) if k else x
+        return torch.flip(x, dims) if dims else x
+    x = torch.flip(x, dims) if dims else x
+    x = torch.rot90(x, -k, dims=(2, 3)) if k else x
+    return x.transpose(2, 3) if t else x
+
+
 class Predictor:
     """Run ``model`` on batches of windows ``(N, T, T, bands)`` of raw pixels
     and return float32 probabilities ``(N, classes, T, T)``: sigmoid for one
-    class, softmax over classes otherwise."""
+    class, softmax over classes otherwise.
 
-    def __init__(self, model, *, mean, std, scale: float, device: str = "cpu"):
+    ``tta`` averages the probabilities over flipped (``flips``: 4 views) or
+    flipped and rotated (``d4``: 8 views) copies of each window, each mapped
+    back before averaging; all views go through the model in one batch."""
+
+    def __init__(self, model, *, mean, std, scale: float, device: str = "cpu", tta: str = "none"):
         import torch
+
+        self._views = _tta_views(tta)
 
         self.device = pick_device(device)
         # channels-last: NHWC windows need no transpose, and convolutions run
@@ -81,16 +115,22 @@ class Predictor:
         # a (N, C, H, W) view of NHWC memory: channels-last, no copy
         x = x.permute(0, 3, 1, 2).float().div_(self._scale).sub_(self._mean).div_(self._std)
         x = x.contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        if len(self._views) > 1:
+            x = torch.cat([_view(x, v) for v in self._views]).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
             logits = self.model(x)
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            if len(self._views) > 1:
+                probs = sum(_view(probs[i * n:(i + 1) * n], v, inverse=True) for i, v in enumerate(self._views))
+                probs = probs / len(self._views)
             return probs.float().cpu().numpy()
 
 
 @functools.lru_cache(maxsize=4)
-def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str) -> Predictor:
-    """One predictor per model, band count and device in each process (worker)."""
+def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: str = "none") -> Predictor:
+    """One predictor per model, band count, device and TTA mode in each process (worker)."""
     model = instantiate(info)
     mean, std, scale = resolve_normalization(info.normalization, bands, dtype)
     log.debug("built %s/%s on %s", info.spec.arch, info.spec.encoder, device)
-    return Predictor(model, mean=mean, std=std, scale=scale, device=device)
+    return Predictor(model, mean=mean, std=std, scale=scale, device=device, tta=tta)
