@@ -103,7 +103,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
-        tissue: str | None = None, output_level: int | None = None, tta: str = "none",
+        tissue: str | None = None, output_level: int | None = None, tta: str = "none", merge: str = "auto",
         progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
     .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
@@ -114,6 +114,9 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     ``output_level`` writes the result on that pyramid level's grid of the
     input (0: full resolution) whatever level or mpp the model ran at.
     ``tta`` ("flips" or "d4") averages each window over flipped/rotated views.
+    ``merge``: "crop" (exact for local networks), "gaussian" (blended), or
+    "auto": crop, or gaussian with half-window overlap for a model with
+    global context (the run says so).
     ``progress(done, total)`` is called as windows finish (local runs)."""
     output = os.fspath(output)
     check_output(output, overwrite, probabilities)
@@ -123,14 +126,15 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
                     encoder_weights=encoder_weights, tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode,
                     probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
                     device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
-                    tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta)
+                    tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta, merge=merge)
     finally:
         src.close()
 
 
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
-         progress, tissue=None, output_level=None, bands=None, reader="auto", tta="none") -> RunReport:
+         progress, tissue=None, output_level=None, bands=None, reader="auto", tta="none",
+         merge="auto") -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale)
     if not info.trained:
@@ -142,14 +146,15 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
         report = measure_halo(predictor.model, in_channels=src.meta.bands, stride=predictor.stride)
         log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
         halo = report.halo
-    tiles = TileSpec(tile=tile or info.tile or 512, halo=halo if halo is not None else (info.halo or 64),
-                     batch_size=batch_size, pad_mode=pad_mode)
-    grid = tiles.grid(src.meta.shape, predictor.stride)
     parts = global_context(predictor.model)
+    tile = tile or info.tile or 512
+    merge, halo = _merge_mode(merge, parts, tile, halo if halo is not None else (info.halo or 64), predictor.stride)
+    tiles = TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode)
+    grid = tiles.grid(src.meta.shape, predictor.stride)
     if parts:
         warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
-                      "output cannot equal whole-image inference; a larger --tile reduces the difference",
-                      NonLocalModelWarning, stacklevel=3)
+                      f"output cannot equal whole-image inference; using the {merge} merge with halo {halo} "
+                      "(a larger --tile reduces the difference)", NonLocalModelWarning, stacklevel=3)
     active = _tissue_windows(tissue, input, grid, bands=bands, reader=reader) if tissue else None
     done, ran = [0], [0]
 
@@ -159,7 +164,7 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
         if progress:
             progress(done[0], grid.total_windows)
 
-    out = Output(probabilities=probabilities, threshold=threshold)
+    out = Output(probabilities=probabilities, threshold=threshold, merge=merge)
     arr = lazy_segment(src, ref, grid, tiles, out, info.spec.classes,
                        on_done=on_done if scheduler is None else None, active=active)
     target = output_grid(src.meta, output_level)
@@ -173,6 +178,21 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
                      seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
                      note=src.meta.note, windows_run=ran[0] if scheduler is None else -1,
                      output_shape=(target or src.meta).shape)
+
+
+def _merge_mode(merge: str, parts: list[str], tile: int, halo: int, stride: int) -> tuple[str, int]:
+    """Resolve ``merge="auto"``: crop for local models; for models with
+    global context, gaussian with at least a quarter-window halo (windows
+    overlap by half, as nnU-Net's default step), kept on the stride grid."""
+    if merge not in ("auto", "crop", "gaussian"):
+        raise InputError(f"unknown --merge {merge!r}: use auto, crop or gaussian")
+    if merge != "auto":
+        return merge, halo
+    if not parts:
+        return "crop", halo
+    step = stride // 2 if stride % 2 == 0 else stride
+    quarter = (tile // 4 // step) * step
+    return "gaussian", max(halo, quarter) if (tile - 2 * max(halo, quarter)) % stride == 0 else halo
 
 
 def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:
@@ -212,7 +232,7 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
 
 def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",
             probabilities: bool = True, threshold: float = 0.5, valid=None, classes: int | None = None,
-            mean=None, std=None, scale=None, device: str = "auto", tta: str = "none"):
+            mean=None, std=None, scale=None, device: str = "auto", tta: str = "none", merge: str = "crop"):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
@@ -236,7 +256,7 @@ def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 
         n_classes = info.spec.classes
     tiles = TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode)
     grid = tiles.grid(src.meta.shape, predictor.stride)
-    return lazy_segment(src, predictor, grid, tiles, Output(probabilities, threshold), n_classes)
+    return lazy_segment(src, predictor, grid, tiles, Output(probabilities, threshold, merge), n_classes)
 
 
 def _t(v):

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
                    "receptive field first (default 64, or the checkpoint's)")
     t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    t.add_argument("--merge", default="auto", choices=("auto", "crop", "gaussian"),
+                   help="crop: keep window centres (exact for local models); gaussian: blend windows (nnU-Net); "
+                   "auto (default): crop, or gaussian with half-window overlap for models with global context")
     t.add_argument("--tta", default="none", choices=("none", "flips", "d4"),
                    help="test-time augmentation: average over flips (4 views) or flips and rotations (8)")
     t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
@@ -150,7 +153,7 @@ def cmd_run(a) -> int:
                      pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
                      mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
                      device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
-                     tissue=a.tissue, output_level=a.output_level, tta=a.tta, progress=progress)
+                     tissue=a.tissue, output_level=a.output_level, tta=a.tta, merge=a.merge, progress=progress)
     if a.preview:
         from .preview import write_preview
 

@@ -43,10 +43,16 @@ class TileSpec:
 @dataclass(frozen=True)
 class Output:
     """What each task returns: probabilities (float32, NaN = nodata) or
-    labels (uint8; threshold for one class, argmax for several; 255 = nodata)."""
+    labels (uint8; threshold for one class, argmax for several; 255 = nodata).
+
+    ``merge``: ``crop`` keeps each window's centre crop (exact for local
+    networks); ``gaussian`` blends whole windows with a gaussian importance
+    map (sigma = 1/8 of the window, as nnU-Net), for networks with global
+    context, where windows disagree and hard crops leave seams."""
 
     probabilities: bool = False
     threshold: float = 0.5
+    merge: Literal["crop", "gaussian"] = "crop"
 
 
 def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
@@ -94,6 +100,13 @@ def _block(reader, predictor, grid, region, tiles, output: Output, classes: int,
     if hasattr(predictor, "get"):  # a picklable reference, resolved once per worker
         predictor = predictor.get()
     probs, valid, n_run = predict_region(reader, predictor, grid, region, tiles, classes, active)
+    if on_done is not None:
+        on_done(n_run, len(region.windows) - n_run)
+    return _finish(probs, valid, output)
+
+
+def _finish(probs: np.ndarray, valid: np.ndarray | None, output: Output) -> np.ndarray:
+    """Probabilities to the output chunk: NaN / 255 where not valid."""
     if output.probabilities:
         if valid is not None:
             probs[:, ~valid] = np.nan
@@ -105,9 +118,71 @@ def _block(reader, predictor, grid, region, tiles, output: Output, classes: int,
             result = probs.argmax(axis=0).astype(np.uint8)
         if valid is not None:
             result[~valid] = LABEL_NODATA
-    if on_done is not None:
-        on_done(n_run, len(region.windows) - n_run)
     return result
+
+
+def gaussian_map(tile: int) -> np.ndarray:
+    """nnU-Net's importance map: a gaussian of sigma tile/8 at the window
+    centre, 1 at the peak, never 0 (so every pixel has some weight)."""
+    x = np.arange(tile, dtype=np.float64) - (tile - 1) / 2
+    g1 = np.exp(-x ** 2 / (2 * (tile / 8) ** 2))
+    g = np.outer(g1, g1)
+    g /= g.max()
+    return np.maximum(g, g[g > 0].min()).astype(np.float32)
+
+
+def _blend_part(reader, predictor, grid, region, tiles, classes: int, active, on_done):
+    """Gaussian merge, first half: run a region's windows whole and return
+    the weighted sum, the weight and the validity over the region's read
+    area (the output area grown by the halo)."""
+    if hasattr(predictor, "get"):
+        predictor = predictor.get()
+    c, T = grid.crop, grid.tile
+    rows, cols = region.read_rows[1] - region.read_rows[0], region.read_cols[1] - region.read_cols[0]
+    num = np.zeros((classes, rows, cols), np.float32)
+    den = np.zeros((rows, cols), np.float32)
+    run = [w for w in region.windows if active is None or active[w]]
+    valid = None
+    if run:
+        data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+        g = gaussian_map(T)
+        wy0, wx0 = region.windows[0]
+        offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
+        for start in range(0, len(offsets), tiles.batch_size):
+            batch = offsets[start:start + tiles.batch_size]
+            probs = predictor(np.stack([data[y:y + T, x:x + T] for y, x in batch]))
+            for (y, x), p in zip(batch, probs):
+                num[:, y:y + T, x:x + T] += p * g
+                den[y:y + T, x:x + T] += g
+    if on_done is not None:
+        on_done(len(run), len(region.windows) - len(run))
+    return num, den, valid
+
+
+def _blend(parts, regions, region: Region, output: Output, classes: int, halo: int) -> np.ndarray:
+    """Gaussian merge, second half: add the neighbouring regions' parts over
+    this region's output area, divide by the weight (background where no
+    window ran) and finish as a crop-merge chunk would."""
+    (r0, r1), (c0, c1) = region.out_rows, region.out_cols
+    num = np.zeros((classes, r1 - r0, c1 - c0), np.float32)
+    den = np.zeros((r1 - r0, c1 - c0), np.float32)
+    valid = None
+    for (pn, pd, pv), other in zip(parts, regions):
+        (a0, _), (b0, _) = other.read_rows, other.read_cols
+        y0, y1 = max(r0, a0), min(r1, a0 + pd.shape[0])
+        x0, x1 = max(c0, b0), min(c1, b0 + pd.shape[1])
+        if y0 >= y1 or x0 >= x1:
+            continue
+        src = (slice(y0 - a0, y1 - a0), slice(x0 - b0, x1 - b0))
+        dst = (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
+        num[(slice(None), *dst)] += pn[(slice(None), *src)]
+        den[dst] += pd[src]
+        if other.block == region.block and pv is not None:
+            valid = pv[halo:halo + r1 - r0, halo:halo + c1 - c0]
+    probs = background(classes, den.shape)
+    hit = den > 0
+    probs[:, hit] = num[:, hit] / den[hit]
+    return _finish(probs, valid, output)
 
 
 def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
@@ -124,11 +199,38 @@ def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
     name = "tilerseg-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, tiles, output,
                                   active)
     lead = (0,) if output.probabilities else ()
-    dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, classes, active, on_done)
-           for r in grid.regions()}
+    if output.merge == "gaussian":
+        dsk = _blend_graph(name, lead, reader, predictor, grid, tiles, output, classes, active, on_done)
+    elif output.merge == "crop":
+        dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, classes, active, on_done)
+               for r in grid.regions()}
+    else:
+        raise TileError(f"unknown merge {output.merge!r}: use crop or gaussian")
     if output.probabilities:
         return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
     return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)
+
+
+def _blend_graph(name, lead, reader, predictor, grid: Grid, tiles, output, classes, active, on_done) -> dict:
+    """Two tasks per block: run its windows (weighted, over the output
+    area grown by the halo), then sum the neighbours that reach it. A
+    neighbour reaches a block when the halo spans into it, so only
+    ``ceil(halo / block)`` blocks around are read; parts are freed as soon
+    as their neighbours are done, keeping memory to a few block rows."""
+    import math
+
+    part = name + "-part"
+    nby, nbx = grid.n_blocks
+    reach = max(1, math.ceil(grid.halo / min(grid.block_shape)))
+    dsk = {(part, *r.block): (_blend_part, reader, predictor, grid, r, tiles, classes, active, on_done)
+           for r in grid.regions()}
+    for r in grid.regions():
+        by, bx = r.block
+        near = [grid.region(y, x) for y in range(max(0, by - reach), min(nby, by + reach + 1))
+                for x in range(max(0, bx - reach), min(nbx, bx + reach + 1))]
+        dsk[(name, *lead, by, bx)] = (_blend, [(part, *o.block) for o in near], near, r, output, classes,
+                                      grid.halo)
+    return dsk
 
 
 def default_workers() -> int:
