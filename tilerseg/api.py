@@ -104,7 +104,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
         tissue: str | None = None, output_level: int | None = None, tta: str = "none", merge: str = "auto",
-        progress: Callable[[int, int], None] | None = None) -> RunReport:
+        model_args: dict | None = None, progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
     .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
 
@@ -116,7 +116,8 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     ``tta`` ("flips" or "d4") averages each window over flipped/rotated views.
     ``merge``: "crop" (exact for local networks), "gaussian" (blended), or
     "auto": crop, or gaussian with half-window overlap for a model with
-    global context (the run says so).
+    global context (the run says so). ``model_args`` are extra builder
+    arguments (``encoder_depth=3``, TernausNet's ``num_filters=16``...).
     ``progress(done, total)`` is called as windows finish (local runs)."""
     output = os.fspath(output)
     check_output(output, overwrite, probabilities)
@@ -126,7 +127,8 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
                     encoder_weights=encoder_weights, tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode,
                     probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
                     device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
-                    tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta, merge=merge)
+                    tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta, merge=merge,
+                    model_args=model_args)
     finally:
         src.close()
 
@@ -134,9 +136,9 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
          progress, tissue=None, output_level=None, bands=None, reader="auto", tta="none",
-         merge="auto") -> RunReport:
+         merge="auto", model_args=None) -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
-                      bands=src.meta.bands, mean=mean, std=std, scale=scale)
+                      bands=src.meta.bands, mean=mean, std=std, scale=scale, **(model_args or {}))
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
                       "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)

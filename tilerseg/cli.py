@@ -41,6 +41,16 @@ def _halo(text: str):
         raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}") from None
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value read as YAML: 3, 0.5, true, [64, 32], scse."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
 def _none_or_str(text: str):
     return None if text.lower() in ("none", "null", "") else text
 
@@ -74,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
     m.add_argument("--encoder-weights", type=_none_or_str, default=None,
                    help="pretrained encoder weights for an untrained model, e.g. imagenet (default none)")
+    m.add_argument("--model-arg", type=_model_arg, action="append", metavar="KEY=VALUE",
+                   help="extra model argument, repeatable: encoder_depth=3, decoder_attention_type=scse, "
+                   "num_filters=16 (TernausNet)")
     m.add_argument("--mean", type=_floats, help="normalisation mean per band, in [0, 1] units (default ImageNet)")
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
@@ -153,7 +166,8 @@ def cmd_run(a) -> int:
                      pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
                      mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
                      device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
-                     tissue=a.tissue, output_level=a.output_level, tta=a.tta, merge=a.merge, progress=progress)
+                     tissue=a.tissue, output_level=a.output_level, tta=a.tta, merge=a.merge,
+                     model_args=dict(a.model_arg) if a.model_arg else None, progress=progress)
     if a.preview:
         from .preview import write_preview
 

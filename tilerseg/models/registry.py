@@ -19,8 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ..errors import ModelError  # noqa: E402
 
 ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deeplabv3plus"}
+# Architectures beyond smp's catalogue: name -> "module:function" in tilerseg.models.
+EXTRA = {"ternausnet11": "ternausnet:ternausnet11", "ternausnet16": "ternausnet:ternausnet16"}
 # Architectures without global context: seam-exact under overlap-tile.
-LOCAL = {"unet", "unetplusplus", "linknet", "fpn"}
+LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16"}
 NON_LOCAL_WHY = {
     "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
     "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
@@ -33,10 +35,12 @@ _DEPTH_DECODERS = {"unet": (256, 128, 64, 32, 16), "unetplusplus": (256, 128, 64
 
 
 def architectures() -> dict[str, str]:
-    """Registry names -> smp class names."""
+    """Registry names -> class names (smp's, then tilerseg's own)."""
     import segmentation_models_pytorch as smp
 
-    return {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+    names = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+    names.update({name: "TernausNet" for name in EXTRA})
+    return names
 
 
 def canonical(name: str) -> str:
@@ -102,6 +106,8 @@ def build(spec: ModelSpec):
 
     arch = canonical(spec.arch)
     kwargs = dict(spec.kwargs)
+    if arch in EXTRA:
+        return _build_extra(arch, spec, kwargs)
     if "encoder_depth" in kwargs and "decoder_channels" not in kwargs and arch in _DEPTH_DECODERS:
         # smp wants one decoder width per level: keep its defaults' first ones
         kwargs["decoder_channels"] = _DEPTH_DECODERS[arch][:kwargs["encoder_depth"]]
@@ -119,3 +125,21 @@ def build(spec: ModelSpec):
                          "see `python -c 'import segmentation_models_pytorch as s; print(s.encoders.get_encoder_names())'`") from err
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ModelError(f"cannot build {arch} with encoder {spec.encoder}: {err}") from err
+
+
+def _build_extra(arch: str, spec: ModelSpec, kwargs: dict):
+    """Build one of tilerseg's own architectures. Their encoders are fixed
+    (``--encoder`` is ignored); pretrained weights come from a local file
+    (``vgg_weights``), never from the network."""
+    import importlib
+
+    if spec.encoder_weights and not kwargs.get("vgg_weights"):
+        raise ModelError(f"{arch}: encoder weights {spec.encoder_weights!r} are not downloaded at run time; "
+                         "pass the torchvision VGG file as vgg_weights=PATH (e.g. vgg11-8a719046.pth), "
+                         "or trained --weights")
+    module, func = EXTRA[arch].split(":")
+    builder = getattr(importlib.import_module(f"{__package__}.{module}"), func)
+    try:
+        return builder(classes=spec.classes, in_channels=spec.in_channels, **kwargs)
+    except (TypeError, ValueError, OSError, RuntimeError) as err:
+        raise ModelError(f"cannot build {arch}: {err}") from err
