@@ -20,13 +20,15 @@ from ..errors import ModelError  # noqa: E402
 
 ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deeplabv3plus"}
 # Architectures beyond smp's catalogue: name -> "module:function" in tilerseg.models.
-EXTRA = {"ternausnet11": "ternausnet:ternausnet11", "ternausnet16": "ternausnet:ternausnet16"}
+EXTRA = {"ternausnet11": "ternausnet:ternausnet11", "ternausnet16": "ternausnet:ternausnet16",
+         "transunet": "transunet:transunet"}
 # Architectures without global context: seam-exact under overlap-tile.
 LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16"}
 NON_LOCAL_WHY = {
     "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
     "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
     "upernet": "pyramid pooling", "segformer": "self-attention in its MiT encoders", "dpt": "a vision transformer",
+    "transunet": "a vision transformer on the 1/16 feature map",
 }
 
 
@@ -39,7 +41,7 @@ def architectures() -> dict[str, str]:
     import segmentation_models_pytorch as smp
 
     names = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
-    names.update({name: "TernausNet" for name in EXTRA})
+    names.update({name: "TransUNet" if name == "transunet" else "TernausNet" for name in EXTRA})
     return names
 
 
@@ -133,6 +135,8 @@ def _build_extra(arch: str, spec: ModelSpec, kwargs: dict):
     (``vgg_weights``), never from the network."""
     import importlib
 
+    if spec.encoder_weights and arch == "transunet":
+        raise ModelError(f"{arch}: pretrained encoder weights are not supported; train it, or pass --weights")
     if spec.encoder_weights and not kwargs.get("vgg_weights"):
         raise ModelError(f"{arch}: encoder weights {spec.encoder_weights!r} are not downloaded at run time; "
                          "pass the torchvision VGG file as vgg_weights=PATH (e.g. vgg11-8a719046.pth), "
