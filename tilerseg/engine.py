@@ -63,6 +63,35 @@ def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def _read_windows(reader: Reader, grid: Grid, region: Region, tiles: TileSpec, active, *, whole: bool):
+    """Read a region once and pick the windows to run: ``active`` ones (no
+    tissue mask means all) whose written area is not wholly nodata. The
+    written area is the centre crop, or the ``whole`` window when merging by
+    blending. Returns ``(data, valid, offsets)``; no read when none is active."""
+    c, h = grid.crop, grid.halo
+    wy0, wx0 = region.windows[0]
+    run = [w for w in region.windows if active is None or active[w]]
+    if not run:
+        return None, None, []
+    data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+    size, margin = (grid.tile, 0) if whole else (c, h)
+    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
+    if valid is not None:
+        offsets = [(y, x) for y, x in offsets if valid[margin + y:margin + y + size, margin + x:margin + x + size].any()]
+    return data, valid, offsets
+
+
+def _run_windows(predictor, data: np.ndarray, offsets, tile: int, batch_size: int, classes: int):
+    """Yield ``(y, x, probabilities (classes, tile, tile))`` per window, run in batches."""
+    for start in range(0, len(offsets), batch_size):
+        batch = offsets[start:start + batch_size]
+        probs = predictor(np.stack([data[y:y + tile, x:x + tile] for y, x in batch]))
+        if probs.shape[1] != classes:
+            raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
+        for (y, x), p in zip(batch, probs):
+            yield y, x, p
+
+
 def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec, classes: int,
                    active: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Probabilities ``(classes, h, w)``, validity ``(h, w)`` and the number
@@ -70,30 +99,20 @@ def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles:
 
     Windows not ``active`` (no tissue) and windows whose output area is all
     nodata are not run: they hold background."""
-    c, h, T = grid.crop, grid.halo, grid.tile
-    wy0, wx0 = region.windows[0]
+    c, h = grid.crop, grid.halo
     oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
-    run = [w for w in region.windows if active is None or active[w]]
-    if not run:  # nothing to see here: no read at all
+    data, valid, offsets = _read_windows(reader, grid, region, tiles, active, whole=False)
+    if data is None:  # nothing to see here: no read at all
         return background(classes, (oh, ow)), None, 0
-    data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
-    if valid is not None:
-        run = [(wy, wx) for wy, wx in run
-               if valid[h + (wy - wy0) * c:h + (wy - wy0 + 1) * c, h + (wx - wx0) * c:h + (wx - wx0 + 1) * c].any()]
+    wy0, wx0 = region.windows[0]
     rows = (region.windows[-1][0] - wy0 + 1) * c
     cols = (region.windows[-1][1] - wx0 + 1) * c
     out = background(classes, (rows, cols))
-    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
-    for start in range(0, len(offsets), tiles.batch_size):
-        batch = offsets[start:start + tiles.batch_size]
-        probs = predictor(np.stack([data[y:y + T, x:x + T] for y, x in batch]))
-        if probs.shape[1] != classes:
-            raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
-        for (y, x), p in zip(batch, probs):
-            out[:, y:y + c, x:x + c] = p[:, h:h + c, h:h + c]
+    for y, x, p in _run_windows(predictor, data, offsets, grid.tile, tiles.batch_size, classes):
+        out[:, y:y + c, x:x + c] = p[:, h:h + c, h:h + c]
     if valid is not None:
         valid = valid[h:h + oh, h:h + ow]
-    return out[:, :oh, :ow], valid, len(run)
+    return out[:, :oh, :ow], valid, len(offsets)
 
 
 def _block(reader, predictor, grid, region, tiles, output: Output, classes: int, active, on_done):
@@ -137,25 +156,18 @@ def _blend_part(reader, predictor, grid, region, tiles, classes: int, active, on
     area (the output area grown by the halo)."""
     if hasattr(predictor, "get"):
         predictor = predictor.get()
-    c, T = grid.crop, grid.tile
+    T = grid.tile
     rows, cols = region.read_rows[1] - region.read_rows[0], region.read_cols[1] - region.read_cols[0]
     num = np.zeros((classes, rows, cols), np.float32)
     den = np.zeros((rows, cols), np.float32)
-    run = [w for w in region.windows if active is None or active[w]]
-    valid = None
-    if run:
-        data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
+    data, valid, offsets = _read_windows(reader, grid, region, tiles, active, whole=True)
+    if offsets:
         g = gaussian_map(T)
-        wy0, wx0 = region.windows[0]
-        offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
-        for start in range(0, len(offsets), tiles.batch_size):
-            batch = offsets[start:start + tiles.batch_size]
-            probs = predictor(np.stack([data[y:y + T, x:x + T] for y, x in batch]))
-            for (y, x), p in zip(batch, probs):
-                num[:, y:y + T, x:x + T] += p * g
-                den[y:y + T, x:x + T] += g
+        for y, x, p in _run_windows(predictor, data, offsets, T, tiles.batch_size, classes):
+            num[:, y:y + T, x:x + T] += p * g
+            den[y:y + T, x:x + T] += g
     if on_done is not None:
-        on_done(len(run), len(region.windows) - len(run))
+        on_done(len(offsets), len(region.windows) - len(offsets))
     return num, den, valid
 
 
