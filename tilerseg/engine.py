@@ -14,11 +14,10 @@ import numpy as np
 
 from .errors import TileError
 from .geometry import PAD_MODES, Grid, Region, block_layout
-from .io.base import Reader, read_padded
+from .io.base import LABEL_NODATA, Reader, read_padded
 
 log = logging.getLogger(__name__)
 
-LABEL_NODATA = 255
 
 
 @dataclass(frozen=True)

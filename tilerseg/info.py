@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 
 from .io import open_reader
+from .io.base import LABEL_NODATA
 
 
 def _crs_name(wkt: str | None) -> str:
@@ -129,11 +130,11 @@ def _class_area_lines(path) -> list[str]:
 
         unit = "m²" if physical_pixel(m)[1] == "meter" else "map units²"
         per_px = abs(a * e - b * d)
-    valid = counts[:255].sum()
+    valid = counts[:LABEL_NODATA].sum()
     lines = ["classes:"]
     for k in np.flatnonzero(counts):
-        label = "nodata" if k == 255 else (names[k] if k < len(names) else f"class {k}")
-        share = f"{counts[k] / valid:7.2%} of valid" if k != 255 and valid else ""
+        label = "nodata" if k == LABEL_NODATA else (names[k] if k < len(names) else f"class {k}")
+        share = f"{counts[k] / valid:7.2%} of valid" if k != LABEL_NODATA and valid else ""
         area = f"  {counts[k] * per_px:.6g} {unit}" if per_px else ""
         lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}{area}")
     return lines

@@ -9,6 +9,7 @@ import numpy as np
 
 from .io import open_reader
 
+from .io.base import LABEL_NODATA
 from .io.pyramid import PALETTE as _CLASS_COLOURS
 
 PALETTE = _CLASS_COLOURS.astype(np.float32)  # the same class colours as the outputs' colour tables
@@ -77,7 +78,7 @@ def _labels(rows: np.ndarray, threshold: float) -> np.ndarray:
         nodata = np.isnan(rows).any(-1)
         probs = np.nan_to_num(rows)
         lab = (probs[..., 0] >= threshold).astype(np.uint8) if rows.shape[-1] == 1 else probs.argmax(-1)
-        return np.where(nodata, 255, lab).astype(np.uint8)
+        return np.where(nodata, LABEL_NODATA, lab).astype(np.uint8)
     return rows.reshape(rows.shape[0], rows.shape[1])
 
 
@@ -98,7 +99,7 @@ def write_preview(image_path: str, mask_path: str, out_png: str, *, side: int = 
         img = _thumbnail(str(image_path), max(lab.shape), **kw)
     img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((lab.shape[1], lab.shape[0]),
                                                                    Image.Resampling.BOX), np.float32)
-    hit = (lab > 0) & (lab != 255)
+    hit = (lab > 0) & (lab != LABEL_NODATA)
     colours = PALETTE[lab % len(PALETTE)]
     img[hit] = 0.45 * img[hit] + 0.55 * colours[hit]
     Image.fromarray(img.astype(np.uint8)).save(out_png)

@@ -44,6 +44,7 @@ class ImageMeta:
 
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+LABEL_NODATA = 255  # the label value of nodata in every output; class values stay below it
 
 
 class Reader(ABC):

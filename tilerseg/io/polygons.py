@@ -28,8 +28,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InputError, OutputError
+from .base import LABEL_NODATA
 
-_NODATA = 255
 _DEFAULT_BLOCK = 1024
 
 
@@ -63,7 +63,7 @@ def _label_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lab = np.zeros(block.shape, np.int32)
     classes = [0]
     for k in np.unique(block):
-        if k == 0 or k == _NODATA:
+        if k == 0 or k == LABEL_NODATA:
             continue
         lk, n = ndimage.label(block == k)
         on = lk > 0
@@ -169,10 +169,10 @@ def _transformer(transform):
 @functools.lru_cache(maxsize=512)
 def _class_style(k: int, class_names: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
     """The name and RGB colour of class ``k``, as the preview shows it."""
-    from ..preview import PALETTE
+    from .pyramid import colour
 
     name = class_names[k] if k < len(class_names) else f"class {k}"
-    return str(name), tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+    return str(name), colour(k)
 
 
 def _crs_member(crs: str | None) -> dict | None:

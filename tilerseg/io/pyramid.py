@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .base import LABEL_NODATA
+
 LEVEL_MIN_SIDE = 256  # stop halving once the level fits in one 256-px tile
-LABEL_NODATA = 255
 PALETTE = np.array([[0, 0, 0], [0, 230, 60], [255, 60, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255],
                     [0, 220, 220], [255, 130, 0]], np.uint8)
 
@@ -22,6 +23,15 @@ def colour(k: int) -> tuple[int, int, int]:
     """The display colour of class ``k`` (shared by previews, colour tables
     and polygon classifications)."""
     return tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+
+
+def palette(classes: int) -> np.ndarray:
+    """(256, 3) uint8 colours by label value: classes ``0..classes-1`` (at
+    least 2, at most 255) in their colours, black elsewhere, nodata too."""
+    out = np.zeros((256, 3), np.uint8)
+    for k in range(min(max(classes, 2), LABEL_NODATA)):
+        out[k] = colour(k)
+    return out
 
 
 def level_shapes(shape: tuple[int, int], min_side: int = LEVEL_MIN_SIDE) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .base import ImageMeta
+from .base import LABEL_NODATA, ImageMeta
 
 TILE = 256
 
@@ -58,14 +58,10 @@ class _Plane:
 
 
 def colormap(classes: int) -> np.ndarray:
-    """A TIFF palette (3, 256) uint16: class colours, black elsewhere
-    (nodata 255 included)."""
-    from .pyramid import colour
+    """A TIFF palette (3, 256) uint16 of :func:`~tilerseg.io.pyramid.palette`."""
+    from .pyramid import palette
 
-    cmap = np.zeros((3, 256), np.uint16)
-    for k in range(min(max(classes, 2), 255)):
-        cmap[:, k] = np.array(colour(k), np.uint16) * 257
-    return cmap
+    return palette(classes).T.astype(np.uint16) * 257
 
 
 def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, description: str) -> str:
@@ -89,7 +85,7 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
 
     z0 = levels[0]
     probabilities = kind["kind"] == "probabilities"
-    fill = np.nan if probabilities else 255
+    fill = np.nan if probabilities else LABEL_NODATA
     nbytes = sum(np.prod(z.shape) * z.dtype.itemsize for z in levels)
     description = json.dumps({"tilerseg": kind})
     K = z0.shape[0] if z0.ndim == 3 else 1
@@ -138,7 +134,7 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
     H, W = z.shape[-2:]
     staging = path + ".staging.tif"
     profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if probabilities else "uint8",
-                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if probabilities else 255,
+                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if probabilities else LABEL_NODATA,
                    tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
     try:
         with rasterio.Env(GDAL_CACHEMAX=64):
@@ -151,8 +147,9 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
                     for k, name in enumerate(kind["class_names"][:K]):
                         dst.set_band_description(k + 1, name)
                 else:
-                    cmap = colormap(kind["classes"])
-                    dst.write_colormap(1, {k: tuple(int(v) // 257 for v in cmap[:, k]) + (255,) for k in range(256)})
+                    from .pyramid import palette
+
+                    dst.write_colormap(1, {k: (*map(int, rgb), 255) for k, rgb in enumerate(palette(kind["classes"]))})
             rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
                                  OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
                                  RESAMPLING="AVERAGE" if probabilities else "NEAREST")

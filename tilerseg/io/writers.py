@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OutputError
-from .base import ImageMeta
+from .base import LABEL_NODATA, ImageMeta
 
 log = logging.getLogger(__name__)
 PNG_MAX_PIXELS = 20000 * 20000
@@ -52,7 +52,7 @@ class OutputInfo:
         """What the file holds, for `tilerseg info` and readers of the output."""
         m = self.out_meta
         return {"kind": "probabilities" if self.probabilities else "labels", "classes": self.classes,
-                "class_names": list(self.class_names), "nodata": None if self.probabilities else 255,
+                "class_names": list(self.class_names), "nodata": None if self.probabilities else LABEL_NODATA,
                 "mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
                 "source": self.source, "model": self.model}
 
@@ -128,7 +128,7 @@ class Writer:
     def _create(self, group, name, shape, chunks, dtype):
         probabilities = self.info.probabilities
         return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
-                                  fill_value=np.nan if probabilities else 255,
+                                  fill_value=np.nan if probabilities else LABEL_NODATA,
                                   dimension_names=("c", "y", "x") if probabilities else ("y", "x"))
 
     def _convert(self, group) -> None:
@@ -193,9 +193,9 @@ def _write_png(z, path: str) -> None:
 
     if z.shape[0] * z.shape[1] > PNG_MAX_PIXELS:
         raise OutputError(f"{path}: {z.shape[1]}x{z.shape[0]} px is too large for PNG; write .tif or .zarr")
-    from .tiffout import colormap
+    from .pyramid import palette
 
     labels = np.ascontiguousarray(z[...], np.uint8)
     img = Image.frombytes("P", labels.shape[::-1], labels.tobytes())  # values kept; the palette shows classes
-    img.putpalette((colormap(255).T // 257).astype(np.uint8).ravel().tolist())
+    img.putpalette(palette(LABEL_NODATA).ravel().tolist())
     img.save(path, format="PNG")
