@@ -12,22 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import run_with_peak_rss  # noqa: E402
 
 
 def _run(src: str, out: str, extra: list[str]) -> float:
     cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", "demo", "-o", out, "--overwrite",
            "--quiet", *extra]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if r.returncode:
-        sys.exit(r.stderr)
-    return time.perf_counter() - t0
+    seconds, _, rc = run_with_peak_rss(cmd)  # the shared runner: offline env, stderr shown on failure
+    if rc:
+        sys.exit(rc)
+    return seconds
 
 
 def _agree_on_tissue(a: str, b: str, shape, ellipse) -> tuple[int, float]:

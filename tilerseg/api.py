@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import Output, TileSpec, compute_into, lazy_image, lazy_segment
+from .engine import MERGE_MODES, Output, TileSpec, compute_into, lazy_image, lazy_segment
 from .errors import InputError, ModelError
 from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
 from .io import open_reader, open_writer
 from .io.arrays import ArrayReader
-from .io.base import ImageMeta, Reader
+from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, check_output
 from .models import ModelInfo, ModelSpec, Normalization, describe, global_context, instantiate
 from .receptive import HaloReport, measure_halo
@@ -62,7 +62,6 @@ class RunReport:
     stride: int
     note: str = ""
     windows_run: int = -1
-    output_shape: tuple[int, int] | None = None
 
     @property
     def windows_skipped(self) -> int:
@@ -178,16 +177,15 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
     writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
-                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1,
-                     output_shape=(target or src.meta).shape)
+                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1)
 
 
 def _merge_mode(merge: str, parts: list[str], tile: int, halo: int, stride: int) -> tuple[str, int]:
     """Resolve ``merge="auto"``: crop for local models; for models with
     global context, gaussian with at least a quarter-window halo (windows
     overlap by half, as nnU-Net's default step), kept on the stride grid."""
-    if merge not in ("auto", "crop", "gaussian"):
-        raise InputError(f"unknown --merge {merge!r}: use auto, crop or gaussian")
+    if merge not in ("auto", *MERGE_MODES):
+        raise InputError(f"unknown --merge {merge!r}: use auto, {' or '.join(MERGE_MODES)}")
     if merge != "auto":
         return merge, halo
     if not parts:
@@ -225,11 +223,8 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
     fy, fx = H / h, W / w
     mpp = meta.level_mpp[level] if level < len(meta.level_mpp) and meta.level_mpp[level] else \
         (meta.mpp * fx if meta.mpp else None)
-    transform = None
-    if meta.transform is not None:
-        a, b, c, d, e, f = meta.transform
-        transform = (a * fx, b * fy, c, d * fx, e * fy, f)
-    return replace(meta, shape=(h, w), mpp=mpp, transform=transform, level=level, note="")
+    return replace(meta, shape=(h, w), mpp=mpp, transform=scale_transform(meta.transform, fx, fy), level=level,
+                   note="")
 
 
 def segment(array, model, *, tile: int = 512, halo: int = 64, batch_size: int = 4, pad_mode: str = "reflect",

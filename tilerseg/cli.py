@@ -12,6 +12,8 @@ import sys
 import warnings
 
 from .geometry import PAD_MODES
+from .engine import MERGE_MODES
+from .infer import TTA_MODES
 from .io.open import READERS
 
 log = logging.getLogger("tilerseg")
@@ -95,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
                    "receptive field first (default 64, or the checkpoint's)")
     t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    t.add_argument("--merge", default="auto", choices=("auto", "crop", "gaussian"),
+    t.add_argument("--merge", default="auto", choices=("auto", *MERGE_MODES),
                    help="crop: keep window centres (exact for local models); gaussian: blend windows (nnU-Net); "
                    "auto (default): crop, or gaussian with half-window overlap for models with global context")
-    t.add_argument("--tta", default="none", choices=("none", "flips", "d4"),
+    t.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation: average over flips (4 views) or flips and rotations (8)")
     t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
     o = r.add_argument_group("output")

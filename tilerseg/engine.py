@@ -54,6 +54,9 @@ class Output:
     merge: Literal["crop", "gaussian"] = "crop"
 
 
+MERGE_MODES = ("crop", "gaussian")
+
+
 def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
     """Probabilities of a skipped window: all background (class 0)."""
     out = np.zeros((classes, *shape), np.float32)
@@ -216,7 +219,7 @@ def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
         dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, classes, active, on_done)
                for r in grid.regions()}
     else:
-        raise TileError(f"unknown merge {output.merge!r}: use crop or gaussian")
+        raise TileError(f"unknown merge {output.merge!r}: use {' or '.join(MERGE_MODES)}")
     if output.probabilities:
         return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
     return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)

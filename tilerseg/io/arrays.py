@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, InputError
-from .base import ImageMeta, Reader
+from .base import ImageMeta, Reader, scale_transform
 
 
 class ArrayReader(Reader):
@@ -48,8 +48,9 @@ class ZarrReader(ArrayReader):
         except Exception as err:
             raise FormatError(f"{self._path}: not a readable zarr store ({err})") from err
         valid, attrs, levels = None, dict(node.attrs.get("tilerseg", {})), None
-        if isinstance(node, zarr.Group) and multiscale(node) is not None:
-            levels, axes = multiscale(node)
+        found = multiscale(node) if isinstance(node, zarr.Group) else None
+        if found is not None:
+            levels, axes = found
             if not 0 <= self.level < len(levels):
                 raise InputError(f"{self._path}: has levels 0..{len(levels) - 1}; --level {self.level} does not exist")
             node = levels[self.level]
@@ -66,10 +67,7 @@ class ZarrReader(ArrayReader):
         bands = 1 if node.ndim == 2 else node.shape[2]
         f = 2 ** self.level
         mpp = attrs.get("mpp") * f if attrs.get("mpp") else None
-        transform = tuple(attrs["transform"]) if attrs.get("transform") else None
-        if transform and f > 1:
-            a, b, c, d, e, g = transform
-            transform = (a * f, b * f, c, d * f, e * f, g)
+        transform = scale_transform(attrs.get("transform") or None, f, f)
         meta = ImageMeta(shape=tuple(node.shape[:2]), bands=bands, dtype=np.dtype(node.dtype), format="zarr",
                          mpp=mpp, crs=attrs.get("crs"), transform=transform, nodata=attrs.get("nodata"),
                          band_names=tuple(attrs.get("band_names", ())), level=self.level,

@@ -47,6 +47,15 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 LABEL_NODATA = 255  # the label value of nodata in every output; class values stay below it
 
 
+def scale_transform(transform, fx: float, fy: float) -> tuple[float, ...] | None:
+    """``transform`` for pixels ``fx`` times wider and ``fy`` times taller
+    (same origin and extent): a coarser level has ``f > 1``."""
+    if transform is None:
+        return None
+    a, b, c, d, e, f = transform
+    return (a * fx, b * fy, c, d * fx, e * fy, f)
+
+
 class Reader(ABC):
     """A lazily read 2-D image with bands last.
 
@@ -137,11 +146,8 @@ class ResampledReader(Reader):
         H, W = base.meta.shape
         shape = (max(1, round(H / scale)), max(1, round(W / scale)))
         m = base.meta
-        transform = None
-        if m.transform is not None:
-            a, b, c, d, e, f = m.transform
-            transform = (a * scale, b * scale, c, d * scale, e * scale, f)
-        self.meta = replace(m, shape=shape, mpp=(m.mpp * scale if m.mpp else None), transform=transform)
+        self.meta = replace(m, shape=shape, mpp=(m.mpp * scale if m.mpp else None),
+                            transform=scale_transform(m.transform, scale, scale))
 
     def _read(self, rows, cols):
         H, W = self.base.meta.shape

@@ -19,9 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ..errors import ModelError  # noqa: E402
 
 ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deeplabv3plus"}
-# Architectures beyond smp's catalogue: name -> "module:function" in tilerseg.models.
-EXTRA = {"ternausnet11": "ternausnet:ternausnet11", "ternausnet16": "ternausnet:ternausnet16",
-         "transunet": "transunet:transunet"}
+# Architectures beyond smp's catalogue: name -> (module in tilerseg.models, builder, class name).
+EXTRA = {"ternausnet11": ("ternausnet", "ternausnet11", "TernausNet"),
+         "ternausnet16": ("ternausnet", "ternausnet16", "TernausNet"),
+         "transunet": ("transunet", "transunet", "TransUNet")}
 # Architectures without global context: seam-exact under overlap-tile.
 LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16"}
 NON_LOCAL_WHY = {
@@ -41,7 +42,7 @@ def architectures() -> dict[str, str]:
     import segmentation_models_pytorch as smp
 
     names = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
-    names.update({name: "TransUNet" if name == "transunet" else "TernausNet" for name in EXTRA})
+    names.update({name: cls for name, (_, _, cls) in EXTRA.items()})
     return names
 
 
@@ -141,7 +142,7 @@ def _build_extra(arch: str, spec: ModelSpec, kwargs: dict):
         raise ModelError(f"{arch}: encoder weights {spec.encoder_weights!r} are not downloaded at run time; "
                          "pass the torchvision VGG file as vgg_weights=PATH (e.g. vgg11-8a719046.pth), "
                          "or trained --weights")
-    module, func = EXTRA[arch].split(":")
+    module, func, _ = EXTRA[arch]
     builder = getattr(importlib.import_module(f"{__package__}.{module}"), func)
     try:
         return builder(classes=spec.classes, in_channels=spec.in_channels, **kwargs)
