@@ -22,9 +22,11 @@ ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deepl
 # Architectures beyond smp's catalogue: name -> (module in tilerseg.models, builder, class name).
 EXTRA = {"ternausnet11": ("ternausnet", "ternausnet11", "TernausNet"),
          "ternausnet16": ("ternausnet", "ternausnet16", "TernausNet"),
-         "transunet": ("transunet", "transunet", "TransUNet")}
+         "transunet": ("transunet", "transunet", "TransUNet"),
+         "unet2d": ("unet", "unet2d", "UNet"),
+         "unet3d": ("unet", "unet3d", "UNet")}
 # Architectures without global context: seam-exact under overlap-tile.
-LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16"}
+LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16", "unet2d", "unet3d"}
 NON_LOCAL_WHY = {
     "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
     "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
