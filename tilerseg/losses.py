@@ -5,7 +5,12 @@
 * :class:`DiceBCELoss`: ``1.0 * Dice + 0.8 * BCE`` (UNet++ seed).
 * :class:`JaccardBCELoss`: ``BCE - log(soft Jaccard)`` (TernausNet).
 * :class:`DiceCELoss`: multiclass cross-entropy plus Dice.
-* :class:`WeightedCELoss`: cross-entropy weighted per pixel by a weight map.
+* :class:`WeightedCELoss`: cross-entropy weighted per pixel by a weight map
+  (``unet_weighted`` in training, with :func:`instance_weights`).
+* :class:`CELoss`: plain multiclass cross-entropy.
+
+Every loss leaves out pixels labelled ``ignore_index`` (255): nodata and
+unannotated pixels of sparse annotations.
 """
 from __future__ import annotations
 
@@ -62,36 +67,57 @@ def _torch():
     return torch
 
 
-class DiceBCELoss:
-    """``dice * Dice + bce * BCE`` on logits, binary (the UNet++ seed: 1.0 and 0.8)."""
+def _binary(logits, target, ignore_index):
+    """Binary targets as ``(N, 1, H, W)`` floats, and the mask of counted pixels."""
+    if target.dim() == logits.dim() - 1:
+        target = target.unsqueeze(1)
+    keep = target != ignore_index if ignore_index is not None else None
+    target = target.float() if keep is None else target.float() * keep
+    return target, keep
 
-    def __init__(self, dice: float = 1.0, bce: float = 0.8):
+
+def _masked_bce(logits, target, keep):
+    torch = _torch()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    if keep is None:
+        return bce.mean()
+    return (bce * keep).sum() / keep.sum().clamp_min(1)
+
+
+class DiceBCELoss:
+    """``dice * Dice + bce * BCE`` on logits, binary (the UNet++ seed: 1.0
+    and 0.8). Targets are 0/1, ``(N, H, W)`` or ``(N, 1, H, W)``;
+    ``ignore_index`` pixels count in neither term."""
+
+    def __init__(self, dice: float = 1.0, bce: float = 0.8, ignore_index: int | None = 255):
         import segmentation_models_pytorch as smp
 
-        torch = _torch()
-        self.w_dice, self.w_bce = dice, bce
-        self._dice = smp.losses.DiceLoss("binary", from_logits=True)
-        self._bce = torch.nn.BCEWithLogitsLoss()
+        self.w_dice, self.w_bce, self.ignore = dice, bce, ignore_index
+        self._dice = smp.losses.DiceLoss("binary", from_logits=True, ignore_index=ignore_index)
 
     def __call__(self, logits, target):
-        target = target.float()
-        return self.w_dice * self._dice(logits, target) + self.w_bce * self._bce(logits, target)
+        raw = target.unsqueeze(1) if target.dim() == logits.dim() - 1 else target
+        target, keep = _binary(logits, target, self.ignore)
+        return self.w_dice * self._dice(logits, raw) + self.w_bce * _masked_bce(logits, target, keep)
 
 
 class JaccardBCELoss:
-    """``BCE - log(soft Jaccard)`` on logits, binary (TernausNet)."""
+    """``BCE - jaccard * log(soft Jaccard)`` on logits, binary (TernausNet);
+    ``ignore_index`` pixels count in neither term."""
 
-    def __init__(self, jaccard: float = 1.0):
-        import segmentation_models_pytorch as smp
-
-        torch = _torch()
-        self.w = jaccard
-        self._jac = smp.losses.JaccardLoss("binary", from_logits=True, log_loss=True)
-        self._bce = torch.nn.BCEWithLogitsLoss()
+    def __init__(self, jaccard: float = 1.0, ignore_index: int | None = 255):
+        self.w, self.ignore = jaccard, ignore_index
 
     def __call__(self, logits, target):
-        target = target.float()
-        return self._bce(logits, target) + self.w * self._jac(logits, target)
+        torch = _torch()
+        target, keep = _binary(logits, target, self.ignore)
+        p = torch.sigmoid(logits.float())
+        if keep is not None:
+            p = p * keep
+        inter = (p * target).sum()
+        union = p.sum() + target.sum() - inter
+        jaccard = (inter + 1e-7) / (union + 1e-7)
+        return _masked_bce(logits, target, keep) - self.w * torch.log(jaccard)
 
 
 class DiceCELoss:
@@ -113,10 +139,56 @@ class DiceCELoss:
 
 class WeightedCELoss:
     """Cross-entropy weighted per pixel (e.g. by :func:`unet_weight_map`):
-    ``sum(w * ce) / sum(w)``."""
+    ``sum(w * ce) / sum(w)``; ``ignore_index`` pixels get no weight."""
+
+    def __init__(self, ignore_index: int = 255):
+        self.ignore = ignore_index
 
     def __call__(self, logits, target, weights):
         torch = _torch()
-        ce = torch.nn.functional.cross_entropy(logits, target.long(), reduction="none")
+        target = target.long()
+        weights = weights * (target != self.ignore)
+        ce = torch.nn.functional.cross_entropy(logits.float(), target.clamp_max(logits.shape[1] - 1),
+                                               reduction="none")
         weights = weights.to(ce.dtype)
         return (weights * ce).sum() / weights.sum().clamp_min(1e-12)
+
+
+class CELoss:
+    """Plain multiclass cross-entropy; ``ignore_index`` pixels do not count."""
+
+    def __init__(self, ignore_index: int = 255):
+        self._ce = _torch().nn.CrossEntropyLoss(ignore_index=ignore_index)
+
+    def __call__(self, logits, target):
+        return self._ce(logits.float(), target.long())
+
+
+def instance_weights(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, class_weights=None,
+                     ignore_index: int = 255) -> np.ndarray:
+    """:func:`unet_weight_map` for a class-label crop: the objects are the
+    4-connected components of every class but 0 (and the ignore label)."""
+    from scipy import ndimage
+
+    lab = np.asarray(labels)
+    inst = np.zeros(lab.shape, np.int32)
+    n = 0
+    for k in np.unique(lab):
+        if k == 0 or k == ignore_index:
+            continue
+        comp, m = ndimage.label(lab == k)
+        inst[comp > 0] = comp[comp > 0] + n
+        n += m
+    return unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights)
+
+
+LOSSES = {"dice_bce": DiceBCELoss, "jaccard_bce": JaccardBCELoss, "ce_dice": DiceCELoss, "ce": CELoss,
+          "unet_weighted": WeightedCELoss}
+
+
+def make_loss(name: str, **kwargs):
+    """The loss called ``name`` (see :data:`LOSSES`); ``unet_weighted``
+    takes its weight map as a third argument (see :func:`instance_weights`)."""
+    if name == "unet_weighted":
+        return WeightedCELoss(**{k: v for k, v in kwargs.items() if k == "ignore_index"})
+    return LOSSES[name](**kwargs)

@@ -36,6 +36,10 @@ class ModelInfo:
     mpp: float | None = None
     tile: int | None = None
     halo: int | None = None
+    threshold: float | None = None   # the binary threshold chosen on validation
+    tta: str = "none"                # the test-time augmentation it was validated with
+    mask_values: tuple[int, ...] | None = None  # how training read masks: the value of each class
+    ignore_value: int | None = None             # and the value of unannotated pixels
 
     @property
     def trained(self) -> bool:
@@ -70,10 +74,12 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         n = state.get("normalization") or {}
         spec = ModelSpec(arch=canonical(m["arch"]), encoder=m["encoder"], classes=int(m["classes"]),
                          in_channels=int(m["in_channels"]), kwargs=ModelSpec.freeze(m.get("kwargs", {})))
+        labels = state.get("labels") or {}
         norm = Normalization(mean=_tuple(n.get("mean")), std=_tuple(n.get("std")), scale=n.get("scale"))
         return ModelInfo(spec=spec, weights=weights, normalization=norm,
                          class_names=tuple(state.get("class_names") or ()), mpp=state.get("mpp"),
-                         tile=state.get("tile"), halo=state.get("halo"))
+                         tile=state.get("tile"), halo=state.get("halo"), threshold=state.get("threshold"),
+                         tta=state.get("tta") or "none", mask_values=_ints(labels.get("values")), ignore_value=labels.get("ignore"))
     in_ch = _first_conv_in_channels(_state_dict(state, weights))
     return ModelInfo(spec=replace(spec, in_channels=in_ch or spec.in_channels), weights=weights)
 
@@ -98,9 +104,11 @@ def instantiate(info: ModelInfo):
     return model.eval()
 
 
-def save_checkpoint(path: str, model, info: ModelInfo) -> None:
+def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
     """Write a self-describing checkpoint that ``tilerseg run --weights``
-    loads with no other model flag."""
+    loads with no other model flag. ``extra`` entries (training state,
+    metrics) are stored beside it; the file is written under a temporary
+    name and renamed, so a crash never leaves a truncated checkpoint."""
     import torch
 
     s, n = info.spec, info.normalization
@@ -111,8 +119,12 @@ def save_checkpoint(path: str, model, info: ModelInfo) -> None:
         "normalization": {"mean": list(n.mean) if n.mean else None, "std": list(n.std) if n.std else None,
                           "scale": n.scale},
         "class_names": list(info.class_names), "mpp": info.mpp, "tile": info.tile, "halo": info.halo,
-        "state_dict": model.state_dict(),
-    }, path)
+        "threshold": info.threshold, "tta": info.tta,
+        "labels": {"values": list(info.mask_values) if info.mask_values is not None else None,
+                   "ignore": info.ignore_value},
+        "state_dict": model.state_dict(), **extra,
+    }, tmp := f"{path}.tmp")
+    os.replace(tmp, path)
 
 
 def _load_file(path: str) -> Any:
@@ -146,6 +158,10 @@ def _first_conv_in_channels(state: dict) -> int | None:
         if getattr(v, "ndim", 0) == 4 and k.startswith("encoder"):
             return int(v.shape[1])
     return None
+
+
+def _ints(v):
+    return tuple(int(x) for x in v) if v is not None else None
 
 
 def _tuple(v):

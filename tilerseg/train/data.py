@@ -1,0 +1,312 @@
+"""Training data: image/mask pairs opened lazily as tilerseg readers, and
+random crops that read only the window they need.
+
+The same readers serve folders of small PNG/TIFF pairs and a few huge
+slides, GeoTIFFs or zarr arrays with their masks; a mask may be stored at
+any resolution of its image (it is sampled nearest-neighbour onto the
+image's grid). Every crop is drawn from an RNG seeded by ``(seed, epoch,
+index)``, so a run is reproducible, with any number of loader workers and
+across a resume."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..geometry import pad_index
+from ..io import open_reader
+from ..io.base import Reader, read_padded
+from ..io.open import IMAGE_EXT, SLIDE_EXT, TIFF_EXT
+from .metrics import IGNORE
+
+_KNOWN_EXT = IMAGE_EXT | SLIDE_EXT | TIFF_EXT | {".zarr", ".vrt", ".jp2", ".img"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: str
+    mask: str
+
+    @property
+    def name(self) -> str:
+        return _stem(self.image)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(os.path.normpath(path))
+    for ext in sorted(_KNOWN_EXT, key=len, reverse=True):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return os.path.splitext(base)[0]
+
+
+def _natural(name: str):
+    import re
+
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _listing(path: str, what: str) -> list[str]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such {what} file or folder; check the path")
+    if os.path.isdir(path) and not path.rstrip("/").endswith(".zarr"):
+        files = [os.path.join(path, f) for f in os.listdir(path)
+                 if not f.startswith(".") and (os.path.isfile(os.path.join(path, f)) or f.endswith(".zarr"))]
+        files = [f for f in files if _stem(f) != os.path.basename(f) or f.endswith(".zarr")]
+        if not files:
+            raise InputError(f"{path}: no image files in this {what} folder")
+        return sorted(files, key=lambda f: _natural(_stem(f)))
+    return [path]
+
+
+def find_pairs(images, masks, *, mask_suffix: str = "") -> list[Pair]:
+    """Match images to masks by name (``a.png`` ↔ ``a.png``/``a.tif``, or
+    ``a_mask.png`` with ``mask_suffix="_mask"``). ``images``/``masks`` are a
+    file, a folder, or lists of them; an unmatched image is an error."""
+    img = [f for p in _as_list(images) for f in _listing(p, "image")]
+    msk = [f for p in _as_list(masks) for f in _listing(p, "mask")]
+    if len(img) == 1 and len(msk) == 1:
+        return [Pair(img[0], msk[0])]
+    by_name = {}
+    for m in msk:
+        s = _stem(m)
+        if mask_suffix and s.endswith(mask_suffix):
+            s = s[: -len(mask_suffix)]
+        by_name[s] = m
+    pairs, missing = [], []
+    for f in img:
+        m = by_name.get(_stem(f))
+        (pairs.append(Pair(f, m)) if m else missing.append(os.path.basename(f)))
+    if missing:
+        raise InputError(f"no mask for {len(missing)} image(s) ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}): masks are matched by file name"
+                         + (f" with suffix {mask_suffix!r}" if mask_suffix else "") + "; check the mask folder")
+    return pairs
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def split(pairs: list[Pair], val_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Split by image: a seeded shuffle, at least one image on each side."""
+    if len(pairs) < 2:
+        raise InputError(f"{len(pairs)} image(s): a train/validation split by image needs at least 2; "
+                         "add images or give val_images/val_masks")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = min(len(pairs) - 1, max(1, int(round(val_fraction * len(pairs)))))
+    val = sorted(order[:n_val])
+    return [p for i, p in enumerate(pairs) if i not in set(val)], [pairs[i] for i in val]
+
+
+class LabelMap:
+    """Mask values to class indices (uint8, :data:`IGNORE` = not counted).
+
+    ``values[k]`` is the mask value of class ``k``; values not listed are
+    ignored. Without ``values``: for two classes any non-zero value is class
+    1; otherwise value ``k`` is class ``k``. ``ignore`` is a mask value that
+    marks unannotated pixels (sparse annotation)."""
+
+    def __init__(self, classes: int, values: Sequence[int] | None = None, ignore: int | None = None):
+        self.classes, self.ignore = classes, ignore
+        self.values = tuple(int(v) for v in values) if values is not None else None
+        if self.values is not None and len(self.values) != classes:
+            raise InputError(f"mask_values {list(self.values)} name {len(self.values)} classes, but there are "
+                             f"{classes} class names: give one mask value per class")
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        m = np.asarray(mask)
+        if m.ndim == 3:
+            m = m[..., 0]
+        m = m.astype(np.int64)
+        out = np.full(m.shape, IGNORE, np.uint8)
+        if self.values is not None:
+            for k, v in enumerate(self.values):
+                out[m == v] = k
+        elif self.classes == 2:
+            out[:] = (m != 0)
+        else:
+            keep = (m >= 0) & (m < self.classes)
+            out[keep] = m[keep]
+        if self.ignore is not None:
+            out[m == self.ignore] = IGNORE
+        return out
+
+    def as_dict(self) -> dict:
+        return {"values": list(self.values) if self.values is not None else None, "ignore": self.ignore}
+
+
+class Source:
+    """One image and its mask. The image is read at ``level``/``mpp`` (as
+    ``tilerseg run`` would), the mask sampled nearest onto that grid."""
+
+    def __init__(self, pair: Pair, labels: LabelMap, *, level=None, mpp=None, bands=None):
+        self.pair, self.labels = pair, labels
+        self.image: Reader = open_reader(pair.image, level=level, mpp=mpp, bands=tuple(bands) if bands else None)
+        self.mask: Reader = open_reader(pair.mask)
+        (H, W), (h, w) = self.image.meta.shape, self.mask.meta.shape
+        self.fy, self.fx = h / H, w / W
+        if abs(self.fy / self.fx - 1) > 0.02:
+            raise InputError(f"{pair.mask}: mask is {w}x{h} px, image {pair.image} is {W}x{H}: their aspect "
+                             "ratios differ, so the mask does not belong to this image (or to this level)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.meta.shape
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``(h, w, bands)`` and labels ``(h, w)`` at ``(y, x)``;
+        windows reaching past the border are mirrored (both alike)."""
+        data, valid = read_padded(self.image, (y, y + h), (x, x + w), "reflect")
+        labels = self._labels(y, x, h, w)
+        if valid is not None:
+            labels[~valid] = IGNORE
+        return data, labels
+
+    def crop(self, pos, size) -> tuple[np.ndarray, np.ndarray]:
+        return self.read(pos[0], pos[1], size[0], size[1])
+
+    def truth(self, ranges) -> np.ndarray:
+        """Class labels of an output block (validation)."""
+        (r0, r1), (c0, c1) = ranges
+        return self._labels(r0, c0, r1 - r0, c1 - c0)
+
+    def _labels(self, y, x, h, w) -> np.ndarray:
+        H, W = self.shape
+        mh, mw = self.mask.meta.shape
+        ri = np.minimum(((pad_index(np.arange(y, y + h), H, "reflect")[0] + 0.5) * self.fy).astype(np.int64), mh - 1)
+        ci = np.minimum(((pad_index(np.arange(x, x + w), W, "reflect")[0] + 0.5) * self.fx).astype(np.int64), mw - 1)
+        r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
+        m, mvalid = self.mask.read((r0, r1), (c0, c1))
+        lab = self.labels(m)
+        if mvalid is not None:
+            lab[~mvalid] = IGNORE
+        return lab[ri - r0][:, ci - c0]
+
+    def close(self) -> None:
+        self.image.close()
+        self.mask.close()
+
+
+class VolumeSource:
+    """A volume (TIFF stack, OME-TIFF with Z, 3-D zarr) and its label
+    volume of the same shape; crops are mirror-padded past the border."""
+
+    def __init__(self, pair: Pair, labels: LabelMap):
+        from ..io.volume import VolumeReader
+
+        self.pair, self.labels = pair, labels
+        self.image = VolumeReader(pair.image)
+        self.mask = VolumeReader(pair.mask)
+        if self.mask.meta.shape != self.image.meta.shape:
+            raise InputError(f"{pair.mask}: label volume is {self.mask.meta.shape} (z, y, x), the image "
+                             f"{pair.image} is {self.image.meta.shape}: they must match")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image.meta.shape
+
+    def crop(self, pos, size) -> tuple[np.ndarray, np.ndarray]:
+        from ..io.volume import read_padded3
+
+        ranges = [(p, p + n) for p, n in zip(pos, size)]
+        return read_padded3(self.image, ranges, "reflect"), self.truth(ranges)
+
+    def truth(self, ranges) -> np.ndarray:
+        from ..io.volume import read_padded3
+
+        return self.labels(read_padded3(self.mask, ranges, "reflect")[..., 0])
+
+    def close(self) -> None:
+        self.image.close()
+        self.mask.close()
+
+
+class CropDataset:
+    """Random ``crop``-sized training samples from ``sources`` (a map-style
+    torch dataset of ``length`` items per epoch).
+
+    An image is chosen with probability proportional to its area, then a
+    position; with probability ``foreground`` the crop must hold a pixel of
+    a class other than 0 (up to 20 draws). Samples are float32 images scaled
+    to [0, 1], augmented, then normalised with ``mean``/``std``."""
+
+    def __init__(self, sources: list, *, crop, length: int, seed: int, scale: float,
+                 mean, std, augment=None, foreground: float = 0.0, weight_map=None):
+        self.dims = len(sources[0].shape)
+        self.size = tuple(int(c) for c in crop) if isinstance(crop, (list, tuple)) else (int(crop),) * self.dims
+        self.sources, self.length, self.seed = sources, length, seed
+        self.scale = float(scale)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.augment, self.foreground, self.weight_map = augment, foreground, weight_map
+        area = np.array([np.prod(s.shape) for s in sources], np.float64)
+        self.p = area / area.sum()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw crop (image in [0, 1], labels) before augmentation."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        src = self.sources[int(rng.choice(len(self.sources), p=self.p))]
+        want_fg = rng.random() < self.foreground
+        for _ in range(20 if want_fg else 1):
+            pos = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(src.shape, self.size)]
+            data, labels = src.crop(pos, self.size)
+            if not want_fg or ((labels > 0) & (labels != IGNORE)).any():
+                break
+        return data.astype(np.float32) / self.scale, labels
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, labels = self.sample(index)
+        if self.augment is not None:
+            # per-sample seed: the same crop gets the same transform in any worker, after a resume too
+            aug_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            self.augment.set_random_seed(int(aug_rng.integers(2 ** 31)))
+            if self.dims == 2:
+                out = self.augment(image=image, mask=labels)
+                image, labels = out["image"], out["mask"]
+            else:  # the same 2-D transform on every slice; albumentations has no flip along z: done here
+                out = self.augment(images=image, masks=labels)
+                image, labels = out["images"], out["masks"]
+                if aug_rng.random() < 0.5:
+                    image, labels = image[::-1], labels[::-1]
+        image = (image - self.mean) / self.std
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0), np.float32))
+        y = torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64))
+        if self.weight_map is None:
+            return x, y
+        return x, y, torch.from_numpy(self.weight_map(labels))
+
+
+def sample_stats(sources: list[Source], scale: float, n: int = 64, crop: int = 256, seed: int = 0):
+    """Per-band mean and std of pixels (scaled to [0, 1]) over ``n`` random
+    crops of the training images: the normalisation ``auto`` records."""
+    rng = np.random.default_rng(seed)
+    total = sq = count = 0
+    for _ in range(n):
+        src = sources[int(rng.integers(len(sources)))]
+        size = [min(crop if len(src.shape) == 2 or i else crop // 4, s) for i, s in enumerate(src.shape)]
+        pos = [int(rng.integers(0, s - c + 1)) for s, c in zip(src.shape, size)]
+        data, labels = src.crop(pos, size)
+        px = data.reshape(-1, data.shape[-1]).astype(np.float64) / scale
+        px = px[(labels != IGNORE).ravel()] if (labels != IGNORE).any() else px
+        total = total + px.sum(0)
+        sq = sq + (px ** 2).sum(0)
+        count += len(px)
+    if not count:
+        raise InputError("the training images hold no valid pixels")
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(max(v, 1e-3)) for v in std)

@@ -1,0 +1,174 @@
+"""Scoring through the tiled engine: what ``tilerseg eval`` and the
+training loop's validation report is what ``tilerseg run`` would write.
+
+Probabilities come from :func:`tilerseg.engine.lazy_segment` with the same
+tile, halo and merge that a run resolves; each output block is compared with
+the matching window of the mask as soon as it is computed, so the image and
+its mask are never held whole. For one output channel the block is scored at
+every threshold of a sweep at once (``>=``, as the engine labels)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine import Output, TileSpec, default_workers, lazy_segment
+from ..errors import InputError
+from .data import LabelMap, Source, VolumeSource, find_pairs
+from .metrics import IGNORE, confusion, scores
+
+log = logging.getLogger(__name__)
+SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+@dataclass
+class ImageScore:
+    name: str
+    matrices: np.ndarray          # (thresholds, classes, classes)
+    seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """Confusion matrices per image and threshold; scores on demand."""
+
+    class_names: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    images: list[ImageScore] = field(default_factory=list)
+
+    def total(self) -> np.ndarray:
+        return sum(s.matrices for s in self.images)
+
+    def best_threshold(self, monitor: str = "iou") -> float:
+        """The sweep's threshold with the best overall score."""
+        tot = self.total()
+        vals = [scores(tot[i], self.class_names)[monitor] for i in range(len(self.thresholds))]
+        vals = [(-v if monitor == "pixel_error" else v) for v in vals]
+        return self.thresholds[int(np.nanargmax(vals))]
+
+    def report(self, threshold: float | None = None) -> dict:
+        """``{"images": [...], "overall": {...}}`` at ``threshold`` (for one
+        output channel; the only matrix otherwise)."""
+        i = self._index(threshold)
+        out = {"images": [{"image": s.name, **scores(s.matrices[i], self.class_names)} for s in self.images],
+               "overall": scores(self.total()[i], self.class_names)}
+        if len(self.thresholds) > 1 or self.thresholds[0] is not None:
+            out["threshold"] = self.thresholds[i]
+        return out
+
+    def _index(self, threshold):
+        if threshold is None or len(self.thresholds) == 1:
+            return 0 if len(self.thresholds) == 1 else self.thresholds.index(0.5) if 0.5 in self.thresholds else 0
+        best = int(np.argmin([abs(t - threshold) for t in self.thresholds]))
+        return best
+
+
+def _block_confusion(probs: np.ndarray, source, ranges, thresholds, classes: int) -> np.ndarray:
+    truth = source.truth(ranges)
+    nodata = np.isnan(probs).any(axis=0)
+    truth = np.where(nodata, IGNORE, truth)
+    if probs.shape[0] == 1:
+        p = np.nan_to_num(probs[0])
+        return np.stack([confusion(truth, (p >= t).astype(np.uint8), classes) for t in thresholds])
+    pred = np.nan_to_num(probs).argmax(axis=0)
+    return confusion(truth, pred, classes)[None]
+
+
+def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, out_channels: int,
+                 thresholds, workers: int | None = None) -> np.ndarray:
+    """Confusion matrices ``(len(thresholds), classes, classes)`` of one
+    image, computed block by block by the tiled engine."""
+    import dask
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = Output(probabilities=True, merge=merge)
+    if len(source.shape) == 3:
+        from ..engine import lazy_segment_volume
+        from ..geometry import Grid3, as_triple
+
+        grid3 = Grid3(source.shape, as_triple(tiles.tile, "tile"), as_triple(tiles.halo, "halo"), predictor.stride)
+        arr = lazy_segment_volume(source.image, predictor, grid3, out, out_channels, pad_mode=tiles.pad_mode)
+    else:
+        arr = lazy_segment(source.image, predictor, tiles.grid(source.shape, predictor.stride), tiles, out,
+                           out_channels)
+    offs = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks[1:]]
+    blocks = arr.to_delayed()[0]
+    tasks = [dask.delayed(_block_confusion)(blocks[idx], source,
+                                            [(int(offs[a][i]), int(offs[a][i + 1])) for a, i in enumerate(idx)],
+                                            thresholds, classes)
+             for idx in np.ndindex(blocks.shape)]
+    pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg-eval")
+    try:
+        with dask.config.set(scheduler="threads", pool=pool):
+            parts = dask.compute(*tasks)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return np.sum(parts, axis=0)
+
+
+def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: str, class_names, out_channels: int,
+                     sweep: bool = False, threshold: float = 0.5, workers: int | None = None) -> Evaluation:
+    import time
+
+    thresholds = (SWEEP if sweep else (threshold,)) if out_channels == 1 else (None,)
+    if out_channels == 1 and threshold not in thresholds:
+        thresholds = tuple(sorted({*thresholds, threshold}))
+    ev = Evaluation(class_names=tuple(class_names), thresholds=thresholds)
+    for src in sources:
+        t0 = time.perf_counter()
+        m = score_source(src, predictor, tiles, merge, len(class_names), out_channels,
+                         thresholds if out_channels == 1 else (0.5,), workers)
+        ev.images.append(ImageScore(src.pair.name, m, time.perf_counter() - t0))
+    return ev
+
+
+def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batch_size: int = 4,
+             merge: str = "auto", tta: str | None = None, threshold: float | None = None, sweep: bool = False,
+             level=None, mpp=None, bands=None, device: str = "auto", workers: int | None = None,
+             mask_values=None, ignore_value=None, mask_suffix: str = "") -> tuple[Evaluation, float]:
+    """``tilerseg eval``: score ``weights`` on image/mask pairs. Mask values
+    are read as in training (the checkpoint records how); returns the
+    evaluation and the threshold to report (swept, given, the checkpoint's,
+    or 0.5)."""
+    from ..api import PredictorRef, _tiling, check_mpp, model_info
+    from ..infer import pick_device
+
+    from ..models import ModelSpec, describe
+    from ..models.registry import is_volumetric
+
+    pairs = find_pairs(images, masks, mask_suffix=mask_suffix)
+    recorded = describe(os.fspath(weights), ModelSpec())
+    names = recorded.class_names or tuple(f"class{i}" for i in range(max(2, recorded.spec.classes)))
+    labels = LabelMap(len(names), mask_values if mask_values is not None else recorded.mask_values,
+                      ignore_value if ignore_value is not None else recorded.ignore_value)
+    if is_volumetric(recorded.spec.arch):
+        sources = [VolumeSource(p, labels) for p in pairs]
+    else:
+        sources = [Source(p, labels, level=level, mpp=mpp, bands=bands) for p in pairs]
+    try:
+        probe = sources[0].image.meta.bands
+        info = model_info("unet", weights=os.fspath(weights), bands=probe)
+        ref = PredictorRef(info, probe, np.dtype(sources[0].image.meta.dtype).str, pick_device(device),
+                           tta or info.tta)
+        predictor = ref.get()
+        for s in sources:
+            if s.image.meta.bands != probe:
+                raise InputError(f"{s.pair.image}: {s.image.meta.bands} band(s), the first image has {probe}")
+            if isinstance(s, Source):
+                check_mpp(info, s.image.meta, s.pair.image)
+        if isinstance(sources[0], VolumeSource):
+            tiles = TileSpec(tile=tile or info.tile or 96, halo=halo if halo is not None else (info.halo or 0),
+                             batch_size=1)
+            merge = "crop"
+        else:
+            tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
+                                   pad_mode="reflect", bands=probe)
+        th = threshold if threshold is not None else (info.threshold if info.threshold is not None else 0.5)
+        ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
+                              threshold=th, workers=workers)
+    finally:
+        for s in sources:
+            s.close()
+    return ev, (ev.best_threshold() if sweep and info.spec.classes == 1 else th)
