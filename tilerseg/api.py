@@ -62,6 +62,7 @@ class RunReport:
     stride: int
     note: str = ""
     windows_run: int = -1
+    threshold: float = 0.5
 
     @property
     def windows_skipped(self) -> int:
@@ -70,7 +71,8 @@ class RunReport:
 
     @property
     def megapixels_per_second(self) -> float:
-        return self.shape[0] * self.shape[1] / 1e6 / max(self.seconds, 1e-9)
+        """Megapixels (megavoxels for volumes) per second."""
+        return float(np.prod(self.shape)) / 1e6 / max(self.seconds, 1e-9)
 
 
 def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", classes: int = 1,
@@ -99,10 +101,10 @@ def model_info(model: str = "unet", *, weights=None, encoder: str = "resnet34", 
 
 def run(input, output, *, model: str = "unet", weights=None, encoder: str = "resnet34", classes: int = 1,
         encoder_weights: str | None = None, tile: int | None = None, halo: int | str | None = None, batch_size: int = 4,
-        pad_mode: str = "reflect", probabilities: bool = False, threshold: float = 0.5, level: int | None = None,
-        mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
+        pad_mode: str = "reflect", probabilities: bool = False, threshold: float | None = None,
+        level: int | None = None, mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
-        tissue: str | None = None, output_level: int | None = None, tta: str = "none", merge: str = "auto",
+        tissue: str | None = None, output_level: int | None = None, tta: str | None = None, merge: str = "auto",
         model_args: dict | None = None, progress: Callable[[int, int], None] | None = None) -> RunReport:
     """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
     .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
@@ -112,13 +114,26 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     windows without tissue are skipped and written as background.
     ``output_level`` writes the result on that pyramid level's grid of the
     input (0: full resolution) whatever level or mpp the model ran at.
-    ``tta`` ("flips" or "d4") averages each window over flipped/rotated views.
+    ``tta`` ("flips" or "d4") averages each window over flipped/rotated views
+    (default: what the checkpoint recommends, else none).
     ``merge``: "crop" (exact for local networks), "gaussian" (blended), or
     "auto": crop, or gaussian with half-window overlap for a model with
     global context (the run says so). ``model_args`` are extra builder
     arguments (``encoder_depth=3``, TernausNet's ``num_filters=16``...).
     ``progress(done, total)`` is called as windows finish (local runs)."""
     output = os.fspath(output)
+    if _volumetric(model, weights, encoder, classes):
+        if any(v is not None for v in (level, mpp, bands, tissue, output_level)) or (tta or "none") != "none":
+            raise InputError("--level, --mpp, --bands, --tissue, --output-level and --tta apply to 2-D images, "
+                             "not to volumes")
+        return run_volume(input, output, model=model, weights=weights, encoder=encoder, classes=classes,
+                          tile=tile, halo=halo, pad_mode=pad_mode, probabilities=probabilities, threshold=threshold,
+                          mean=mean, std=std, scale=scale, device=device, workers=workers, scheduler=scheduler,
+                          overwrite=overwrite, model_args=model_args, progress=progress)
+    for name, v in (("tile", tile), ("halo", halo)):
+        if isinstance(v, (tuple, list)):
+            raise InputError(f"--{name} {','.join(map(str, v))}: z,y,x values are for volumetric models (unet3d); "
+                             "a 2-D model takes one number")
     check_output(output, overwrite, probabilities)
     src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
     try:
@@ -134,28 +149,21 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
 
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
-         progress, tissue=None, output_level=None, bands=None, reader="auto", tta="none",
+         progress, tissue=None, output_level=None, bands=None, reader="auto", tta=None,
          merge="auto", model_args=None) -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale, **(model_args or {}))
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
                       "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)
-    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device), tta)
+    check_mpp(info, src.meta, os.fspath(input))
+    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device), tta or info.tta)
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
-    if halo == "auto":
-        report = measure_halo(predictor.model, in_channels=src.meta.bands, stride=predictor.stride)
-        log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
-        halo = report.halo
-    parts = global_context(predictor.model)
-    tile = tile or info.tile or 512
-    merge, halo = _merge_mode(merge, parts, tile, halo if halo is not None else (info.halo or 64), predictor.stride)
-    tiles = TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode)
+    tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
+                           pad_mode=pad_mode, bands=src.meta.bands)
+    if threshold is None:
+        threshold = info.threshold if info.threshold is not None else 0.5
     grid = tiles.grid(src.meta.shape, predictor.stride)
-    if parts:
-        warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
-                      f"output cannot equal whole-image inference; using the {merge} merge with halo {halo} "
-                      "(a larger --tile reduces the difference)", NonLocalModelWarning, stacklevel=3)
     active = _tissue_windows(tissue, input, grid, bands=bands, reader=reader) if tissue else None
     done, ran = [0], [0]
 
@@ -177,7 +185,110 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
     writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
-                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1)
+                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1, threshold=threshold)
+
+
+def _volumetric(model, weights, encoder, classes) -> bool:
+    from .models.registry import is_volumetric
+
+    if weights is None or weights == "demo":
+        return is_volumetric(model)
+    return is_volumetric(describe(os.fspath(weights), ModelSpec(arch=model, encoder=encoder, classes=classes)).spec.arch)
+
+
+def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: str = "-", classes: int = 1,
+               tile=None, halo=None, pad_mode: str = "reflect", probabilities: bool = False,
+               threshold: float | None = None, mean=None, std=None, scale=None, device: str = "auto",
+               workers: int | None = None, scheduler=None, overwrite: bool = False, model_args: dict | None = None,
+               progress: Callable[[int, int], None] | None = None) -> RunReport:
+    """Segment a volume (TIFF stack, OME-TIFF with Z, 3-D zarr) with a
+    volumetric model into a ``.zarr`` or TIFF stack, window by window with
+    a halo and mirror padding on every axis. ``tile``/``halo`` are one
+    number or (z, y, x); the halo defaults to the checkpoint's, else the
+    measured receptive field."""
+    from .engine import lazy_segment_volume
+    from .geometry import Grid3, as_triple
+    from .io.volume import VolumeReader, check_volume_output, write_volume
+
+    output = os.fspath(output)
+    check_volume_output(output, overwrite)
+    src = VolumeReader(input)
+    try:
+        info = model_info(model, weights=weights, encoder=encoder, classes=classes, bands=src.meta.bands,
+                          mean=mean, std=std, scale=scale, **(model_args or {}))
+        if not info.trained:
+            warnings.warn(f"no --weights given: {info.spec.arch} has random weights, so the mask is meaningless",
+                          UntrainedModelWarning, stacklevel=2)
+        ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
+        predictor = ref.get()
+        stride = predictor.stride
+        if halo is None:
+            halo = info.halo if info.halo is not None else "auto"
+        if halo == "auto":
+            rep = measure_halo(predictor.model, in_channels=src.meta.bands, stride=stride)
+            log.info("--halo auto: measured receptive-field radius %d px, using halo %d", rep.radius, rep.halo)
+            halo = rep.halo
+        halo3 = as_triple(halo, "halo")
+        if tile is None:
+            tile = info.tile if info.tile is not None else tuple(2 * h + 4 * stride for h in halo3)
+        tile3 = as_triple(tile, "tile")
+        grid = Grid3(src.meta.shape, tile3, halo3, stride)
+        if threshold is None:
+            threshold = info.threshold if info.threshold is not None else 0.5
+        done = [0]
+
+        def on_done(n_run: int, n_skipped: int) -> None:
+            done[0] += n_run
+            if progress:
+                progress(done[0], grid.total_windows)
+
+        arr = lazy_segment_volume(src, ref, grid, Output(probabilities=probabilities, threshold=threshold),
+                                  info.spec.classes, pad_mode=pad_mode, on_done=on_done if scheduler is None else None)
+        attrs = {"source": os.fspath(input), "model": info.spec.arch, "classes": info.spec.classes,
+                 "class_names": list(info.class_names), "probabilities": probabilities, "tile": list(tile3),
+                 "halo": list(halo3)}
+        t0 = time.perf_counter()
+        path = write_volume(output, arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler),
+                            attrs=attrs, spacing=src.meta.spacing, overwrite=overwrite)
+        return RunReport(output=path, shape=src.meta.shape, windows=grid.total_windows,
+                         seconds=time.perf_counter() - t0, tile=tile3, halo=halo3, stride=stride,
+                         windows_run=done[0] if scheduler is None else -1, threshold=threshold)
+    finally:
+        src.close()
+
+
+def _tiling(info: ModelInfo, predictor: Predictor, *, tile, halo, merge, batch_size, pad_mode, bands,
+            stacklevel: int = 4) -> tuple[TileSpec, str]:
+    """The tile, halo and merge a run uses: flags first, then what the
+    checkpoint recommends, then the defaults; ``halo="auto"`` measures the
+    model. A model with global context gets the gaussian merge, with a warning."""
+    if halo == "auto":
+        report = measure_halo(predictor.model, in_channels=bands, stride=predictor.stride)
+        log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
+        halo = report.halo
+    parts = global_context(predictor.model)
+    tile = tile or info.tile or 512
+    merge, halo = _merge_mode(merge, parts, tile, halo if halo is not None else (info.halo or 64), predictor.stride)
+    if parts:
+        warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
+                      f"output cannot equal whole-image inference; using the {merge} merge with halo {halo} "
+                      "(a larger --tile reduces the difference)", NonLocalModelWarning, stacklevel=stacklevel)
+    return TileSpec(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode), merge
+
+
+MPP_TOLERANCE = 0.25
+
+
+def check_mpp(info: ModelInfo, meta: ImageMeta, path: str) -> None:
+    """Refuse an image whose resolution is far from the one the weights
+    were trained at (when both are known)."""
+    if not info.mpp or not meta.mpp:
+        return
+    ratio = meta.mpp / info.mpp
+    if abs(ratio - 1) > MPP_TOLERANCE:
+        raise InputError(f"{path}: the image is read at {meta.mpp:.4g} µm/px, but the weights were trained at "
+                         f"{info.mpp:.4g} µm/px ({ratio:.2f}x): pass --mpp {info.mpp:g} (or the --level that "
+                         "matches) so objects have the size the model learnt")
 
 
 def _merge_mode(merge: str, parts: list[str], tile: int, halo: int, stride: int) -> tuple[str, int]:

@@ -38,8 +38,8 @@ def _halo(text: str):
     if text == "auto":
         return text
     try:
-        return int(text)
-    except ValueError:
+        return _tile(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number of pixels or 'auto', got {text!r}") from None
 
 
@@ -51,6 +51,15 @@ def _model_arg(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def _tile(text: str):
+    vals = _ints(text)
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 3:
+        return vals
+    raise argparse.ArgumentTypeError(f"expected one side or three (z,y,x), got {text!r}")
 
 
 def _none_or_str(text: str):
@@ -93,19 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
     t = r.add_argument_group("tiling")
-    t.add_argument("--tile", type=int, help="window side in px (default 512, or the checkpoint's)")
+    t.add_argument("--tile", type=_tile, help="window side in px (default 512, or the checkpoint's); "
+                   "z,y,x for volumetric models")
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
                    "receptive field first (default 64, or the checkpoint's)")
     t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     t.add_argument("--merge", default="auto", choices=("auto", *MERGE_MODES),
                    help="crop: keep window centres (exact for local models); gaussian: blend windows (nnU-Net); "
                    "auto (default): crop, or gaussian with half-window overlap for models with global context")
-    t.add_argument("--tta", default="none", choices=TTA_MODES,
-                   help="test-time augmentation: average over flips (4 views) or flips and rotations (8)")
+    t.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: average over flips (4 views) or "
+                   "flips and rotations (8); default: what the checkpoint recommends, else none")
     t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
     o = r.add_argument_group("output")
     o.add_argument("--probabilities", action="store_true", help="write float32 probabilities, one band per class")
-    o.add_argument("--threshold", type=float, default=0.5, help="binary threshold (default 0.5)")
+    o.add_argument("--threshold", type=float,
+                   help="binary threshold (default: the one the checkpoint records, else 0.5)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
     o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")
     o.add_argument("--output-level", type=int, help="write the mask on this pyramid level of the input "
@@ -142,6 +153,42 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--in-channels", type=int, default=3, help="input bands (default 3; weights may fix it)")
     h.add_argument("--json", action="store_true", help='print {"radius": ..., "stride": ..., "halo": ...}')
 
+    t = sub.add_parser("train", help="train a model on image/mask pairs from a YAML config (see pipelines/)")
+    t.add_argument("train_config", metavar="CONFIG", help="training YAML, e.g. pipelines/em-membranes.yaml")
+    t.add_argument("-o", "--output", help="run folder for best.pt, last.pt, history.csv/json, curves.png and "
+                   "train.log (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.pt")
+    for flag, typ, what in (("--epochs", int, "epochs"), ("--batch-size", int, "crops per step"),
+                            ("--lr", float, "learning rate"), ("--crop", int, "training crop side in px"),
+                            ("--samples-per-epoch", int, "crops per epoch"), ("--seed", int, "random seed"),
+                            ("--max-minutes", float, "stop after the epoch that passes this wall time"),
+                            ("--augment", str, "none, light, medium or heavy"), ("--loss", str, "loss name"),
+                            ("--device", str, "auto, cpu, cuda"), ("--precision", str, "auto, fp32, fp16, bf16"),
+                            ("--loader-workers", int, "data loader processes")):
+        t.add_argument(flag, type=typ, help=f"{what} (overrides the config)")
+    t.add_argument("--set", dest="sets", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="override any config option (value read as YAML), repeatable")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("eval", help="score weights on images with masks, through the tiled engine")
+    v.add_argument("images", help="an image, or a folder of them")
+    v.add_argument("masks", help="its mask, or a folder of masks with matching names")
+    v.add_argument("--weights", required=True, help="checkpoint from tilerseg train (or any --weights of run)")
+    _input_args(v)
+    v.add_argument("--tile", type=int, help="window side (default: the checkpoint's, else 512)")
+    v.add_argument("--halo", type=_halo, help="halo in px or auto (default: the checkpoint's, else 64)")
+    v.add_argument("--batch-size", type=int, default=4)
+    v.add_argument("--merge", default="auto", choices=("auto", *MERGE_MODES))
+    v.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation (default: the checkpoint's, else none)")
+    v.add_argument("--threshold", type=float, help="binary threshold (default: the checkpoint's, else 0.5)")
+    v.add_argument("--sweep-threshold", action="store_true",
+                   help="score thresholds 0.05..0.95 and report the best (by overall IoU)")
+    v.add_argument("--mask-values", type=_ints, help="mask value of each class (default: as in training)")
+    v.add_argument("--mask-suffix", default="", help="mask names are image names plus this, e.g. _mask")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--workers", type=int)
+    v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}')
+
     p.subcommands = dict(sub.choices)
     d = sub.add_parser("demo", help="segment a synthetic slide with the shipped demo model (no download)")
     d.add_argument("outdir", nargs="?", default="tilerseg-demo", help="folder for slide, mask and preview")
@@ -173,12 +220,14 @@ def cmd_run(a) -> int:
     if a.preview:
         from .preview import write_preview
 
-        write_preview(a.input, report.output, a.preview, threshold=a.threshold, bands=a.bands, reader=a.reader)
+        write_preview(a.input, report.output, a.preview, threshold=report.threshold, bands=a.bands, reader=a.reader)
         print(f"wrote {a.preview}")
-    H, W = report.shape
-    print(f"wrote {report.output}: {W}x{H} px, {report.windows} windows of {report.tile} px "
+    size = "x".join(str(v) for v in reversed(report.shape))
+    unit = "voxels" if len(report.shape) == 3 else "px"
+    tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
+    print(f"wrote {report.output}: {size} {unit}, {report.windows} windows of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
-          f"{report.megapixels_per_second:.2f} Mpx/s")
+          f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s")
     if report.windows_skipped:
         why = "no tissue or all nodata" if a.tissue else "all nodata"
         print(f"skipped {report.windows_skipped} of {report.windows} windows "
@@ -296,7 +345,54 @@ def cmd_halo(a) -> int:
     return 0
 
 
-COMMANDS = {"halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
+def cmd_train(a) -> int:
+    from .train import load_train_config, train
+
+    over = {k: getattr(a, k) for k in ("epochs", "batch_size", "lr", "crop", "samples_per_epoch", "seed",
+                                       "max_minutes", "augment", "loss", "device", "precision", "loader_workers")}
+    over.update(dict(a.sets))
+    cfg = load_train_config(a.train_config, over)
+    out = a.output or os.path.join("runs", os.path.splitext(os.path.basename(a.train_config))[0])
+    res = train(cfg, out, resume=a.resume, progress=False if a.quiet else None)
+    b = res.best_scores
+    print(f"trained {res.epochs_run} epoch(s) in {res.seconds / 60:.1f} min ({res.stopped})")
+    if b:
+        print(f"best epoch {res.best_epoch}: validation IoU {b['iou']:.4f}, Dice {b['dice']:.4f}, "
+              f"pixel error {b['pixel_error']:.4f}")
+    if res.final:
+        f = res.final["scores"]
+        print(f"best.pt with tta {res.final['tta']}, threshold {res.final['threshold']:g}: validation IoU "
+              f"{f['iou']:.4f}, Dice {f['dice']:.4f}, pixel error {f['pixel_error']:.4f}")
+    print(f"wrote {res.best} (run it: tilerseg run IMAGE --weights {res.best} -o mask.ome.tif), {res.last}, "
+          f"history.csv, curves.png")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import json
+
+    from .train import evaluate
+
+    ev, th = evaluate(a.weights, a.images, a.masks, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
+                      merge=a.merge, tta=a.tta, threshold=a.threshold, sweep=a.sweep_threshold, level=a.level,
+                      mpp=a.mpp, bands=a.bands, device=a.device, workers=a.workers, mask_values=a.mask_values,
+                      mask_suffix=a.mask_suffix)
+    rep = ev.report(th)
+    if a.json:
+        print(json.dumps(rep))
+        return 0
+    print(f"{'image':<24}{'IoU':>8}{'Dice':>8}{'pixel error':>13}")
+    for r in rep["images"]:
+        print(f"{r['image'][:23]:<24}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixel_error']:>13.4f}")
+    o = rep["overall"]
+    print(f"{'overall':<24}{o['iou']:>8.4f}{o['dice']:>8.4f}{o['pixel_error']:>13.4f}")
+    print("per class: " + ", ".join(f"{n} IoU {c['iou']:.4f} Dice {c['dice']:.4f}" for n, c in o["per_class"].items()))
+    if "threshold" in rep:
+        print(f"threshold {rep['threshold']:g}" + (" (best of the sweep)" if a.sweep_threshold else ""))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
 
 
 def _parse(argv) -> argparse.Namespace:

@@ -320,3 +320,45 @@ def lazy_image(reader: Reader, chunk: int = 1024):
         else:
             out.append(da.Array(graph, name, chunks=chunks, dtype=bool))
     return out[0], out[1]
+
+
+def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output, classes: int, on_done):
+    from .io.volume import read_padded3
+
+    if hasattr(predictor, "get"):
+        predictor = predictor.get()
+    read, out = grid.window(index)
+    data = read_padded3(reader, read, pad_mode)
+    probs = predictor(data[None])[0]
+    if probs.shape[0] != classes:
+        raise TileError(f"the model gives {probs.shape[0]} classes, {classes} were expected")
+    (hz, hy, hx), sizes = grid.halo, [b - a for a, b in out]
+    probs = probs[:, hz:hz + sizes[0], hy:hy + sizes[1], hx:hx + sizes[2]]
+    if on_done is not None:
+        on_done(1, 0)
+    if output.probabilities:
+        return np.ascontiguousarray(probs)
+    if probs.shape[0] == 1:
+        return (probs[0] >= output.threshold).astype(np.uint8)
+    return probs.argmax(axis=0).astype(np.uint8)
+
+
+def lazy_segment_volume(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect",
+                        on_done: Callable[[int, int], None] | None = None):
+    """The 3-D counterpart of :func:`lazy_segment`: one task per window of
+    ``grid`` (a :class:`~tilerseg.geometry.Grid3`), each reading its
+    mirror-padded window, running the model and returning its centre crop:
+    ``(classes, Z, H, W)`` probabilities or ``(Z, H, W)`` labels."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    if output.merge != "crop":
+        raise TileError("volumes are merged by crop only (3-D models here are local, so crops are exact)")
+    name = "tilerseg-vol-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, output,
+                                      pad_mode)
+    lead = (0,) if output.probabilities else ()
+    dsk = {(name, *lead, *w): (_volume_window, reader, predictor, grid, w, pad_mode, output, classes, on_done)
+           for w in grid.windows()}
+    if output.probabilities:
+        return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
+    return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)

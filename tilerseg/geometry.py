@@ -185,3 +185,60 @@ def pad_index(coords: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.nda
         m = np.mod(coords, period)
         return np.where(m < n, m, period - 1 - m), None
     raise TileError(f"unknown pad mode {mode!r}: use one of {', '.join(PAD_MODES)}")
+
+
+@dataclass(frozen=True)
+class Grid3:
+    """Window grid for a volume of ``shape`` (Z, H, W): the same overlap-tile
+    rule as :class:`Grid` on every axis (``tile``/``halo`` per axis), one
+    window per task (a 3-D window is already a batch's worth of work)."""
+
+    shape: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    halo: tuple[int, int, int]
+    stride: int
+
+    def __post_init__(self) -> None:
+        for t, h in zip(self.tile, self.halo):
+            validate_tile(t, h, self.stride)
+
+    @property
+    def crop(self) -> tuple[int, int, int]:
+        return tuple(t - 2 * h for t, h in zip(self.tile, self.halo))  # type: ignore[return-value]
+
+    @property
+    def n_windows(self) -> tuple[int, int, int]:
+        return tuple(max(1, math.ceil(n / c)) for n, c in zip(self.shape, self.crop))  # type: ignore[return-value]
+
+    @property
+    def total_windows(self) -> int:
+        return int(np.prod(self.n_windows))
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(min(c, n - i * c) for i in range(k))
+                     for n, c, k in zip(self.shape, self.crop, self.n_windows))
+
+    def window(self, index: tuple[int, int, int]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """``(read, out)`` ranges per axis of window ``index``: the read may
+        reach outside the volume (mirror-padded), the output is clipped."""
+        read = tuple((i * c - h, i * c - h + t) for i, c, h, t in zip(index, self.crop, self.halo, self.tile))
+        out = tuple((i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.crop, self.shape))
+        return read, out
+
+    def windows(self) -> Iterator[tuple[int, int, int]]:
+        nz, ny, nx = self.n_windows
+        for z in range(nz):
+            for y in range(ny):
+                for x in range(nx):
+                    yield z, y, x
+
+
+def as_triple(v, name: str) -> tuple[int, int, int]:
+    """``64`` or ``(32, 64, 64)`` as a (z, y, x) triple."""
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * 3
+    t = tuple(int(x) for x in v)
+    if len(t) != 3:
+        raise TileError(f"{name} for a volume is one number or three (z,y,x), got {v!r}")
+    return t  # type: ignore[return-value]

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 from .models import ModelInfo, Normalization, instantiate
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,15 @@ class Predictor:
         import torch
 
         self._views = _tta_views(tta)
+        self.dims = int(getattr(model, "spatial_dims", 2))  # 3 for volumetric models (N, D, H, W, C windows)
+        if self.dims == 3 and len(self._views) > 1:
+            raise InputError("--tta works on 2-D models only")
+        self._format = torch.channels_last if self.dims == 2 else torch.channels_last_3d
 
         self.device = pick_device(device)
         # channels-last: NHWC windows need no transpose, and convolutions run
         # faster in it on CPU (oneDNN) and on tensor-core GPUs
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval().to(self.device, memory_format=self._format)
         self.stride = output_stride(model)
         self._mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device).view(1, -1, 1, 1)
         self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
@@ -113,8 +117,9 @@ class Predictor:
 
         x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device)
         # a (N, C, H, W) view of NHWC memory: channels-last, no copy
-        x = x.permute(0, 3, 1, 2).float().div_(self._scale).sub_(self._mean).div_(self._std)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).float()
+        mean, std = (self._mean, self._std) if self.dims == 2 else (self._mean[..., None], self._std[..., None])
+        x = x.div_(self._scale).sub_(mean).div_(std).contiguous(memory_format=self._format)
         n = x.shape[0]
         if len(self._views) > 1:
             x = torch.cat([_view(x, v) for v in self._views]).contiguous(memory_format=torch.channels_last)

@@ -39,16 +39,19 @@ def gradient_radius(model, *, in_channels: int, stride: int, size: int = 256, ma
     import torch
 
     model = model.eval()
+    dims = int(getattr(model, "spatial_dims", 2))  # 3 for volumetric models: a cube, same rule per axis
+    if dims == 3:
+        size, max_size = min(size, 128), min(max_size, 256)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     size = int(math.ceil(size / stride) * stride)
     while True:
-        x = torch.randn(1, in_channels, size, size, generator=gen, dtype=torch.float32)
+        x = torch.randn(1, in_channels, *(size,) * dims, generator=gen, dtype=torch.float32)
         c = (size // 2 // stride) * stride
         radius, reach = 0, 0
         for p in sorted({0, stride // 2, stride - 1}):
             xi = x.to(device).requires_grad_(True)
-            (grad,) = torch.autograd.grad(model(xi)[0, :, c + p, c + p].sum(), xi)  # no .grad left on the model
+            (grad,) = torch.autograd.grad(model(xi)[(0, slice(None)) + (c + p,) * dims].sum(), xi)  # no .grad kept
             support = np.argwhere(grad[0].abs().sum(0).cpu().numpy() > 0)
             if not len(support):
                 continue
