@@ -119,10 +119,7 @@ class LabelMap:
                              f"{classes} class names: give one mask value per class")
 
     def __call__(self, mask: np.ndarray) -> np.ndarray:
-        m = np.asarray(mask)
-        if m.ndim == 3:
-            m = m[..., 0]
-        m = m.astype(np.int64)
+        m = np.asarray(mask).astype(np.int64)  # one band: (h, w), or (z, y, x) for volumes
         out = np.full(m.shape, IGNORE, np.uint8)
         if self.values is not None:
             for k, v in enumerate(self.values):
@@ -182,7 +179,7 @@ class Source:
         ci = np.minimum(((pad_index(np.arange(x, x + w), W, "reflect")[0] + 0.5) * self.fx).astype(np.int64), mw - 1)
         r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
         m, mvalid = self.mask.read((r0, r1), (c0, c1))
-        lab = self.labels(m)
+        lab = self.labels(m[..., 0] if m.ndim == 3 else m)  # a mask's first band
         if mvalid is not None:
             lab[~mvalid] = IGNORE
         return lab[ri - r0][:, ci - c0]
