@@ -58,6 +58,13 @@ def canonical(name: str) -> str:
     return key
 
 
+VOLUMETRIC = {"unet3d"}  # models that take (z, y, x) windows: run on volumes by the 3-D engine
+
+
+def is_volumetric(name: str) -> bool:
+    return canonical(name) in VOLUMETRIC
+
+
 def is_local(name: str) -> bool:
     return canonical(name) in LOCAL
 
