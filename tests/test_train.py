@@ -50,7 +50,7 @@ model:
   model_args: {{encoder_depth: 3, decoder_channels: [16, 8, 4]}}
 optim: {{lr: 0.01}}
 train: {{epochs: 2, batch_size: 4}}
-infer: {{tile: 128, halo: 72}}
+infer: {{tile: 128, halo: 72, sweep_threshold: true, tta: flips}}
 """
 
 
@@ -187,6 +187,9 @@ def test_train_writes_run_folder_and_self_describing_checkpoint(trained):
     assert info.class_names == ("background", "disc") and info.mask_values == (0, 255)
     assert info.tile == 208 and info.halo == 72  # 128 leaves no crop with halo 72: grown on the stride grid
     assert len(info.normalization.mean) == 3 and info.normalization.scale == 255
+    assert info.tta == "flips" and 0.05 <= info.threshold <= 0.95  # the sweep's pick, loadable weights-only
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["final"]["threshold"] == info.threshold and summary["final"]["tta"] == "flips"
 
 
 def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, discs, tmp_path):

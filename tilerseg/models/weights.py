@@ -119,7 +119,7 @@ def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
         "normalization": {"mean": list(n.mean) if n.mean else None, "std": list(n.std) if n.std else None,
                           "scale": n.scale},
         "class_names": list(info.class_names), "mpp": info.mpp, "tile": info.tile, "halo": info.halo,
-        "threshold": info.threshold, "tta": info.tta,
+        "threshold": float(info.threshold) if info.threshold is not None else None, "tta": info.tta,
         "labels": {"values": list(info.mask_values) if info.mask_values is not None else None,
                    "ignore": info.ignore_value},
         "state_dict": model.state_dict(), **extra,

@@ -20,7 +20,7 @@ from .data import LabelMap, Source, VolumeSource, find_pairs
 from .metrics import IGNORE, confusion, scores
 
 log = logging.getLogger(__name__)
-SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+SWEEP = tuple(round(float(t), 2) for t in np.arange(0.05, 0.96, 0.05))  # plain floats: they go into checkpoints
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Evaluation:
         tot = self.total()
         vals = [scores(tot[i], self.class_names)[monitor] for i in range(len(self.thresholds))]
         vals = [(-v if monitor == "pixel_error" else v) for v in vals]
-        return self.thresholds[int(np.nanargmax(vals))]
+        return float(self.thresholds[int(np.nanargmax(vals))])
 
     def report(self, threshold: float | None = None) -> dict:
         """``{"images": [...], "overall": {...}}`` at ``threshold`` (for one
