@@ -225,9 +225,7 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
         if halo is None:
             halo = info.halo if info.halo is not None else "auto"
         if halo == "auto":
-            rep = measure_halo(predictor.model, in_channels=src.meta.bands, stride=stride)
-            log.info("--halo auto: measured receptive-field radius %d px, using halo %d", rep.radius, rep.halo)
-            halo = rep.halo
+            halo = _measured_halo(predictor, src.meta.bands)
         halo3 = as_triple(halo, "halo")
         if tile is None:
             tile = info.tile if info.tile is not None else tuple(2 * h + 4 * stride for h in halo3)
@@ -257,15 +255,20 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
         src.close()
 
 
+def _measured_halo(predictor: Predictor, bands: int) -> int:
+    """``--halo auto``: the model's measured receptive field, on the stride grid."""
+    report = measure_halo(predictor.model, in_channels=bands, stride=predictor.stride)
+    log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
+    return report.halo
+
+
 def _tiling(info: ModelInfo, predictor: Predictor, *, tile, halo, merge, batch_size, pad_mode, bands,
             stacklevel: int = 4) -> tuple[TileSpec, str]:
     """The tile, halo and merge a run uses: flags first, then what the
     checkpoint recommends, then the defaults; ``halo="auto"`` measures the
     model. A model with global context gets the gaussian merge, with a warning."""
     if halo == "auto":
-        report = measure_halo(predictor.model, in_channels=bands, stride=predictor.stride)
-        log.info("--halo auto: measured receptive-field radius %d px, using halo %d", report.radius, report.halo)
-        halo = report.halo
+        halo = _measured_halo(predictor, bands)
     parts = global_context(predictor.model)
     tile = tile or info.tile or 512
     merge, halo = _merge_mode(merge, parts, tile, halo if halo is not None else (info.halo or 64), predictor.stride)

@@ -22,21 +22,28 @@ def run_options() -> list[str]:
             if p.kind is p.KEYWORD_ONLY and n not in ("progress",)]
 
 
-def load_run_config(path) -> dict[str, Any]:
-    """Read ``path`` and return ``{option: value}`` for :func:`tilerseg.run`."""
+def read_mapping(path: str, what: str, where: str = "path") -> dict:
+    """The YAML mapping in ``path`` (under a top-level ``what`` key if there
+    is one); a missing file, bad YAML or a non-mapping is one clear line."""
     import yaml
 
-    path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such config file; check the --config path")
+        raise InputError(f"{path}: no such config file; check the {where}")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
-    raw = raw.get("run", raw) if isinstance(raw, dict) else raw
+    raw = raw.get(what, raw) if isinstance(raw, dict) else raw
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of run options")
+        raise InputError(f"{path}: expected a mapping of {what} options")
+    return raw
+
+
+def load_run_config(path) -> dict[str, Any]:
+    """Read ``path`` and return ``{option: value}`` for :func:`tilerseg.run`."""
+    path = os.fspath(path)
+    raw = read_mapping(path, "run", "--config path")
     valid = run_options()
     out = {}
     for key, value in raw.items():

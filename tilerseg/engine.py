@@ -336,11 +336,7 @@ def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output
     probs = probs[:, hz:hz + sizes[0], hy:hy + sizes[1], hx:hx + sizes[2]]
     if on_done is not None:
         on_done(1, 0)
-    if output.probabilities:
-        return np.ascontiguousarray(probs)
-    if probs.shape[0] == 1:
-        return (probs[0] >= output.threshold).astype(np.uint8)
-    return probs.argmax(axis=0).astype(np.uint8)
+    return _finish(np.ascontiguousarray(probs), None, output)
 
 
 def lazy_segment_volume(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect",

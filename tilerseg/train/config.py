@@ -110,22 +110,13 @@ def options() -> list[str]:
 
 def load_train_config(path=None, overrides: dict | None = None) -> TrainConfig:
     """Read ``path`` (YAML), apply ``overrides`` and validate."""
-    import yaml
+    from ..config import read_mapping
 
     raw: dict = {}
     base = os.getcwd()
     if path is not None:
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise InputError(f"{path}: no such config file; check the path")
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
-        if not isinstance(loaded, dict):
-            raise InputError(f"{path}: expected a mapping of training options")
-        loaded = loaded.get("train_config", loaded)
+        loaded = read_mapping(path, "train_config")
         for key, value in loaded.items():
             if key in SECTIONS and isinstance(value, dict):
                 raw.update(value)

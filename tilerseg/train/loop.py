@@ -418,8 +418,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | N
         log.info("done after epoch %d (%s); best %s %.4f at epoch %d -> %s", epoch, stopped, cfg.monitor,
                  best if best is not None else float("nan"), best_epoch, best_path)
         return TrainResult(run_dir=run_dir, best=best_path, last=last_path, best_epoch=best_epoch,
-                           best_scores={k: v for k, v in best_scores.items() if k != "per_class"} |
-                           {"per_class": best_scores.get("per_class", {})},
+                           best_scores={"per_class": {}, **best_scores},
                            epochs_run=epoch - start + 1, seconds=time.perf_counter() - t_start,
                            stopped=stopped, threshold=threshold, final=final)
     finally:
