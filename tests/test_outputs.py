@@ -26,7 +26,7 @@ def _write(path, arr, meta, *, probabilities=False, classes=3, names=("backgroun
 
     a = da.from_array(arr, chunks=(arr.shape[0], 1024, 1024) if arr.ndim == 3 else (1024, 1024))
     Writer(str(path), OutputInfo(meta=meta, probabilities=probabilities, classes=classes,
-                                 class_names=names)).write(a, lambda x, z: compute_into(x, z, workers=2))
+                                 class_names=names)).write(a, lambda x, z, marks: compute_into(x, z, workers=2))
 
 
 def test_ome_tiff_opens_in_openslide_with_levels_and_mpp(tmp_path):

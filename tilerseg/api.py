@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .engine import MERGE_MODES, Output, TileSpec, compute_into, lazy_image, lazy_segment
+from .engine import MERGE_MODES, Output, StoreStats, TileSpec, compute_into, lazy_image, lazy_segment, segment_plan, store_plan
 from .errors import InputError, ModelError
 from .infer import Predictor, cached_predictor, pick_device, resolve_normalization
 from .io import open_reader, open_writer
@@ -44,9 +44,12 @@ class PredictorRef:
     dtype: str
     device: str
     tta: str = "none"
+    precision: str = "fp32"
+    compile: bool = False
 
     def get(self) -> Predictor:
-        return cached_predictor(self.info, self.bands, self.dtype, self.device, self.tta)
+        return cached_predictor(self.info, self.bands, self.dtype, self.device, self.tta, self.precision,
+                                self.compile)
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,13 @@ class RunReport:
     note: str = ""
     windows_run: int = -1
     threshold: float = 0.5
+    windows_resumed: int = 0
 
     @property
     def windows_skipped(self) -> int:
-        """Windows not run: no tissue, or all nodata."""
-        return self.windows - self.windows_run if self.windows_run >= 0 else 0
+        """Windows not run: no tissue, or all nodata (not counting those of
+        blocks an earlier run finished)."""
+        return max(0, self.windows - self.windows_run - self.windows_resumed) if self.windows_run >= 0 else 0
 
     @property
     def megapixels_per_second(self) -> float:
@@ -105,7 +110,8 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         level: int | None = None, mpp: float | None = None, bands=None, reader: str = "auto", mean=None, std=None, scale=None,
         device: str = "auto", workers: int | None = None, scheduler=None, overwrite: bool = False,
         tissue: str | None = None, output_level: int | None = None, tta: str | None = None, merge: str = "auto",
-        model_args: dict | None = None, progress: Callable[[int, int], None] | None = None) -> RunReport:
+        model_args: dict | None = None, progress: Callable[[int, int], None] | None = None,
+        resume: bool = False, precision: str = "fp32", compile: bool = False) -> RunReport:
     """Segment ``input`` into ``output`` chunk by chunk: .zarr (OME-Zarr),
     .ome.tif, .tif (COG when georeferenced), .png, .geojson or .gpkg.
 
@@ -120,7 +126,12 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
     "auto": crop, or gaussian with half-window overlap for a model with
     global context (the run says so). ``model_args`` are extra builder
     arguments (``encoder_depth=3``, TernausNet's ``num_filters=16``...).
-    ``progress(done, total)`` is called as windows finish (local runs)."""
+    ``progress(done, total)`` is called as windows finish.
+    ``scheduler``: a dask scheduler address or ``distributed.Client``
+    (default: threads in this process). ``resume`` continues an unfinished
+    run of the same settings into the same output, computing only the
+    blocks it had not finished. ``precision`` (fp32, fp16, bf16) runs the
+    model under autocast; ``compile`` wraps it in ``torch.compile``."""
     output = os.fspath(output)
     if _volumetric(model, weights, encoder, classes):
         if any(v is not None for v in (level, mpp, bands, tissue, output_level)) or (tta or "none") != "none":
@@ -129,7 +140,7 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
         return run_volume(input, output, model=model, weights=weights, encoder=encoder, classes=classes,
                           tile=tile, halo=halo, pad_mode=pad_mode, probabilities=probabilities, threshold=threshold,
                           mean=mean, std=std, scale=scale, device=device, workers=workers, scheduler=scheduler,
-                          overwrite=overwrite, model_args=model_args, progress=progress)
+                          overwrite=overwrite, model_args=model_args, progress=progress, precision=precision)
     for name, v in (("tile", tile), ("halo", halo)):
         if isinstance(v, (tuple, list)):
             raise InputError(f"--{name} {','.join(map(str, v))}: z,y,x values are for volumetric models (unet3d); "
@@ -142,7 +153,8 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
                     probabilities=probabilities, threshold=threshold, mean=mean, std=std, scale=scale,
                     device=device, workers=workers, scheduler=scheduler, overwrite=overwrite, progress=progress,
                     tissue=tissue, output_level=output_level, bands=bands, reader=reader, tta=tta, merge=merge,
-                    model_args=model_args)
+                    model_args=model_args, resume=resume, precision=precision, compile=compile, level=level,
+                    mpp=mpp)
     finally:
         src.close()
 
@@ -150,14 +162,16 @@ def run(input, output, *, model: str = "unet", weights=None, encoder: str = "res
 def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, encoder_weights, tile, halo,
          batch_size, pad_mode, probabilities, threshold, mean, std, scale, device, workers, scheduler, overwrite,
          progress, tissue=None, output_level=None, bands=None, reader="auto", tta=None,
-         merge="auto", model_args=None) -> RunReport:
+         merge="auto", model_args=None, resume=False, precision="fp32", compile=False, level=None,
+         mpp=None) -> RunReport:
     info = model_info(model, weights=weights, encoder=encoder, classes=classes, encoder_weights=encoder_weights,
                       bands=src.meta.bands, mean=mean, std=std, scale=scale, **(model_args or {}))
     if not info.trained:
         warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
                       "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=3)
     check_mpp(info, src.meta, os.fspath(input))
-    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device), tta or info.tta)
+    ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device), tta or info.tta,
+                       precision, compile)
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
     tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
                            pad_mode=pad_mode, bands=src.meta.bands)
@@ -165,27 +179,48 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
         threshold = info.threshold if info.threshold is not None else 0.5
     grid = tiles.grid(src.meta.shape, predictor.stride)
     active = _tissue_windows(tissue, input, grid, bands=bands, reader=reader) if tissue else None
-    done, ran = [0], [0]
-
-    def on_done(n_run: int, n_skipped: int) -> None:
-        done[0] += n_run + n_skipped
-        ran[0] += n_run
-        if progress:
-            progress(done[0], grid.total_windows)
-
     out = Output(probabilities=probabilities, threshold=threshold, merge=merge)
-    arr = lazy_segment(src, ref, grid, tiles, out, info.spec.classes,
-                       on_done=on_done if scheduler is None else None, active=active)
+    plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
     target = output_grid(src.meta, output_level)
+    stamp = fingerprint(input, info, tiles=tiles, grid=grid, output=out, tta=ref.tta, precision=precision,
+                        level=level, mpp=mpp, bands=bands, reader=reader, output_level=output_level, active=active)
     writer = open_writer(output, OutputInfo(meta=src.meta, probabilities=probabilities, classes=info.spec.classes,
                                             class_names=info.class_names, source=os.fspath(input),
                                             model=f"{info.spec.arch}/{info.spec.encoder}", target=target),
-                         overwrite=overwrite)
+                         overwrite=overwrite, resume=resume, fingerprint=stamp)
     t0 = time.perf_counter()
-    writer.write(arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler))
+    stats: StoreStats = writer.write(plan, lambda p, z, marks: store_plan(
+        p, z, workers=workers, scheduler=scheduler, marks=marks, progress=progress))
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiles.tile, halo=tiles.halo, stride=predictor.stride,
-                     note=src.meta.note, windows_run=ran[0] if scheduler is None else -1, threshold=threshold)
+                     note=src.meta.note, windows_run=stats.windows_run, threshold=threshold,
+                     windows_resumed=stats.windows_resumed)
+
+
+def fingerprint(input, info: ModelInfo, **settings) -> dict:
+    """What makes two runs produce the same output: the input and weights
+    files (path, size, modification time), the model and every setting.
+    ``--resume`` continues an unfinished run only when these agree."""
+    import hashlib
+    import json
+
+    def stat(path):
+        try:
+            st = os.stat(path)
+            return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+        except (OSError, TypeError, ValueError):
+            return [repr(path)]
+
+    active = settings.pop("active", None)
+    readable = {k: repr(v) for k, v in settings.items()}
+    readable["input"] = stat(os.fspath(input)) if isinstance(input, (str, os.PathLike)) else [repr(input)]
+    readable["model"] = repr(info.spec)
+    readable["weights"] = stat(info.weights) if info.weights else None
+    readable["checkpoint"] = repr(replace(info, weights=None))
+    readable["tissue"] = hashlib.sha256(np.ascontiguousarray(active).tobytes()).hexdigest() \
+        if active is not None else None
+    text = json.dumps(readable, sort_keys=True, default=str)
+    return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "settings": readable}
 
 
 def _volumetric(model, weights, encoder, classes) -> bool:
@@ -200,13 +235,13 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
                tile=None, halo=None, pad_mode: str = "reflect", probabilities: bool = False,
                threshold: float | None = None, mean=None, std=None, scale=None, device: str = "auto",
                workers: int | None = None, scheduler=None, overwrite: bool = False, model_args: dict | None = None,
-               progress: Callable[[int, int], None] | None = None) -> RunReport:
+               progress: Callable[[int, int], None] | None = None, precision: str = "fp32") -> RunReport:
     """Segment a volume (TIFF stack, OME-TIFF with Z, 3-D zarr) with a
     volumetric model into a ``.zarr`` or TIFF stack, window by window with
     a halo and mirror padding on every axis. ``tile``/``halo`` are one
     number or (z, y, x); the halo defaults to the checkpoint's, else the
     measured receptive field."""
-    from .engine import lazy_segment_volume
+    from .engine import volume_plan
     from .geometry import Grid3, as_triple
     from .io.volume import VolumeReader, check_volume_output, write_volume
 
@@ -219,7 +254,8 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
         if not info.trained:
             warnings.warn(f"no --weights given: {info.spec.arch} has random weights, so the mask is meaningless",
                           UntrainedModelWarning, stacklevel=2)
-        ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device))
+        ref = PredictorRef(info, src.meta.bands, np.dtype(src.meta.dtype).str, pick_device(device),
+                           precision=precision)
         predictor = ref.get()
         stride = predictor.stride
         if halo is None:
@@ -233,24 +269,19 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
         grid = Grid3(src.meta.shape, tile3, halo3, stride)
         if threshold is None:
             threshold = info.threshold if info.threshold is not None else 0.5
-        done = [0]
-
-        def on_done(n_run: int, n_skipped: int) -> None:
-            done[0] += n_run
-            if progress:
-                progress(done[0], grid.total_windows)
-
-        arr = lazy_segment_volume(src, ref, grid, Output(probabilities=probabilities, threshold=threshold),
-                                  info.spec.classes, pad_mode=pad_mode, on_done=on_done if scheduler is None else None)
+        plan = volume_plan(src, ref, grid, Output(probabilities=probabilities, threshold=threshold),
+                           info.spec.classes, pad_mode=pad_mode)
         attrs = {"source": os.fspath(input), "model": info.spec.arch, "classes": info.spec.classes,
                  "class_names": list(info.class_names), "probabilities": probabilities, "tile": list(tile3),
                  "halo": list(halo3)}
         t0 = time.perf_counter()
-        path = write_volume(output, arr, lambda a, z: compute_into(a, z, workers=workers, scheduler=scheduler),
-                            attrs=attrs, spacing=src.meta.spacing, overwrite=overwrite)
+        stats = []
+        path = write_volume(output, plan, lambda p, z: stats.append(store_plan(
+            p, z, workers=workers, scheduler=scheduler, progress=progress)), attrs=attrs, spacing=src.meta.spacing,
+            overwrite=overwrite)
         return RunReport(output=path, shape=src.meta.shape, windows=grid.total_windows,
                          seconds=time.perf_counter() - t0, tile=tile3, halo=halo3, stride=stride,
-                         windows_run=done[0] if scheduler is None else -1, threshold=threshold)
+                         windows_run=stats[0].windows_run, threshold=threshold)
     finally:
         src.close()
 

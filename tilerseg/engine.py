@@ -117,13 +117,12 @@ def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles:
     return out[:, :oh, :ow], valid, len(offsets)
 
 
-def _block(reader, predictor, grid, region, tiles, output: Output, classes: int, active, on_done):
+def _block(reader, predictor, grid, region, tiles, output: Output, classes: int, active):
+    """One crop-merge task: ``(chunk, windows run, windows skipped)``."""
     if hasattr(predictor, "get"):  # a picklable reference, resolved once per worker
         predictor = predictor.get()
     probs, valid, n_run = predict_region(reader, predictor, grid, region, tiles, classes, active)
-    if on_done is not None:
-        on_done(n_run, len(region.windows) - n_run)
-    return _finish(probs, valid, output)
+    return _finish(probs, valid, output), n_run, len(region.windows) - n_run
 
 
 def _finish(probs: np.ndarray, valid: np.ndarray | None, output: Output) -> np.ndarray:
@@ -152,10 +151,10 @@ def gaussian_map(tile: int) -> np.ndarray:
     return np.maximum(g, g[g > 0].min()).astype(np.float32)
 
 
-def _blend_part(reader, predictor, grid, region, tiles, classes: int, active, on_done):
+def _blend_part(reader, predictor, grid, region, tiles, classes: int, active):
     """Gaussian merge, first half: run a region's windows whole and return
     the weighted sum, the weight and the validity over the region's read
-    area (the output area grown by the halo)."""
+    area (the output area grown by the halo), and the windows run and skipped."""
     if hasattr(predictor, "get"):
         predictor = predictor.get()
     T = grid.tile
@@ -168,20 +167,21 @@ def _blend_part(reader, predictor, grid, region, tiles, classes: int, active, on
         for y, x, p in _run_windows(predictor, data, offsets, T, tiles.batch_size, classes):
             num[:, y:y + T, x:x + T] += p * g
             den[y:y + T, x:x + T] += g
-    if on_done is not None:
-        on_done(len(offsets), len(region.windows) - len(offsets))
-    return num, den, valid
+    return num, den, valid, len(offsets), len(region.windows) - len(offsets)
 
 
-def _blend(parts, regions, region: Region, output: Output, classes: int, halo: int) -> np.ndarray:
+def _blend(parts, regions, region: Region, output: Output, classes: int, halo: int, counted=()):
     """Gaussian merge, second half: add the neighbouring regions' parts over
     this region's output area, divide by the weight (background where no
-    window ran) and finish as a crop-merge chunk would."""
+    window ran) and finish as a crop-merge chunk would. The windows of the
+    parts at ``counted`` positions are this task's to report."""
     (r0, r1), (c0, c1) = region.out_rows, region.out_cols
     num = np.zeros((classes, r1 - r0, c1 - c0), np.float32)
     den = np.zeros((r1 - r0, c1 - c0), np.float32)
     valid = None
-    for (pn, pd, pv), other in zip(parts, regions):
+    n_run = sum(parts[i][3] for i in counted)
+    n_skipped = sum(parts[i][4] for i in counted)
+    for (pn, pd, pv, _, _), other in zip(parts, regions):
         (a0, _), (b0, _) = other.read_rows, other.read_cols
         y0, y1 = max(r0, a0), min(r1, a0 + pd.shape[0])
         x0, x1 = max(c0, b0), min(c1, b0 + pd.shape[1])
@@ -196,55 +196,116 @@ def _blend(parts, regions, region: Region, output: Output, classes: int, halo: i
     probs = background(classes, den.shape)
     hit = den > 0
     probs[:, hit] = num[:, hit] / den[hit]
-    return _finish(probs, valid, output)
+    return _finish(probs, valid, output), n_run, n_skipped
 
 
-def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
-                 on_done: Callable[[int, int], None] | None = None, active: np.ndarray | None = None):
-    """A lazy dask array of the segmentation: ``(classes, H, W)`` float32
-    probabilities or ``(H, W)`` uint8 labels, one chunk per task.
+class Plan:
+    """A segmentation as output blocks: what :func:`lazy_segment` computes,
+    in the form :func:`store_plan` stores block by block, skipping blocks
+    already finished (resume) and counting the windows each block ran.
+
+    ``blocks`` maps each block index to the output region it fills (a
+    tuple of slices of the output array); ``build(pending)`` gives the
+    dask graph computing the pending blocks and, per block, the key of a
+    task returning ``(chunk, windows run, windows skipped)``."""
+
+    def __init__(self, name: str, shape, chunks, dtype, blocks: dict, windows: dict, build, lead: tuple = ()):
+        self.name, self.shape, self.chunks, self.dtype = name, tuple(shape), tuple(chunks), np.dtype(dtype)
+        self.blocks, self.windows, self.build, self.lead = blocks, windows, build, lead
+
+    @property
+    def total_windows(self) -> int:
+        return int(sum(self.windows.values()))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def graph(self, pending) -> tuple[dict, dict]:
+        return self.build(list(pending))
+
+    def array(self):
+        """The whole result as a lazy dask array, one chunk per block."""
+        import operator
+
+        import dask.array as da
+
+        dsk, keys = self.graph(self.blocks)
+        for b, key in keys.items():
+            dsk[(self.name, *self.lead, *b)] = (operator.getitem, key, 0)
+        return da.Array(dsk, self.name, chunks=self.chunks, dtype=self.dtype)
+
+
+def segment_plan(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
+                 active: np.ndarray | None = None) -> Plan:
+    """The blocks of a 2-D segmentation: ``(classes, H, W)`` float32
+    probabilities or ``(H, W)`` uint8 labels, one block per task.
 
     ``active`` (booleans per window, ``grid.n_windows``) skips windows: they
-    are written as background. ``on_done(run, skipped)`` counts windows."""
-    import dask.array as da
+    are written as background."""
     from dask.base import tokenize
 
+    if output.merge not in MERGE_MODES:
+        raise TileError(f"unknown merge {output.merge!r}: use {' or '.join(MERGE_MODES)}")
     # id(): two in-memory arrays of one shape share the path "<array>"
     name = "tilerseg-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, tiles, output,
                                   active)
+    raw = name + "-block"
     lead = (0,) if output.probabilities else ()
-    if output.merge == "gaussian":
-        dsk = _blend_graph(name, lead, reader, predictor, grid, tiles, output, classes, active, on_done)
-    elif output.merge == "crop":
-        dsk = {(name, *lead, *r.block): (_block, reader, predictor, grid, r, tiles, output, classes, active, on_done)
-               for r in grid.regions()}
-    else:
-        raise TileError(f"unknown merge {output.merge!r}: use {' or '.join(MERGE_MODES)}")
-    if output.probabilities:
-        return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
-    return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)
+    regions = {r.block: r for r in grid.regions()}
+    pre = (slice(None),) if output.probabilities else ()
+    blocks = {b: (*pre, slice(*r.out_rows), slice(*r.out_cols)) for b, r in regions.items()}
+    windows = {b: len(r.windows) for b, r in regions.items()}
+
+    def build(pending):
+        if output.merge == "gaussian":
+            return _blend_graph(raw, pending, reader, predictor, grid, tiles, output, classes, active)
+        dsk = {(raw, *b): (_block, reader, predictor, grid, regions[b], tiles, output, classes, active)
+               for b in pending}
+        return dsk, {b: (raw, *b) for b in pending}
+
+    chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
+    return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
+                blocks, windows, build, lead)
 
 
-def _blend_graph(name, lead, reader, predictor, grid: Grid, tiles, output, classes, active, on_done) -> dict:
+def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
+                 active: np.ndarray | None = None):
+    """A lazy dask array of the segmentation: ``(classes, H, W)`` float32
+    probabilities or ``(H, W)`` uint8 labels, one chunk per task (see
+    :func:`segment_plan`)."""
+    return segment_plan(reader, predictor, grid, tiles, output, classes, active).array()
+
+
+def _blend_graph(name, pending, reader, predictor, grid: Grid, tiles, output, classes, active) -> tuple[dict, dict]:
     """Two tasks per block: run its windows (weighted, over the output
     area grown by the halo), then sum the neighbours that reach it. A
     neighbour reaches a block when the halo spans into it, so only
     ``ceil(halo / block)`` blocks around are read; parts are freed as soon
-    as their neighbours are done, keeping memory to a few block rows."""
+    as their neighbours are done, keeping memory to a few block rows.
+    Each part's windows are reported by the first pending block using it."""
     import math
 
     part = name + "-part"
     nby, nbx = grid.n_blocks
     reach = max(1, math.ceil(grid.halo / min(grid.block_shape)))
-    dsk = {(part, *r.block): (_blend_part, reader, predictor, grid, r, tiles, classes, active, on_done)
-           for r in grid.regions()}
-    for r in grid.regions():
-        by, bx = r.block
-        near = [grid.region(y, x) for y in range(max(0, by - reach), min(nby, by + reach + 1))
-                for x in range(max(0, bx - reach), min(nbx, bx + reach + 1))]
-        dsk[(name, *lead, by, bx)] = (_blend, [(part, *o.block) for o in near], near, r, output, classes,
-                                      grid.halo)
-    return dsk
+    owner: dict = {}
+    near_of = {}
+    for by, bx in pending:
+        near_of[by, bx] = [grid.region(y, x) for y in range(max(0, by - reach), min(nby, by + reach + 1))
+                           for x in range(max(0, bx - reach), min(nbx, bx + reach + 1))]
+        for o in near_of[by, bx]:
+            owner.setdefault(o.block, (by, bx))
+    dsk = {(part, *b): (_blend_part, reader, predictor, grid, grid.region(*b), tiles, classes, active)
+           for b in owner}
+    keys = {}
+    for b in pending:
+        near = near_of[b]
+        counted = tuple(i for i, o in enumerate(near) if owner[o.block] == b)
+        dsk[(name, *b)] = (_blend, [(part, *o.block) for o in near], near, grid.region(*b), output, classes,
+                           grid.halo, counted)
+        keys[b] = (name, *b)
+    return dsk, keys
 
 
 def default_workers() -> int:
@@ -288,6 +349,150 @@ def compute_into(array, target, *, workers: int | None = None, scheduler=None) -
             client.close()
 
 
+@dataclass(frozen=True)
+class ChunkMarks:
+    """Which output blocks have landed: one empty file per finished block
+    (``by.bx`` or ``z.y.x``) in ``root``, a folder or any fsspec URL that
+    every worker can reach. A file appears only after its block is stored,
+    and an empty file is written whole or not at all, so after a crash the
+    marks name exactly the blocks that need no recomputing."""
+
+    root: str
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.root)
+
+    def mark(self, block: tuple) -> None:
+        fs, path = self._fs()
+        fs.touch(f"{path}/{'.'.join(map(str, block))}")
+
+    def done(self) -> set[tuple]:
+        fs, path = self._fs()
+        if not fs.exists(path):
+            return set()
+        out = set()
+        for p in fs.ls(path, detail=False):
+            try:
+                out.add(tuple(int(v) for v in p.rstrip("/").rsplit("/", 1)[-1].split(".")))
+            except ValueError:
+                continue
+        return out
+
+    def clear(self) -> None:
+        fs, path = self._fs()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+
+
+@dataclass
+class StoreStats:
+    """Windows of one run: all of them, run by the model now, skipped (no
+    tissue or all nodata), and in blocks finished by an earlier run."""
+
+    windows_total: int
+    windows_run: int = 0
+    windows_skipped: int = 0
+    windows_resumed: int = 0
+    blocks_resumed: int = 0
+    blocks_total: int = 0
+
+
+def _store(piece, target, index, marks: ChunkMarks | None, block):
+    chunk, n_run, n_skipped = piece
+    target[index] = chunk
+    if marks is not None:
+        marks.mark(block)
+    return n_run, n_skipped
+
+
+def store_plan(plan: Plan, target, *, workers: int | None = None, scheduler=None, marks: ChunkMarks | None = None,
+               progress: Callable[[int, int], None] | None = None) -> StoreStats:
+    """Compute ``plan`` into ``target`` (a zarr array of its shape) block by
+    block, each task storing its own block, and marking it in ``marks``.
+    Blocks already marked are not computed again. ``progress(done, total)``
+    counts windows as blocks land, on local and distributed runs alike.
+
+    Local runs use dask's threaded scheduler with ``workers`` threads: the
+    model is shared and runs one batch at a time on all cores, while other
+    threads read and write. With a distributed ``scheduler`` (address or
+    Client) tasks run on its workers, each building the model once; a task
+    whose worker dies is rerun on another by the scheduler."""
+    import threading
+
+    from dask.base import tokenize
+
+    done = (marks.done() if marks is not None else set()) & set(plan.blocks)
+    pending = [b for b in plan.blocks if b not in done]
+    stats = StoreStats(windows_total=plan.total_windows, windows_resumed=sum(plan.windows[b] for b in done),
+                       blocks_resumed=len(done), blocks_total=len(plan.blocks))
+    if done:
+        log.info("resuming: %d of %d blocks (%d of %d windows) were finished by an earlier run", len(done),
+                 len(plan.blocks), stats.windows_resumed, stats.windows_total)
+    if not pending:
+        return stats
+    dsk, keys = plan.graph(pending)
+    store = "tilerseg-store-" + tokenize(plan.name, id(target))
+    skeys = []
+    for b in pending:
+        dsk[(store, *b)] = (_store, keys[b], target, plan.blocks[b], marks, b)
+        skeys.append((store, *b))
+    lock = threading.Lock()
+
+    def landed(result) -> None:
+        with lock:
+            stats.windows_run += result[0]
+            stats.windows_skipped += result[1]
+            n = min(stats.windows_total, stats.windows_resumed + stats.windows_run + stats.windows_skipped)
+        if progress:
+            progress(n, stats.windows_total)
+
+    if scheduler is None:
+        _execute_local(dsk, skeys, landed, workers)
+    else:
+        _execute_distributed(dsk, skeys, landed, scheduler)
+    return stats
+
+
+def _execute_local(dsk, keys, landed, workers) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dask.callbacks import Callback
+    from dask.threaded import get
+
+    wanted = set(keys)
+
+    def posttask(key, result, dsk, state, worker_id):
+        if key in wanted:
+            landed(result)
+
+    # our own pool, so that when a task fails we wait for the others in
+    # flight before the caller closes the reader under them (a closed
+    # GDAL dataset read by a live thread segfaults)
+    pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg")
+    try:
+        with Callback(posttask=posttask):
+            get(dsk, keys, pool=pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute_distributed(dsk, keys, landed, scheduler) -> None:
+    from distributed import Client, as_completed
+
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    futures = client.get(dsk, keys, sync=False)
+    try:
+        for fut in as_completed(futures):
+            landed(fut.result())
+    finally:
+        client.cancel(futures)
+        if client is not scheduler:
+            client.close()
+
+
 def _image_part(read, part: str):
     data, valid = read
     if part == "image":
@@ -322,7 +527,7 @@ def lazy_image(reader: Reader, chunk: int = 1024):
     return out[0], out[1]
 
 
-def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output, classes: int, on_done):
+def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output, classes: int):
     from .io.volume import read_padded3
 
     if hasattr(predictor, "get"):
@@ -334,27 +539,34 @@ def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output
         raise TileError(f"the model gives {probs.shape[0]} classes, {classes} were expected")
     (hz, hy, hx), sizes = grid.halo, [b - a for a, b in out]
     probs = probs[:, hz:hz + sizes[0], hy:hy + sizes[1], hx:hx + sizes[2]]
-    if on_done is not None:
-        on_done(1, 0)
-    return _finish(np.ascontiguousarray(probs), None, output)
+    return _finish(np.ascontiguousarray(probs), None, output), 1, 0
 
 
-def lazy_segment_volume(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect",
-                        on_done: Callable[[int, int], None] | None = None):
-    """The 3-D counterpart of :func:`lazy_segment`: one task per window of
+def volume_plan(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect") -> Plan:
+    """The 3-D counterpart of :func:`segment_plan`: one block per window of
     ``grid`` (a :class:`~tilerseg.geometry.Grid3`), each reading its
-    mirror-padded window, running the model and returning its centre crop:
+    mirror-padded window, running the model and keeping its centre crop:
     ``(classes, Z, H, W)`` probabilities or ``(Z, H, W)`` labels."""
-    import dask.array as da
     from dask.base import tokenize
 
     if output.merge != "crop":
         raise TileError("volumes are merged by crop only (3-D models here are local, so crops are exact)")
     name = "tilerseg-vol-" + tokenize(reader.path, id(reader), reader.meta.shape, id(predictor), grid, output,
                                       pad_mode)
+    raw = name + "-block"
     lead = (0,) if output.probabilities else ()
-    dsk = {(name, *lead, *w): (_volume_window, reader, predictor, grid, w, pad_mode, output, classes, on_done)
-           for w in grid.windows()}
-    if output.probabilities:
-        return da.Array(dsk, name, chunks=((classes,), *grid.chunks), dtype=np.float32)
-    return da.Array(dsk, name, chunks=grid.chunks, dtype=np.uint8)
+    pre = (slice(None),) if output.probabilities else ()
+    blocks = {w: (*pre, *(slice(a, b) for a, b in grid.window(w)[1])) for w in grid.windows()}
+
+    def build(pending):
+        dsk = {(raw, *w): (_volume_window, reader, predictor, grid, w, pad_mode, output, classes) for w in pending}
+        return dsk, {w: (raw, *w) for w in pending}
+
+    chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
+    return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
+                blocks, {w: 1 for w in blocks}, build, lead)
+
+
+def lazy_segment_volume(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect"):
+    """:func:`volume_plan` as a lazy dask array."""
+    return volume_plan(reader, predictor, grid, output, classes, pad_mode).array()

@@ -6,6 +6,7 @@ and a lock lets one batch run at a time so that reading and writing in
 other threads overlap the model instead of competing with it for cores."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -50,6 +51,41 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def worker_device(device: str) -> str:
+    """The GPU of this process: ``cuda`` on a dask worker that shares its
+    machine's GPUs with other workers becomes ``cuda:k``, k from the
+    worker's position in its job (the ``-k`` that ``dask worker --nworkers``
+    and dask-jobqueue append to the name), so each worker holds one GPU.
+    Anything else is returned unchanged."""
+    import torch
+
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):
+        return device
+    tail = name.rsplit("-", 1)[-1]
+    return f"cuda:{int(tail) % torch.cuda.device_count()}" if tail.isdigit() else device
+
+
+def _worker_threads() -> None:
+    """On a dask worker, let torch use the worker's threads: the nanny sets
+    OMP_NUM_THREADS=1, which would leave a CPU worker's model on one core."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        n = get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def output_stride(model) -> int:
     """The model's total down-sampling factor: window sides must be multiples."""
     enc = getattr(model, "encoder", None)
@@ -57,6 +93,7 @@ def output_stride(model) -> int:
 
 
 TTA_MODES = ("none", "flips", "d4")
+PRECISIONS = {"fp32": None, "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _tta_views(mode: str) -> list[tuple[bool, int, tuple[int, ...]]]:
@@ -91,10 +128,21 @@ class Predictor:
 
     ``tta`` averages the probabilities over flipped (``flips``: 4 views) or
     flipped and rotated (``d4``: 8 views) copies of each window, each mapped
-    back before averaging; all views go through the model in one batch."""
+    back before averaging; all views go through the model in one batch.
 
-    def __init__(self, model, *, mean, std, scale: float, device: str = "cpu", tta: str = "none"):
+    ``precision`` ``fp16``/``bf16`` runs the model under autocast (output
+    probabilities stay float32); ``compile`` wraps it in ``torch.compile``.
+    On a GPU, windows are copied from pinned memory without blocking, and
+    a batch that runs out of GPU memory is split in halves and retried,
+    once said, and later batches keep to the size that fitted."""
+
+    def __init__(self, model, *, mean, std, scale: float, device: str = "cpu", tta: str = "none",
+                 precision: str = "fp32", compile: bool = False):
         import torch
+
+        if precision not in PRECISIONS:
+            raise ModelError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
 
         self._views = _tta_views(tta)
         self.dims = int(getattr(model, "spatial_dims", 2))  # 3 for volumetric models (N, D, H, W, C windows)
@@ -107,15 +155,41 @@ class Predictor:
         # faster in it on CPU (oneDNN) and on tensor-core GPUs
         self.model = model.eval().to(self.device, memory_format=self._format)
         self.stride = output_stride(model)
+        self._net = torch.compile(self.model) if compile else self.model
+        self.max_batch: int | None = None  # lowered when a batch runs out of GPU memory
         self._mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device).view(1, -1, 1, 1)
         self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
         self._scale = float(scale)
         self._lock = threading.Lock()
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
+        n = len(windows)
+        step = min(n, self.max_batch or n)
+        if step < n:
+            return np.concatenate([self(windows[i:i + step]) for i in range(0, n, step)])
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device)
+        try:
+            return self._run(windows)
+        except torch.OutOfMemoryError:
+            if self.device == "cpu":
+                raise
+            torch.cuda.empty_cache()
+            if n == 1:
+                raise ModelError(f"out of GPU memory on a single {'x'.join(map(str, windows.shape[1:-1]))} window: "
+                                 "use a smaller --tile, --precision fp16/bf16, or a GPU with more memory") from None
+            half = (n + 1) // 2
+            log.warning("out of GPU memory on a batch of %d windows; retrying in batches of %d (a smaller "
+                        "--batch-size avoids the retries)", n, half)
+            self.max_batch = half
+            return self(windows)
+
+    def _run(self, windows: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(windows))
+        if self.device != "cpu":  # pinned memory: the copy to the GPU overlaps the host
+            x = x.pin_memory().to(self.device, non_blocking=True)
         # a (N, C, H, W) view of NHWC memory: channels-last, no copy
         x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).float()
         mean, std = (self._mean, self._std) if self.dims == 2 else (self._mean[..., None], self._std[..., None])
@@ -123,8 +197,11 @@ class Predictor:
         n = x.shape[0]
         if len(self._views) > 1:
             x = torch.cat([_view(x, v) for v in self._views]).contiguous(memory_format=torch.channels_last)
-        with self._lock, torch.inference_mode():
-            logits = self.model(x)
+        dtype = PRECISIONS[self.precision]
+        amp = torch.autocast(self.device.split(":")[0], dtype=getattr(torch, dtype)) if dtype else \
+            contextlib.nullcontext()
+        with self._lock, torch.inference_mode(), amp:
+            logits = self._net(x).float()
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
             if len(self._views) > 1:
                 probs = sum(_view(probs[i * n:(i + 1) * n], v, inverse=True) for i, v in enumerate(self._views))
@@ -133,9 +210,14 @@ class Predictor:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: str = "none") -> Predictor:
-    """One predictor per model, band count, device and TTA mode in each process (worker)."""
+def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: str = "none",
+                     precision: str = "fp32", compile: bool = False) -> Predictor:
+    """One predictor per model, band count, device, TTA mode and precision
+    in each process (worker): the model is built once per worker."""
+    _worker_threads()
+    device = worker_device(device)
     model = instantiate(info)
     mean, std, scale = resolve_normalization(info.normalization, bands, dtype)
     log.debug("built %s/%s on %s", info.spec.arch, info.spec.encoder, device)
-    return Predictor(model, mean=mean, std=std, scale=scale, device=device, tta=tta)
+    return Predictor(model, mean=mean, std=std, scale=scale, device=device, tta=tta, precision=precision,
+                     compile=compile)

@@ -84,46 +84,99 @@ def check_output(path: str, overwrite: bool, probabilities: bool = False) -> Non
 
 
 class Writer:
-    """Write a lazy dask result to ``path`` atomically.
+    """Write a lazy result to ``path`` atomically and resumably.
 
-    ``compute(array, zarr_array)`` is the engine's chunk-by-chunk store."""
+    Work happens in a hidden state folder beside the output,
+    ``.<name>.tilerseg/``: the result's zarr group (``work.zarr``), one
+    mark per finished block (``done/``) and what the run was (``run.json``,
+    its ``fingerprint``). The output is moved into place when complete and
+    the folder removed. When a run fails or is killed, the folder stays;
+    ``resume=True`` with the same fingerprint reopens it and the engine
+    computes only unmarked blocks. Any other run starts it afresh.
 
-    def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False, workers: int = 2):
+    ``compute(source, zarr_array, marks)`` is the engine's block-by-block
+    store (``source`` has ``shape``, ``chunks`` and ``dtype``); its return
+    value is returned by :meth:`write`."""
+
+    def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False, workers: int = 2,
+                 resume: bool = False, fingerprint: dict | None = None):
         self.path = os.path.abspath(os.fspath(path).rstrip("/"))
         self.format = output_format(self.path)
         self.info, self.overwrite, self.workers = info, overwrite, workers
+        self.resume, self.fingerprint = resume, fingerprint
         check_output(self.path, overwrite, info.probabilities)
         head, tail = os.path.split(self.path)
-        tag = uuid.uuid4().hex[:8]
-        self._tmp_zarr = os.path.join(head, f".{tail}.{tag}.partial.zarr")
-        self._tmp_file = os.path.join(head, f".{tail}.{tag}.partial{os.path.splitext(tail)[1]}")
+        self.state = os.path.join(head, f".{tail}.tilerseg")
+        self._tmp_zarr = os.path.join(self.state, "work.zarr")
+        self._tmp_file = os.path.join(self.state, f"out.partial{os.path.splitext(tail)[1]}")
+        self.marks_dir = os.path.join(self.state, "done")
 
-    def write(self, array, compute: Callable) -> None:
+    def _open_state(self, first: str):
+        """The zarr group to compute into: the earlier run's when resuming it
+        (keeping only the array computed block by block), else a new one."""
+        import json
+
         import zarr
 
+        stamp = os.path.join(self.state, "run.json")
+        if self.resume and os.path.exists(stamp):
+            with open(stamp) as f:
+                old = json.load(f)
+            if old.get("fingerprint") != (self.fingerprint or {}).get("fingerprint"):
+                raise OutputError(f"{self.path}: the unfinished run in {self.state} used other settings "
+                                  f"({_differences(old, self.fingerprint or {})}); rerun without --resume to "
+                                  "start over, or with that run's settings")
+            group = zarr.open_group(self._tmp_zarr, mode="r+")
+            for name in [n for n in group.array_keys() if n != first]:
+                del group[name]
+            return group, True
+        if os.path.exists(self.state):
+            log.info("%s: discarding the unfinished run in %s%s", self.path, self.state,
+                     "" if self.resume else " (pass --resume to continue it instead)")
+            shutil.rmtree(self.state)
+        os.makedirs(self.marks_dir)
+        with open(stamp, "w") as f:
+            json.dump(self.fingerprint or {}, f, indent=1, default=str)
+        return zarr.open_group(self._tmp_zarr, mode="w"), False
+
+    def write(self, source, compute: Callable):
+        from ..engine import ChunkMarks
+
+        target = self.info.target
+        first_name = "processed" if target else "0"
+        owned = False
         try:
-            group = zarr.open_group(self._tmp_zarr, mode="w")
-            target = self.info.target
-            first = self._create(group, "processed" if target else "0", array.shape, array.chunks, array.dtype)
-            compute(array, first)
+            group, resumed = self._open_state(first_name)
+            owned = True
+            first = group[first_name] if resumed and first_name in group else \
+                self._create(group, first_name, source.shape, source.chunks, source.dtype)
+            if tuple(first.shape) != tuple(source.shape):
+                raise OutputError(f"{self.path}: the unfinished run in {self.state} has another shape; rerun "
+                                  "without --resume")
+            result = compute(source, first, ChunkMarks(self.marks_dir))
             if target is not None:
                 from .pyramid import upsample_into
 
-                z0 = self._create(group, "0", (*array.shape[:-2], *target.shape), array.chunks, array.dtype)
+                z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype)
                 upsample_into(first, z0, self.info.probabilities, workers=self.workers)
                 del group["processed"]
             self._convert(group)
+            owned = False
+            shutil.rmtree(self.state, ignore_errors=True)
+            return result
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise OutputError(f"{self.path}: disk full while writing; free space on "
-                                  f"{os.path.dirname(self.path)} or write elsewhere") from err
+                                  f"{os.path.dirname(self.path)} and rerun with --resume, or write "
+                                  "elsewhere") from err
             raise
         finally:
-            for p in (self._tmp_zarr, self._tmp_file):
-                if os.path.isdir(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                elif os.path.exists(p):
-                    os.remove(p)
+            if owned:  # failed or interrupted: keep finished blocks worth resuming, else leave nothing
+                if os.path.isdir(self.marks_dir) and os.listdir(self.marks_dir):
+                    log.warning("%s: not finished; the finished blocks are kept in %s: rerun the same command "
+                                "with --resume to compute only the rest", self.path, self.state)
+                else:
+                    shutil.rmtree(self.state, ignore_errors=True)
 
     def _create(self, group, name, shape, chunks, dtype):
         probabilities = self.info.probabilities
@@ -137,6 +190,8 @@ class Writer:
         from .tiffout import write_cog, write_pyramid_tiff
 
         info, m, z0 = self.info, self.info.out_meta, group["0"]
+        if os.path.exists(self._tmp_file):  # left by an interrupted conversion
+            os.remove(self._tmp_file)
         if self.format == "vector":
             from .polygons import write_vector
 
@@ -171,8 +226,16 @@ class Writer:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def open_writer(path, info: OutputInfo, *, overwrite: bool = False) -> Writer:
-    return Writer(path, info, overwrite=overwrite)
+def open_writer(path, info: OutputInfo, *, overwrite: bool = False, resume: bool = False,
+                fingerprint: dict | None = None) -> Writer:
+    return Writer(path, info, overwrite=overwrite, resume=resume, fingerprint=fingerprint)
+
+
+def _differences(old: dict, new: dict) -> str:
+    """The settings that differ between two run stamps, for the error."""
+    a, b = old.get("settings", {}), new.get("settings", {})
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(keys[:6]) if keys else "another input or model file"
 
 
 def vector_transform(meta: ImageMeta) -> tuple[tuple[float, ...] | None, str | None]:
