@@ -81,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tilerseg {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="segment an image into a full-resolution mask")
-    r.add_argument("input", help="slide, TIFF, GeoTIFF, PNG/JPEG or zarr")
+    r = sub.add_parser("run", help="segment images into full-resolution masks")
+    r.add_argument("input", nargs="*", help="slides, TIFFs, GeoTIFFs, PNG/JPEGs or zarrs: one output each")
     r.add_argument("-o", "--output", help="output: .zarr (OME-Zarr), .ome.tif (pyramidal OME-TIFF), .tif (COG "
-                   "for georeferenced inputs), .png, .geojson or .gpkg (polygons); default ./<input>.mask.zarr")
+                   "for georeferenced inputs), .png, .geojson or .gpkg (polygons); or OUTDIR/ for one output "
+                   "per input, <input>.mask.<--format>; default ./<input>.mask.zarr")
+    r.add_argument("--manifest", help="text file, one input per line, optionally followed by its output")
+    r.add_argument("--format", choices=("zarr", "ome.tif", "tif", "png", "geojson", "gpkg"),
+                   help="output type for OUTDIR/ (default zarr)")
+    r.add_argument("--resume", action="store_true", help="skip inputs the ledger (tilerseg-ledger.jsonl) has "
+                   "done, and finish unfinished outputs from their finished blocks instead of starting over")
     r.add_argument("--config", help="YAML of run options (see pipelines/); flags override it")
     _input_args(r)
     m = r.add_argument_group("model")
@@ -125,9 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a mask file (non-zero = tissue)")
     e = r.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="model arithmetic: fp16/bf16 autocast is faster on GPUs (default fp32, exact)")
+    e.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster batches)")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
                    "(default: sized to the machine, 2 to 8)")
-    e.add_argument("--scheduler", help="address of a dask scheduler, e.g. tcp://host:8786")
+    e.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://host:8786")
+    e.add_argument("--cluster", choices=("slurm", "pbs", "lsf"), help="start a batch-queue cluster through "
+                   "dask-jobqueue for this run (with --cluster-config)")
+    e.add_argument("--cluster-config", help="cluster YAML: queue, cores, memory, gpus, walltime, jobs "
+                   "(see pipelines/cluster-slurm-gpu.yaml)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="print size, levels, mpp, CRS, bands and dtype")
@@ -143,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
 
     sub.add_parser("models", help="list the model registry")
+
+    c = sub.add_parser("cluster-script", help="print the batch job script --cluster would submit")
+    c.add_argument("cluster_config", metavar="CONFIG", help="cluster YAML, e.g. pipelines/cluster-slurm-gpu.yaml")
+    c.add_argument("--cluster", choices=("slurm", "pbs", "lsf"), help="override the config's `cluster:` kind")
 
     h = sub.add_parser("halo", help="measure a model's receptive-field radius and recommend a halo")
     h.add_argument("--model", default="unet")
@@ -206,33 +223,68 @@ def _version() -> str:
 
 def cmd_run(a) -> int:
     from .api import run
+    from .batch import plan_jobs, run_jobs
+    from .cluster import connect
+    from .errors import InputError
 
-    output = a.output or os.path.basename(os.fspath(a.input).rstrip("/")).split(".")[0] + ".mask.zarr"
-    progress, bar = _progress(a.quiet)
-    with bar:
-        report = run(a.input, output, model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,
-                     encoder_weights=a.encoder_weights, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
-                     pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
-                     mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
-                     device=a.device, workers=a.workers, scheduler=a.scheduler, overwrite=a.overwrite,
-                     tissue=a.tissue, output_level=a.output_level, tta=a.tta, merge=a.merge,
-                     model_args=dict(a.model_arg) if a.model_arg else None, progress=progress)
+    jobs, ledger = plan_jobs(a.input, a.output, manifest=a.manifest, fmt=a.format)
+    if a.preview and len(jobs) > 1:
+        raise InputError("--preview takes one input (it names one PNG); drop it for batches")
+    options = dict(model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,
+                   encoder_weights=a.encoder_weights, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
+                   pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
+                   mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
+                   device=a.device, workers=a.workers, overwrite=a.overwrite, tissue=a.tissue,
+                   output_level=a.output_level, tta=a.tta, merge=a.merge, resume=a.resume, precision=a.precision,
+                   compile=a.compile, model_args=dict(a.model_arg) if a.model_arg else None)
+    many = len(jobs) > 1
+    number = {(j.input, j.output): k for k, j in enumerate(jobs, start=1)}
+
+    with connect(a.scheduler, a.cluster, a.cluster_config) as scheduler:
+        def one(input, output):
+            if many:
+                print(f"[{number[input, output]}/{len(jobs)}] {input} -> {output}", flush=True)
+            progress, bar = _progress(a.quiet)
+            with bar:
+                return run(input, output, scheduler=scheduler, progress=progress, **options)
+
+        def done(job, entry, report) -> None:
+            if entry["status"] == "failed":
+                print(f"tilerseg: error: {entry['error']}", file=sys.stderr, flush=True)
+            else:
+                _print_report(a, report)
+
+        entries = run_jobs(jobs, ledger, one, resume=a.resume, on_done=done, reraise=a.debug)
+    failed = [e for e in entries if e["status"] == "failed"]
+    if many or a.manifest:
+        print(f"{len(entries) - len(failed)} done, {len(failed)} failed, {len(jobs) - len(entries)} skipped "
+              f"(already done); ledger {ledger}")
+    if failed and many:
+        print(f"tilerseg: {len(failed)} of {len(jobs)} inputs failed (errors above and in the ledger): "
+              + ", ".join(e["input"] for e in failed), file=sys.stderr)
+    return EXIT_ERROR if failed else 0
+
+
+def _print_report(a, report) -> None:
     if a.preview:
         from .preview import write_preview
 
-        write_preview(a.input, report.output, a.preview, threshold=report.threshold, bands=a.bands, reader=a.reader)
+        write_preview(a.input[0] if a.input else report.output, report.output, a.preview,
+                      threshold=report.threshold, bands=a.bands, reader=a.reader)
         print(f"wrote {a.preview}")
     size = "x".join(str(v) for v in reversed(report.shape))
     unit = "voxels" if len(report.shape) == 3 else "px"
     tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
     print(f"wrote {report.output}: {size} {unit}, {report.windows} windows of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
-          f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s")
+          f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
+    if report.windows_resumed:
+        print(f"resumed: {report.windows_resumed} of {report.windows} windows were finished by an earlier run; "
+              f"computed {report.windows_run}")
     if report.windows_skipped:
         why = "no tissue or all nodata" if a.tissue else "all nodata"
         print(f"skipped {report.windows_skipped} of {report.windows} windows "
               f"({report.windows_skipped / report.windows:.1%}): {why}")
-    return 0
 
 
 def _progress(quiet: bool):
@@ -316,6 +368,13 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_cluster_script(a) -> int:
+    from .cluster import cluster_script
+
+    print(cluster_script(a.cluster_config, a.cluster), end="")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import demo
 
@@ -392,7 +451,8 @@ def cmd_eval(a) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo,
+            "cluster-script": cmd_cluster_script}
 
 
 def _parse(argv) -> argparse.Namespace:

@@ -64,7 +64,8 @@ def colormap(classes: int) -> np.ndarray:
     return palette(classes).T.astype(np.uint16) * 257
 
 
-def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, description: str) -> str:
+def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, description: str,
+             uid: str | None = None) -> str:
     import tifffile
 
     K = shape[0] if len(shape) == 3 else 1
@@ -73,14 +74,17 @@ def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, 
         kw.update(PhysicalSizeX=meta.mpp, PhysicalSizeY=meta.mpp)  # µm is OME's default unit
     if channel_names:
         kw["Channel"] = {"Name": list(channel_names)}
-    ome = tifffile.OmeXml()
+    ome = tifffile.OmeXml(**({"UUID": uid} if uid else {}))
     ome.addimage(np.dtype(dtype), (K, *shape[-2:]) if K > 1 else shape[-2:],
                  (K, 1, 1, *shape[-2:], 1), axes="CYX" if K > 1 else "YX", **kw)
     return ome.tostring()
 
 
-def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, ome: bool) -> None:
-    """Write ``levels`` (zarr arrays, finest first) as a tiled pyramidal TIFF."""
+def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, ome: bool,
+                       uid: str | None = None) -> None:
+    """Write ``levels`` (zarr arrays, finest first) as a tiled pyramidal TIFF.
+    ``uid``: the OME UUID (random if None; tilerseg derives it from the
+    run's settings, so that a resumed run writes the same bytes)."""
     import tifffile
 
     z0 = levels[0]
@@ -109,7 +113,7 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
     with tifffile.TiffWriter(path, bigtiff=nbytes * (2 if ome else 1) > 2**31 - 2**26) as tw:
         if ome:
             xml = _ome_xml(z0.shape, z0.dtype, meta, probabilities, kind["class_names"] if probabilities else (),
-                           description)
+                           description, uid)
             put(tw, 0, description=xml, subifds=len(levels) - 1)
             for k in range(1, len(levels)):
                 put(tw, k, subfiletype=1)

@@ -213,7 +213,10 @@ class Writer:
                                                 pixel_size=size, unit=unit),
                                tilerseg=info.kind())
             return self._move(self._tmp_zarr)
-        write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff")
+        uid = None
+        if self.fingerprint and self.fingerprint.get("fingerprint"):
+            uid = str(uuid.uuid5(uuid.NAMESPACE_OID, self.fingerprint["fingerprint"]))
+        write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff", uid=uid)
         return self._move(self._tmp_file)
 
     def _move(self, tmp: str) -> None:

@@ -1,0 +1,173 @@
+"""Resume and fault tolerance: a run killed with SIGKILL continues with
+--resume to the same bytes, a dask worker killed mid-run has its tasks
+rerun elsewhere, and one bad input of a batch fails alone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import cli, data
+
+
+@pytest.fixture(scope="module")
+def big_tiff(tmp_path_factory) -> str:
+    """1800x1800 RGB: a few hundred windows of the tiny model, a run of several seconds."""
+    import tifffile
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:1800, 0:1800]
+    base = (np.sin(yy / 41.0) * np.cos(xx / 29.0) * 90 + 128)[..., None]
+    img = np.clip(base + rng.normal(0, 25, (1800, 1800, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("resume") / "big.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib")
+    return str(path)
+
+
+def _args(src, model):
+    return [src, "--weights", model, "--tile", "256", "--halo", "72", "--batch-size", "1", "--quiet"]
+
+
+def _start(*args) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "tilerseg.cli", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_marks(marks: str, n: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        k = len(os.listdir(marks)) if os.path.isdir(marks) else 0
+        if k >= n:
+            return k
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it was interrupted: {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError("no blocks finished in time")
+
+
+def _ledger(folder) -> list[dict]:
+    with open(os.path.join(folder, "tilerseg-ledger.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(big_tiff, tiny_model_dir, tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("ref") / "ref.ome.tif"
+    r = cli("run", *_args(big_tiff, tiny_model_dir), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_bytes_computing_fewer_windows(tmp_path, big_tiff, tiny_model_dir,
+                                                                        reference):
+    out = tmp_path / "out.ome.tif"
+    marks = str(tmp_path / ".out.ome.tif.tilerseg" / "done")
+    proc = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    _wait_for_marks(marks, 20, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(os.listdir(marks))
+    assert not out.exists()  # nothing that looks like an output
+    assert _ledger(tmp_path) if (tmp_path / "tilerseg-ledger.jsonl").exists() else True
+
+    r = cli("run", *_args(big_tiff, tiny_model_dir), "-o", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout
+    assert out.read_bytes() == reference
+    assert not (tmp_path / ".out.ome.tif.tilerseg").exists()
+    entry = _ledger(tmp_path)[-1]
+    assert entry["status"] == "done" and entry["output"] == str(out)
+    # the blocks finished before the kill (one window each here) were not computed again
+    assert entry["windows_computed"] == entry["windows_total"] - finished
+    assert 0 < entry["windows_computed"] < entry["windows_total"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_keeps_the_unfinished_run(tmp_path, big_tiff, tiny_model_dir):
+    out = tmp_path / "out.zarr"
+    state = tmp_path / ".out.zarr.tilerseg"
+    proc = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    _wait_for_marks(str(state / "done"), 5, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    r = cli("run", *_args(big_tiff, tiny_model_dir), "--threshold", "0.3", "-o", str(out), "--resume")
+    assert r.returncode == 1 and "other settings" in r.stderr and "output" in r.stderr, r.stderr
+    assert state.exists() and not out.exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_tasks_are_retried_and_output_is_identical(tmp_path, big_tiff, tiny_model_dir, reference):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "out.ome.tif"
+    marks = str(tmp_path / ".out.ome.tif.tilerseg" / "done")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        proc = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out), "--scheduler", cluster.scheduler_address)
+        _wait_for_marks(marks, 10, proc)
+        pids = client.run(os.getpid)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert out.read_bytes() == reference
+
+
+def test_manifest_with_a_corrupt_input_writes_the_others_and_exits_nonzero(tmp_path, tiny_model_dir):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{data('rasterio/RGB.byte.tif')}\n"
+                        f"# a comment, and a slide that cannot be decoded:\n{data('openslide/unreadable.svs')}\n"
+                        f"{data('rasterio/cogeo.tif')} named.zarr\n")
+    r = cli("run", "--manifest", str(manifest), "-o", str(tmp_path / "out") + "/", "--weights", tiny_model_dir,
+            "--tile", "256", "--halo", "72", "--quiet")
+    assert r.returncode == 1
+    assert "unreadable.svs" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["RGB.mask.zarr", "tilerseg-ledger.jsonl"]
+    assert (tmp_path / "named.zarr").is_dir()  # a manifest's relative output is beside the manifest
+    entries = _ledger(tmp_path / "out")
+    assert [e["status"] for e in entries] == ["done", "failed", "done"]
+    assert entries[1]["input"].endswith("unreadable.svs") and "corrupt" in entries[1]["error"]
+    for e in entries:
+        assert set(e) >= {"input", "output", "status", "windows_computed", "windows_total", "seconds", "throughput",
+                          "error"}
+    # RGB.byte.tif has nodata margins: their windows are skipped, not computed
+    assert 0 < entries[0]["windows_computed"] < entries[0]["windows_total"] and entries[0]["throughput"] > 0
+
+    # rerun with --resume: the done inputs are skipped, the bad one fails again
+    r = cli("run", "--manifest", str(manifest), "-o", str(tmp_path / "out") + "/", "--weights", tiny_model_dir,
+            "--tile", "256", "--halo", "72", "--quiet", "--resume")
+    assert r.returncode == 1 and "2 skipped" in r.stdout
+    assert [e["status"] for e in _ledger(tmp_path / "out")] == ["done", "failed", "done", "failed"]
+
+
+def test_several_inputs_to_a_folder(tmp_path, tiny_model_dir):
+    r = cli("run", data("rasterio/RGB.byte.tif"), data("rasterio/cogeo.tif"), "-o", str(tmp_path) + "/",
+            "--format", "tif", "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["RGB.mask.tif", "cogeo.mask.tif", "tilerseg-ledger.jsonl"]
+    assert "2 done, 0 failed" in r.stdout
+
+
+def test_cluster_script_prints_a_valid_slurm_script():
+    root = os.path.join(os.path.dirname(__file__), "..", "pipelines", "cluster-slurm-gpu.yaml")
+    r = cli("cluster-script", root)
+    assert r.returncode == 0, r.stderr
+    script = r.stdout
+    assert script.startswith("#!/usr/bin/env bash")
+    directives = [ln for ln in script.splitlines() if ln.startswith("#SBATCH")]
+    for want in ("-p gpu", "--cpus-per-task=16", "-t 12:00:00", "--gres=gpu:2", "-J tilerseg"):
+        assert any(want in d for d in directives), (want, directives)
+    assert "distributed.cli.dask_worker tcp://" in script and "--nworkers 2" in script  # a worker per GPU
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def test_cluster_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("cluster: slurm\ncores: 4\nmemory: 8GB\nqueu: gpu\n")
+    r = cli("cluster-script", str(bad))
+    assert r.returncode == 1 and "unknown key(s) queu" in r.stderr and "Traceback" not in r.stderr

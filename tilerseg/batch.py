@@ -1,0 +1,187 @@
+"""Many inputs in one run: output names, manifests and the ledger.
+
+Each input gets its own output. After each input, one JSON line is
+appended to ``tilerseg-ledger.jsonl`` in the output folder (beside the
+output file for a single input): ``input``, ``output``, ``status``
+(``done`` or ``failed``), ``windows_computed``, ``windows_total``,
+``seconds``, ``throughput`` (Mpx/s, Mvox/s for volumes), ``error``, and
+when it ``finished``. A failed input does not stop the others. With
+``resume``, inputs whose last ledger line is ``done`` (and whose output
+exists) are skipped, and an unfinished output continues where it stopped."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import InputError, TilersegError
+
+log = logging.getLogger(__name__)
+LEDGER = "tilerseg-ledger.jsonl"
+DEFAULT_FORMAT = "zarr"
+FORMATS = ("zarr", "ome.tif", "tif", "png", "geojson", "gpkg")
+
+
+@dataclass(frozen=True)
+class Job:
+    input: str
+    output: str
+
+
+def default_output(input: str, folder: str = "", fmt: str = DEFAULT_FORMAT) -> str:
+    """``<folder>/<input name without extensions>.mask.<fmt>``."""
+    stem = os.path.basename(os.fspath(input).rstrip("/")).split(".")[0] or "input"
+    return os.path.join(folder, f"{stem}.mask.{fmt.lstrip('.')}")
+
+
+def is_folder_output(output: str | None) -> bool:
+    """``-o OUTDIR/``: a trailing slash, or an existing folder that is not a zarr output."""
+    if not output:
+        return False
+    if output.endswith(("/", os.sep)):
+        return True
+    return os.path.isdir(output) and not output.rstrip("/").lower().endswith(".zarr")
+
+
+def read_manifest(path: str) -> list[tuple[str, str | None]]:
+    """``(input, output or None)`` per line of a manifest: one input per
+    line, optionally followed by its output (quote paths with spaces);
+    blank lines and ``#`` comments are ignored. Relative paths are relative
+    to the manifest's folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise InputError(f"--manifest {path}: cannot read it ({err.strerror or err}); give a text file with one "
+                         "input per line") from None
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            parts = shlex.split(line, comments=True)
+        except ValueError as err:
+            raise InputError(f"--manifest {path}, line {n}: {err}; quote paths with spaces") from None
+        if not parts:
+            continue
+        if len(parts) > 2:
+            raise InputError(f"--manifest {path}, line {n}: expected `INPUT [OUTPUT]`, got {len(parts)} fields; "
+                             "quote paths with spaces")
+        resolve = (lambda p: p if "://" in p or os.path.isabs(p) else os.path.join(base, p))
+        out.append((resolve(parts[0]), resolve(parts[1]) if len(parts) == 2 else None))
+    if not out:
+        raise InputError(f"--manifest {path}: no inputs in it")
+    return out
+
+
+def plan_jobs(inputs: list[str], output: str | None, *, manifest: str | None = None,
+              fmt: str | None = None) -> tuple[list[Job], str]:
+    """The ``(input, output)`` pairs of a run and where its ledger goes.
+
+    One input with ``-o FILE``: that file, ledger beside it. Several inputs,
+    a manifest or ``-o OUTDIR/``: one output per input in OUTDIR (``.``
+    by default), named ``<input>.mask.<fmt>`` unless the manifest names it."""
+    pairs: list[tuple[str, str | None]] = [(i, None) for i in inputs]
+    if manifest:
+        pairs += read_manifest(manifest)
+    if not pairs:
+        raise InputError("no input given: name images, or --manifest LIST")
+    if fmt and fmt.lstrip(".") not in FORMATS:
+        raise InputError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    folder_mode = len(pairs) > 1 or manifest is not None or is_folder_output(output)
+    if not folder_mode:
+        single = output or default_output(pairs[0][0], "", fmt or DEFAULT_FORMAT)
+        return [Job(pairs[0][0], single)], os.path.join(os.path.dirname(os.path.abspath(single)), LEDGER)
+    if output and not is_folder_output(output) and os.path.exists(output):
+        raise InputError(f"-o {output}: several inputs need an output folder; give -o OUTDIR/")
+    folder = output or "."
+    os.makedirs(folder, exist_ok=True)
+    jobs, seen = [], {}
+    for inp, out in pairs:
+        path = os.path.abspath(out or default_output(inp, folder, fmt or DEFAULT_FORMAT))
+        if path in seen:
+            raise InputError(f"{inp} and {seen[path]} would both write {path}: give outputs in a manifest "
+                             "(`INPUT OUTPUT` per line)")
+        seen[path] = inp
+        jobs.append(Job(inp, path))
+    return jobs, os.path.join(os.path.abspath(folder), LEDGER)
+
+
+def read_ledger(path: str) -> dict[tuple[str, str], dict]:
+    """The last entry per ``(input, output)``; unreadable lines are skipped
+    (a line cut short by a crash)."""
+    last: dict[tuple[str, str], dict] = {}
+    if not os.path.exists(path):
+        return last
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+                last[(e["input"], e["output"])] = e
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
+def append_ledger(path: str, entry: dict) -> None:
+    """One JSON line, written and flushed at once (a crash loses at most it)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        log.warning("could not write the ledger %s: %s", path, err.strerror or err)
+
+
+def _key(job: Job) -> tuple[str, str]:
+    return os.fspath(job.input), os.fspath(job.output)
+
+
+def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = False,
+             on_done: Callable | None = None, reraise: bool = False) -> list[dict]:
+    """Run ``run(input, output)`` (returning a :class:`~tilerseg.api.RunReport`)
+    for each job, appending a ledger entry per job; errors are recorded,
+    not raised (except an interrupt). ``on_done(job, entry, report)`` is
+    called after each job (``reraise``: a failure is recorded, then raised).
+    Returns the entries of this run, skipped jobs left out."""
+    before = read_ledger(ledger) if resume else {}
+    entries = []
+    for job in jobs:
+        prev = before.get(_key(job))
+        if resume and prev and prev.get("status") == "done" and os.path.exists(job.output):
+            log.info("%s: done in the ledger (%s), skipped", job.input, job.output)
+            continue
+        t0 = time.perf_counter()
+        entry = {"input": _key(job)[0], "output": _key(job)[1]}
+        report = None
+        try:
+            report = run(job.input, job.output)
+            entry.update(status="done", windows_computed=report.windows_run, windows_total=report.windows,
+                         seconds=round(time.perf_counter() - t0, 3),
+                         throughput=round(report.megapixels_per_second, 4), error=None)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # recorded; the next input goes on
+            if isinstance(err, TilersegError):
+                text = str(err)
+            else:
+                text = (f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]} (rerun with "
+                        "--debug for the traceback and report it)")
+                log.debug("%s failed", job.input, exc_info=True)
+            entry.update(status="failed", windows_computed=None, windows_total=None,
+                         seconds=round(time.perf_counter() - t0, 3), throughput=None, error=text)
+            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            append_ledger(ledger, entry)
+            if reraise:
+                raise
+        else:
+            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            append_ledger(ledger, entry)
+        entries.append(entry)
+        if on_done is not None:
+            on_done(job, entry, report)
+    return entries
