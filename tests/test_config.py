@@ -19,6 +19,10 @@ def test_shipped_pipelines_are_valid(path):
 
         cfg = load_train_config(path)
         assert cfg.images and cfg.masks and cfg.classes >= 2, path
+    elif "cluster" in raw:  # a dask-jobqueue cluster: its job script must come out
+        from tilerseg.cluster import cluster_script
+
+        assert cluster_script(path).startswith("#!/usr/bin/env bash"), path
     else:
         cfg = load_run_config(path)
         assert cfg, path
