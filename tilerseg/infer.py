@@ -172,9 +172,8 @@ class Predictor:
         try:
             return self._run(windows)
         except torch.OutOfMemoryError:
-            if self.device == "cpu":
-                raise
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if n == 1:
                 raise ModelError(f"out of GPU memory on a single {'x'.join(map(str, windows.shape[1:-1]))} window: "
                                  "use a smaller --tile, --precision fp16/bf16, or a GPU with more memory") from None
