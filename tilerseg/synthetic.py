@@ -77,30 +77,45 @@ def tile(y0: int, x0: int, h: int, w: int, seed: int = 0, ellipse=None) -> tuple
     return np.clip(rgb, 0, 255).astype(np.uint8), nuc
 
 
+def _tile_rgb(args) -> np.ndarray:
+    """One ``t`` x ``t`` tile of the level reduced ``step`` times, sampled
+    from full-resolution pieces of at most 1024² px (memory stays small)."""
+    y, x, t, step, seed, ell = args
+    if step == 1:
+        return tile(y, x, t, t, seed, ell)[0]
+    out = np.empty((t, t, 3), np.uint8)
+    b = max(1, min(t, 1024 // step))
+    for r in range(0, t, b):
+        for c in range(0, t, b):
+            out[r:r + b, c:c + b] = tile((y + r) * step, (x + c) * step, b * step, b * step, seed, ell)[0][::step, ::step]
+    return out
+
+
 def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 256, levels: int = 1,
                compression: str = "jpeg", mpp: float = 0.5, background: float | None = None,
-               extratags=()) -> None:
+               extratags=(), workers: int = 1) -> None:
     """Write a tiled (pyramidal when ``levels`` > 1) RGB TIFF of ``shape``,
     tile by tile. Reduced levels sample the generator at their resolution.
     ``background``: the share of glass around one piece of tissue;
-    ``extratags``: tifffile extra tags for the first page (e.g. GeoTIFF keys)."""
+    ``extratags``: tifffile extra tags for the first page (e.g. GeoTIFF keys);
+    ``workers``: processes generating tiles (in order, a few ahead)."""
+    import contextlib
+    import multiprocessing
+
     import tifffile
 
     H, W = shape
     t = tile_size
     ell = glass_ellipse(shape, background) if background is not None else None
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
 
     def tiles(step: int):
-        for y in range(0, -(-H // step), t):
-            for x in range(0, -(-W // step), t):
-                if step == 1:
-                    yield tile(y, x, t, t, seed, ell)[0]
-                else:
-                    yield tile(y * step, x * step, t * step, t * step, seed, ell)[0][::step, ::step]
+        jobs = ((y, x, t, step, seed, ell) for y in range(0, -(-H // step), t) for x in range(0, -(-W // step), t))
+        return pool.imap(_tile_rgb, jobs, chunksize=4) if pool else map(_tile_rgb, jobs)
 
     kw = dict(tile=(t, t), photometric="rgb", compression=compression,
               resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    with tifffile.TiffWriter(path, bigtiff=H * W * 3 > 2**31) as tw:
+    with pool or contextlib.nullcontext(), tifffile.TiffWriter(path, bigtiff=H * W * 3 > 2**31) as tw:
         tw.write(tiles(1), shape=(H, W, 3), dtype=np.uint8, subifds=levels - 1, extratags=extratags, **kw)
         for k in range(1, levels):
             s = 2 ** k
