@@ -171,3 +171,26 @@ def test_cluster_config_errors_are_one_line(tmp_path):
     bad.write_text("cluster: slurm\ncores: 4\nmemory: 8GB\nqueu: gpu\n")
     r = cli("cluster-script", str(bad))
     assert r.returncode == 1 and "unknown key(s) queu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zarr_output_to_an_fsspec_url_equals_a_local_one(tmp_path, tiny_model_dir):
+    """Any fsspec URL zarr supports (here memory://, in this process): the
+    group is written in place, OME metadata last, and the state removed."""
+    import fsspec
+    import zarr
+
+    import tilerseg
+
+    src = data("rasterio/RGB.byte.tif")
+    kw = dict(weights=tiny_model_dir, tile=256, halo=72)
+    url = "memory://tilerseg-test/out.zarr"
+    tilerseg.run(src, url, **kw)
+    tilerseg.run(src, tmp_path / "local.zarr", **kw)
+    remote = zarr.open_group(url, mode="r")
+    local = zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    assert np.array_equal(remote["0"][...], local["0"][...]) and (remote["0"][...] == 255).any()
+    assert remote.attrs["ome"] == local.attrs["ome"]
+    fs = fsspec.filesystem("memory")
+    assert not fs.exists("/tilerseg-test/.out.zarr.tilerseg")
+    r = cli("run", src, "-o", "memory://x/out.tif", "--weights", tiny_model_dir)
+    assert r.returncode == 1 and "URLs take .zarr outputs" in r.stderr

@@ -35,7 +35,14 @@ class Job:
 def default_output(input: str, folder: str = "", fmt: str = DEFAULT_FORMAT) -> str:
     """``<folder>/<input name without extensions>.mask.<fmt>``."""
     stem = os.path.basename(os.fspath(input).rstrip("/")).split(".")[0] or "input"
-    return os.path.join(folder, f"{stem}.mask.{fmt.lstrip('.')}")
+    name = f"{stem}.mask.{fmt.lstrip('.')}"
+    return f"{folder.rstrip('/')}/{name}" if "://" in folder else os.path.join(folder, name)
+
+
+def _ledger_beside(path: str) -> str:
+    """The ledger in ``path``'s folder; in the current folder for URL outputs
+    (object stores cannot append)."""
+    return os.path.abspath(LEDGER) if "://" in path else os.path.join(os.path.abspath(path), LEDGER)
 
 
 def is_folder_output(output: str | None) -> bool:
@@ -94,20 +101,23 @@ def plan_jobs(inputs: list[str], output: str | None, *, manifest: str | None = N
     folder_mode = len(pairs) > 1 or manifest is not None or is_folder_output(output)
     if not folder_mode:
         single = output or default_output(pairs[0][0], "", fmt or DEFAULT_FORMAT)
-        return [Job(pairs[0][0], single)], os.path.join(os.path.dirname(os.path.abspath(single)), LEDGER)
+        return [Job(pairs[0][0], single)], _ledger_beside(single if "://" in single else os.path.dirname(
+            os.path.abspath(single)))
     if output and not is_folder_output(output) and os.path.exists(output):
         raise InputError(f"-o {output}: several inputs need an output folder; give -o OUTDIR/")
     folder = output or "."
-    os.makedirs(folder, exist_ok=True)
+    if "://" not in folder:
+        os.makedirs(folder, exist_ok=True)
     jobs, seen = [], {}
     for inp, out in pairs:
-        path = os.path.abspath(out or default_output(inp, folder, fmt or DEFAULT_FORMAT))
+        path = out or default_output(inp, folder, fmt or DEFAULT_FORMAT)
+        path = path if "://" in path else os.path.abspath(path)
         if path in seen:
             raise InputError(f"{inp} and {seen[path]} would both write {path}: give outputs in a manifest "
                              "(`INPUT OUTPUT` per line)")
         seen[path] = inp
         jobs.append(Job(inp, path))
-    return jobs, os.path.join(os.path.abspath(folder), LEDGER)
+    return jobs, _ledger_beside(folder)
 
 
 def read_ledger(path: str) -> dict[tuple[str, str], dict]:

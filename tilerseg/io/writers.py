@@ -67,12 +67,31 @@ def output_format(path: str) -> str:
                       ".geojson or .gpkg")
 
 
+def is_url(path) -> bool:
+    """An fsspec URL (``s3://bucket/mask.zarr``, ``gs://``, ``memory://``...)."""
+    return "://" in os.fspath(path)
+
+
 def check_output(path: str, overwrite: bool, probabilities: bool = False) -> None:
     """Fail before any work when the output cannot be written or cannot hold the result."""
     fmt = output_format(path)
     if probabilities and fmt in LABELS_ONLY:
         raise OutputError(f"{path}: {LABELS_ONLY[fmt]} hold label masks only; write probabilities to .tif "
                           "or .zarr, or drop --probabilities")
+    if is_url(path):
+        import fsspec
+
+        if fmt != "zarr":
+            raise OutputError(f"{path}: URLs take .zarr outputs (written chunk by chunk through fsspec); write "
+                              f"other formats to a local or shared path")
+        try:
+            fs, root = fsspec.core.url_to_fs(path)
+        except (ImportError, ValueError) as err:
+            raise OutputError(f"{path}: cannot write there ({err}); install the fsspec backend for it "
+                              "(s3fs, gcsfs, adlfs...)") from None
+        if fs.exists(root) and not overwrite:
+            raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+        return
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
@@ -96,20 +115,29 @@ class Writer:
 
     ``compute(source, zarr_array, marks)`` is the engine's block-by-block
     store (``source`` has ``shape``, ``chunks`` and ``dtype``); its return
-    value is returned by :meth:`write`."""
+    value is returned by :meth:`write`.
+
+    A ``.zarr`` output may be an fsspec URL (object stores have no rename):
+    the group is written in place, its OME metadata last, so that until the
+    run completes it does not read as an image, and the state folder sits
+    beside it under the same URL scheme."""
 
     def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False, workers: int = 2,
                  resume: bool = False, fingerprint: dict | None = None):
-        self.path = os.path.abspath(os.fspath(path).rstrip("/"))
+        import fsspec
+
+        self.remote = is_url(path)
+        self.path = os.fspath(path).rstrip("/") if self.remote else os.path.abspath(os.fspath(path).rstrip("/"))
         self.format = output_format(self.path)
         self.info, self.overwrite, self.workers = info, overwrite, workers
         self.resume, self.fingerprint = resume, fingerprint
         check_output(self.path, overwrite, info.probabilities)
-        head, tail = os.path.split(self.path)
-        self.state = os.path.join(head, f".{tail}.tilerseg")
-        self._tmp_zarr = os.path.join(self.state, "work.zarr")
-        self._tmp_file = os.path.join(self.state, f"out.partial{os.path.splitext(tail)[1]}")
-        self.marks_dir = os.path.join(self.state, "done")
+        head, tail = self.path.rsplit("/", 1) if self.remote else os.path.split(self.path)
+        self.fs = fsspec.core.url_to_fs(self.path)[0] if self.remote else fsspec.filesystem("file")
+        self.state = f"{head}/.{tail}.tilerseg"
+        self._tmp_zarr = self.path if self.remote else f"{self.state}/work.zarr"
+        self._tmp_file = f"{self.state}/out.partial{os.path.splitext(tail)[1]}"
+        self.marks_dir = f"{self.state}/done"
 
     def _open_state(self, first: str):
         """The zarr group to compute into: the earlier run's when resuming it
@@ -118,9 +146,9 @@ class Writer:
 
         import zarr
 
-        stamp = os.path.join(self.state, "run.json")
-        if self.resume and os.path.exists(stamp):
-            with open(stamp) as f:
+        fs, stamp = self.fs, f"{self.state}/run.json"
+        if self.resume and fs.exists(stamp):
+            with fs.open(stamp, "r") as f:
                 old = json.load(f)
             if old.get("fingerprint") != (self.fingerprint or {}).get("fingerprint"):
                 raise OutputError(f"{self.path}: the unfinished run in {self.state} used other settings "
@@ -130,12 +158,12 @@ class Writer:
             for name in [n for n in group.array_keys() if n != first]:
                 del group[name]
             return group, True
-        if os.path.exists(self.state):
+        if fs.exists(self.state):
             log.info("%s: discarding the unfinished run in %s%s", self.path, self.state,
                      "" if self.resume else " (pass --resume to continue it instead)")
-            shutil.rmtree(self.state)
-        os.makedirs(self.marks_dir)
-        with open(stamp, "w") as f:
+            fs.rm(self.state, recursive=True)
+        fs.makedirs(self.marks_dir, exist_ok=True)
+        with fs.open(stamp, "w") as f:
             json.dump(self.fingerprint or {}, f, indent=1, default=str)
         return zarr.open_group(self._tmp_zarr, mode="w"), False
 
@@ -162,7 +190,7 @@ class Writer:
                 del group["processed"]
             self._convert(group)
             owned = False
-            shutil.rmtree(self.state, ignore_errors=True)
+            self._remove(self.state)
             return result
         except OSError as err:
             if err.errno == errno.ENOSPC:
@@ -172,11 +200,20 @@ class Writer:
             raise
         finally:
             if owned:  # failed or interrupted: keep finished blocks worth resuming, else leave nothing
-                if os.path.isdir(self.marks_dir) and os.listdir(self.marks_dir):
+                if ChunkMarks(self.marks_dir).done():
                     log.warning("%s: not finished; the finished blocks are kept in %s: rerun the same command "
                                 "with --resume to compute only the rest", self.path, self.state)
                 else:
-                    shutil.rmtree(self.state, ignore_errors=True)
+                    self._remove(self.state)
+                    if self.remote:
+                        self._remove(self.path)
+
+    def _remove(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except OSError as err:
+            log.warning("could not remove %s: %s", path, err)
 
     def _create(self, group, name, shape, chunks, dtype):
         probabilities = self.info.probabilities
@@ -220,6 +257,8 @@ class Writer:
         return self._move(self._tmp_file)
 
     def _move(self, tmp: str) -> None:
+        if tmp == self.path:  # written in place (a URL)
+            return
         old = None
         if os.path.exists(self.path):
             old = self.path + f".{uuid.uuid4().hex[:8]}.old"
