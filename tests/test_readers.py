@@ -154,3 +154,25 @@ def test_ome_tiff_pyramid_mpp_and_levels(tmp_path):
     assert r.meta.levels == ((512, 640), (256, 320), (128, 160))
     r2 = open_reader(str(path), mpp=1.0)  # level 2 matches exactly: no resampling
     assert r2.meta.level == 2 and np.array_equal(r2.read((0, 128), (0, 160))[0], img[::4, ::4])
+
+
+def test_unpickled_readers_are_shared_per_process_until_the_file_changes(tmp_path):
+    """Dask workers unpickle a reader per task: they share one open file
+    instead of reopening (and re-parsing) it for every block."""
+    import os
+    import pickle
+    import shutil
+
+    import numpy as np
+
+    from tilerseg.io import open_reader
+
+    path = tmp_path / "img.tif"
+    shutil.copy(data("rasterio/RGB.byte.tif"), path)
+    r = open_reader(str(path))
+    a, b = (pickle.loads(pickle.dumps(r)) for _ in range(2))
+    assert a is b and a is not r
+    assert np.array_equal(a.read((0, 64), (0, 64))[0], r.read((0, 64), (0, 64))[0])
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new version of the file
+    assert pickle.loads(pickle.dumps(r)) is not a

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, InputError
-from .base import ImageMeta, Reader, scale_transform
+from .base import ImageMeta, Reader, scale_transform, reopen
 
 
 class ArrayReader(Reader):
@@ -77,7 +77,7 @@ class ZarrReader(ArrayReader):
         super().__init__(node, valid=valid, meta=meta, path=self._path)
 
     def __reduce__(self):
-        return (ZarrReader, (self._path, self.level))
+        return (reopen, (ZarrReader, self._path, self.level))
 
 
 class _ChannelsLast:

@@ -2,7 +2,10 @@
 helpers built on it (level choice, resampling, padded reads)."""
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,6 +57,37 @@ def scale_transform(transform, fx: float, fy: float) -> tuple[float, ...] | None
         return None
     a, b, c, d, e, f = transform
     return (a * fx, b * fy, c, d * fx, e * fy, f)
+
+
+_OPENED: "collections.OrderedDict" = collections.OrderedDict()
+_OPENED_LOCK = threading.Lock()
+_OPENED_MAX = 8
+
+
+def reopen(cls, *args):
+    """Unpickle a reader: one instance per process for the same class,
+    arguments and file (size and modification time), so that the tasks a
+    dask worker runs share one open file instead of reopening it (and
+    re-parsing a slide's index) for every block. Readers are safe to share
+    between threads. The last few are kept; older ones close when their
+    last task lets go of them."""
+    try:
+        st = os.stat(args[0])
+        key = (cls, args, st.st_size, st.st_mtime_ns)
+        hash(key)
+    except (OSError, TypeError, IndexError, ValueError):
+        return cls(*args)
+    with _OPENED_LOCK:
+        reader = _OPENED.get(key)
+        if reader is not None:
+            _OPENED.move_to_end(key)
+            return reader
+    reader = cls(*args)
+    with _OPENED_LOCK:
+        reader = _OPENED.setdefault(key, reader)
+        while len(_OPENED) > _OPENED_MAX:
+            _OPENED.popitem(last=False)
+    return reader
 
 
 class Reader(ABC):

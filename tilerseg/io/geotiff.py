@@ -6,7 +6,7 @@ import threading
 import numpy as np
 
 from ..errors import FormatError, InputError
-from .base import ImageMeta, Reader
+from .base import ImageMeta, Reader, reopen
 
 
 class GeoReader(Reader):
@@ -63,4 +63,4 @@ class GeoReader(Reader):
             self._ds.close()
 
     def __reduce__(self):
-        return (GeoReader, (self.path, self.level, self._bands_req))
+        return (reopen, (GeoReader, self.path, self.level, self._bands_req))

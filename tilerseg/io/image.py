@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .base import ImageMeta, Reader
+from .base import ImageMeta, Reader, reopen
 
 
 class PillowReader(Reader):
@@ -32,7 +32,7 @@ class PillowReader(Reader):
         return self._pixels[win], (None if self._valid is None else self._valid[win])
 
     def __reduce__(self):
-        return (PillowReader, (self.path,))
+        return (reopen, (PillowReader, self.path))
 
 
 def _to_array(img) -> tuple[np.ndarray, np.ndarray | None]:

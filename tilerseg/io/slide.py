@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .base import ImageMeta, Reader
+from .base import ImageMeta, Reader, reopen
 
 
 class SlideReader(Reader):
@@ -48,4 +48,4 @@ class SlideReader(Reader):
         self._slide.close()
 
     def __reduce__(self):
-        return (SlideReader, (self.path, self.level))
+        return (reopen, (SlideReader, self.path, self.level))

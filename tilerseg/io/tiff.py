@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .base import ImageMeta, Reader
+from .base import ImageMeta, Reader, reopen
 
 _CHANNEL_AXES = "SC"
 
@@ -65,7 +65,7 @@ class TiffReader(Reader):
         self._tif.close()
 
     def __reduce__(self):
-        return (TiffReader, (self.path, self.level))
+        return (reopen, (TiffReader, self.path, self.level))
 
 
 def _mpp(tif) -> float | None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import FormatError, InputError
 from ..geometry import pad_index
+from .base import reopen
 
 VOLUME_OUTPUTS = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff")
 _Z_AXES = "ZQIT"  # tifffile's names for a stack axis (Z, unknown, image sequence, time)
@@ -132,7 +133,7 @@ class VolumeReader:
             self._tif.close()
 
     def __reduce__(self):
-        return (VolumeReader, (self.path,))
+        return (reopen, (VolumeReader, self.path))
 
     def __enter__(self):
         return self
