@@ -40,17 +40,24 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def textured_tiff(path, shape: tuple[int, int], *, seed: int, periods: tuple[float, float], noise: float) -> np.ndarray:
+    """Write an RGB tiled TIFF of ``shape``: a sin x cos pattern of the
+    given ``periods`` plus seeded gaussian ``noise``; return its pixels."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    base = (np.sin(yy / periods[0]) * np.cos(xx / periods[1]) * 90 + 128)[..., None]
+    img = np.clip(base + rng.normal(0, noise, (*shape, 3)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib")
+    return img
+
+
 @pytest.fixture(scope="session")
 def rgb_tiff(tmp_path_factory) -> tuple[str, np.ndarray]:
     """A 1000x1300 RGB tiled TIFF with structure at several scales."""
-    import tifffile
-
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[0:1000, 0:1300]
-    base = (np.sin(yy / 37.0) * np.cos(xx / 53.0) * 90 + 128)[..., None]
-    img = np.clip(base + rng.normal(0, 30, (1000, 1300, 3)), 0, 255).astype(np.uint8)
     path = tmp_path_factory.mktemp("images") / "img.tif"
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib")
+    img = textured_tiff(path, (1000, 1300), seed=1, periods=(37.0, 53.0), noise=30)
     return str(path), img
 
 

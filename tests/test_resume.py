@@ -11,20 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import cli, data
+from conftest import cli, data, textured_tiff
 
 
 @pytest.fixture(scope="module")
 def big_tiff(tmp_path_factory) -> str:
     """1800x1800 RGB: a few hundred windows of the tiny model, a run of several seconds."""
-    import tifffile
-
-    rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[0:1800, 0:1800]
-    base = (np.sin(yy / 41.0) * np.cos(xx / 29.0) * 90 + 128)[..., None]
-    img = np.clip(base + rng.normal(0, 25, (1800, 1800, 3)), 0, 255).astype(np.uint8)
     path = tmp_path_factory.mktemp("resume") / "big.tif"
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="zlib")
+    textured_tiff(path, (1800, 1800), seed=7, periods=(41.0, 29.0), noise=25)
     return str(path)
 
 

@@ -175,8 +175,7 @@ def _run(src: Reader, output: str, *, input, model, weights, encoder, classes, e
     predictor = ref.get()  # build and validate once here; local tasks reuse this same instance
     tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
                            pad_mode=pad_mode, bands=src.meta.bands)
-    if threshold is None:
-        threshold = info.threshold if info.threshold is not None else 0.5
+    threshold = info.binary_threshold(threshold)
     grid = tiles.grid(src.meta.shape, predictor.stride)
     active = _tissue_windows(tissue, input, grid, bands=bands, reader=reader) if tissue else None
     out = Output(probabilities=probabilities, threshold=threshold, merge=merge)
@@ -267,8 +266,7 @@ def run_volume(input, output, *, model: str = "unet3d", weights=None, encoder: s
             tile = info.tile if info.tile is not None else tuple(2 * h + 4 * stride for h in halo3)
         tile3 = as_triple(tile, "tile")
         grid = Grid3(src.meta.shape, tile3, halo3, stride)
-        if threshold is None:
-            threshold = info.threshold if info.threshold is not None else 0.5
+        threshold = info.binary_threshold(threshold)
         plan = volume_plan(src, ref, grid, Output(probabilities=probabilities, threshold=threshold),
                            info.spec.classes, pad_mode=pad_mode)
         attrs = {"source": os.fspath(input), "model": info.spec.arch, "classes": info.spec.classes,

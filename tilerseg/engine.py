@@ -6,6 +6,7 @@ and returns one finished output chunk. Chunks go straight to the store, so
 peak memory depends on the tile and batch size, never on the image."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -316,37 +317,30 @@ def default_workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def compute_into(array, target, *, workers: int | None = None, scheduler=None) -> None:
-    """Store ``array`` into ``target`` (a zarr array; or lists of both) chunk by chunk.
+@contextlib.contextmanager
+def local_pool(workers: int | None = None, name: str = "tilerseg"):
+    """Threads for dask's threaded scheduler, ``workers`` of them (default
+    :func:`default_workers`). Our own pool, so that when a task fails we
+    wait for the others in flight before the caller closes the reader
+    under them (a closed GDAL dataset read by a live thread segfaults)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    Local runs use dask's threaded scheduler with ``workers`` threads: the
-    model is shared and runs one batch at a time on all cores, while other
-    threads read and write. With a distributed ``scheduler`` (address or
-    Client) tasks run on its workers, each building the model once."""
+    pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix=name)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def compute_into(array, target, *, workers: int | None = None) -> None:
+    """Store ``array`` into ``target`` (a zarr array; or lists of both)
+    chunk by chunk, on ``workers`` local threads (for ``ingest``; runs go
+    through :func:`store_plan`)."""
     import dask
     import dask.array as da
 
-    if scheduler is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # our own pool, so that when a task fails we wait for the others in
-        # flight before the caller closes the reader under them (a closed
-        # GDAL dataset read by a live thread segfaults)
-        pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg")
-        try:
-            with dask.config.set(scheduler="threads", pool=pool):
-                da.store(array, target, lock=False, compute=True)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return
-    from distributed import Client
-
-    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
-    try:
-        da.store(array, target, lock=False, compute=True, scheduler=client)
-    finally:
-        if client is not scheduler:
-            client.close()
+    with local_pool(workers) as pool, dask.config.set(scheduler="threads", pool=pool):
+        da.store(array, target, lock=False, compute=True)
 
 
 @dataclass(frozen=True)
@@ -457,8 +451,6 @@ def store_plan(plan: Plan, target, *, workers: int | None = None, scheduler=None
 
 
 def _execute_local(dsk, keys, landed, workers) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     from dask.callbacks import Callback
     from dask.threaded import get
 
@@ -468,15 +460,8 @@ def _execute_local(dsk, keys, landed, workers) -> None:
         if key in wanted:
             landed(result)
 
-    # our own pool, so that when a task fails we wait for the others in
-    # flight before the caller closes the reader under them (a closed
-    # GDAL dataset read by a live thread segfaults)
-    pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg")
-    try:
-        with Callback(posttask=posttask):
-            get(dsk, keys, pool=pool)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    with local_pool(workers) as pool, Callback(posttask=posttask):
+        get(dsk, keys, pool=pool)
 
 
 def _execute_distributed(dsk, keys, landed, scheduler) -> None:

@@ -51,6 +51,16 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def _dask_worker():
+    """The dask worker running this task, or None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
 def worker_device(device: str) -> str:
     """The GPU of this process: ``cuda`` on a dask worker that shares its
     machine's GPUs with other workers becomes ``cuda:k``, k from the
@@ -59,15 +69,10 @@ def worker_device(device: str) -> str:
     Anything else is returned unchanged."""
     import torch
 
-    if device != "cuda" or torch.cuda.device_count() < 2:
+    worker = _dask_worker()
+    if device != "cuda" or worker is None or torch.cuda.device_count() < 2:
         return device
-    try:
-        from distributed import get_worker
-
-        name = str(get_worker().name)
-    except (ImportError, ValueError):
-        return device
-    tail = name.rsplit("-", 1)[-1]
+    tail = str(worker.name).rsplit("-", 1)[-1]
     return f"cuda:{int(tail) % torch.cuda.device_count()}" if tail.isdigit() else device
 
 
@@ -76,12 +81,8 @@ def _worker_threads() -> None:
     OMP_NUM_THREADS=1, which would leave a CPU worker's model on one core."""
     import torch
 
-    try:
-        from distributed import get_worker
-
-        n = get_worker().state.nthreads
-    except (ImportError, ValueError, AttributeError):
-        return
+    worker = _dask_worker()
+    n = getattr(getattr(worker, "state", None), "nthreads", None)
     if n and torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

@@ -45,6 +45,12 @@ class ModelInfo:
     def trained(self) -> bool:
         return self.weights is not None
 
+    def binary_threshold(self, given: float | None = None) -> float:
+        """The threshold a run uses: ``given`` (a flag), else the recorded one, else 0.5."""
+        if given is not None:
+            return given
+        return self.threshold if self.threshold is not None else 0.5
+
 
 def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
     """Resolve the model config: from the weights where they carry it

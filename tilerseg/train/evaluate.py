@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import Output, TileSpec, default_workers, lazy_segment
+from ..engine import Output, TileSpec, lazy_segment, local_pool
 from ..errors import InputError
 from .data import LabelMap, Source, VolumeSource, find_pairs
 from .metrics import IGNORE, confusion, scores
@@ -81,7 +81,6 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
     """Confusion matrices ``(len(thresholds), classes, classes)`` of one
     image, computed block by block by the tiled engine."""
     import dask
-    from concurrent.futures import ThreadPoolExecutor
 
     out = Output(probabilities=True, merge=merge)
     if len(source.shape) == 3:
@@ -99,12 +98,8 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
                                             [(int(offs[a][i]), int(offs[a][i + 1])) for a, i in enumerate(idx)],
                                             thresholds, classes)
              for idx in np.ndindex(blocks.shape)]
-    pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="tilerseg-eval")
-    try:
-        with dask.config.set(scheduler="threads", pool=pool):
-            parts = dask.compute(*tasks)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    with local_pool(workers, "tilerseg-eval") as pool, dask.config.set(scheduler="threads", pool=pool):
+        parts = dask.compute(*tasks)
     return np.sum(parts, axis=0)
 
 
@@ -165,7 +160,7 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
         else:
             tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
                                    pad_mode="reflect", bands=probe)
-        th = threshold if threshold is not None else (info.threshold if info.threshold is not None else 0.5)
+        th = info.binary_threshold(threshold)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
                               threshold=th, workers=workers)
     finally:
