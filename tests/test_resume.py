@@ -188,3 +188,15 @@ def test_zarr_output_to_an_fsspec_url_equals_a_local_one(tmp_path, tiny_model_di
     assert not fs.exists("/tilerseg-test/.out.zarr.tilerseg")
     r = cli("run", src, "-o", "memory://x/out.tif", "--weights", tiny_model_dir, cwd=tmp_path)  # its ledger: cwd
     assert r.returncode == 1 and "URLs take .zarr outputs" in r.stderr
+
+
+def test_preview_of_a_one_line_manifest_shows_its_input(tmp_path, tiny_model_dir):
+    src = data("rasterio/RGB.byte.tif")
+    (tmp_path / "list.txt").write_text(f"{src} m.zarr\n")
+    args = ["--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet"]
+    r = cli("run", src, "-o", str(tmp_path / "d.zarr"), "--preview", str(tmp_path / "direct.png"), *args)
+    assert r.returncode == 0, r.stderr
+    r = cli("run", "--manifest", str(tmp_path / "list.txt"), "--preview", str(tmp_path / "listed.png"), *args,
+            cwd=tmp_path)  # no -o: the ledger goes to the current folder
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "listed.png").read_bytes() == (tmp_path / "direct.png").read_bytes()

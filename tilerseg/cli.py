@@ -252,7 +252,7 @@ def cmd_run(a) -> int:
             if entry["status"] == "failed":
                 print(f"tilerseg: error: {entry['error']}", file=sys.stderr, flush=True)
             else:
-                _print_report(a, report)
+                _print_report(a, report, job.input)
 
         entries = run_jobs(jobs, ledger, one, resume=a.resume, on_done=done, reraise=a.debug)
     failed = [e for e in entries if e["status"] == "failed"]
@@ -265,11 +265,11 @@ def cmd_run(a) -> int:
     return EXIT_ERROR if failed else 0
 
 
-def _print_report(a, report) -> None:
+def _print_report(a, report, input) -> None:
     if a.preview:
         from .preview import write_preview
 
-        write_preview(a.input[0] if a.input else report.output, report.output, a.preview,
+        write_preview(input, report.output, a.preview,
                       threshold=report.threshold, bands=a.bands, reader=a.reader)
         print(f"wrote {a.preview}")
     size = "x".join(str(v) for v in reversed(report.shape))
