@@ -354,17 +354,14 @@ def cmd_ingest(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from .models import ALIASES, NON_LOCAL_WHY, architectures, is_local
+    from .models import ARCHITECTURES
 
-    names = architectures()
-    aliases = {}
-    for k, v in ALIASES.items():
-        aliases.setdefault(v, []).append(k)
-    print(f"{'name':<16}{'smp class':<16}{'seam-exact':<12}aliases / why not")
-    for name, cls in sorted(names.items()):
-        why = ", ".join(aliases.get(name, [])) if is_local(name) else NON_LOCAL_WHY.get(name, "")
-        print(f"{name:<16}{cls:<16}{'yes' if is_local(name) else 'no':<12}{why}")
-    print("\n--encoder takes any segmentation-models-pytorch encoder (default resnet34).")
+    print(f"{'name':<16}{'class':<16}{'dims':<6}{'seam-exact':<12}aliases / why not")
+    for name, row in sorted(ARCHITECTURES.items()):
+        why = ", ".join(row.aliases) if row.local else row.why
+        print(f"{name:<16}{row.cls:<16}{row.dims:<6}{'yes' if row.local else 'no':<12}{why}")
+    print("\n--encoder takes any segmentation-models-pytorch encoder (default resnet34); tilerseg's own "
+          "architectures (ternausnet, transunet, unet2d, unet3d) have fixed encoders.")
     return 0
 
 

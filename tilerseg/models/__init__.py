@@ -1,6 +1,8 @@
-"""Models: the registry (names -> smp builders) and weights loading."""
-from .registry import ALIASES, LOCAL, NON_LOCAL_WHY, ModelSpec, architectures, build, canonical, global_context, is_local
+"""Models: the architecture table and registry, and weights loading."""
+from .registry import (ALIASES, ARCHITECTURES, Arch, ModelSpec, arch, architectures, build, canonical, global_context,
+                       is_local, is_volumetric)
 from .weights import ModelInfo, Normalization, describe, instantiate, save_checkpoint
 
-__all__ = ["ALIASES", "LOCAL", "NON_LOCAL_WHY", "ModelSpec", "ModelInfo", "Normalization", "architectures",
-           "build", "canonical", "global_context", "describe", "instantiate", "is_local", "save_checkpoint"]
+__all__ = ["ALIASES", "ARCHITECTURES", "Arch", "ModelSpec", "ModelInfo", "Normalization", "arch", "architectures",
+           "build", "canonical", "global_context", "describe", "instantiate", "is_local", "is_volumetric",
+           "save_checkpoint"]

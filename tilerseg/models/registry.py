@@ -18,55 +18,93 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ..errors import ModelError  # noqa: E402
 
-ALIASES = {"unetpp": "unetplusplus", "unet++": "unetplusplus", "deeplab": "deeplabv3plus"}
-# Architectures beyond smp's catalogue: name -> (module in tilerseg.models, builder, class name).
-EXTRA = {"ternausnet11": ("ternausnet", "ternausnet11", "TernausNet"),
-         "ternausnet16": ("ternausnet", "ternausnet16", "TernausNet"),
-         "transunet": ("transunet", "transunet", "TransUNet"),
-         "unet2d": ("unet", "unet2d", "UNet"),
-         "unet3d": ("unet", "unet3d", "UNet")}
-# Architectures without global context: seam-exact under overlap-tile.
-LOCAL = {"unet", "unetplusplus", "linknet", "fpn", "ternausnet11", "ternausnet16", "unet2d", "unet3d"}
-NON_LOCAL_WHY = {
-    "manet": "attention blocks with global pooling", "pan": "global pooling in its pyramid attention",
-    "pspnet": "pyramid pooling", "deeplabv3": "ASPP image pooling", "deeplabv3plus": "ASPP image pooling",
-    "upernet": "pyramid pooling", "segformer": "self-attention in its MiT encoders", "dpt": "a vision transformer",
-    "transunet": "a vision transformer on the 1/16 feature map",
-}
 
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: where its builder lives, what else it is called,
+    whether it is local (no global pooling or attention, so overlap-tile is
+    seam-exact; else ``why`` not), and its spatial dimensions."""
+
+    name: str
+    cls: str
+    builder: str                      # "smp" or "tilerseg.models.<module>:<function>"
+    aliases: tuple[str, ...] = ()
+    local: bool = True
+    why: str = ""
+    dims: int = 2
+
+    @property
+    def smp(self) -> bool:
+        return self.builder == "smp"
+
+
+def _smp(name, cls, why="", aliases=()):
+    return Arch(name, cls, "smp", tuple(aliases), not why, why)
+
+
+def _own(name, cls, target, why="", dims=2):
+    return Arch(name, cls, target, (), not why, why, dims)
+
+
+# The one table of architectures: the registry, `tilerseg models`, the
+# tiling resolver and the receptive-field code all read it. smp's rows are
+# listed here rather than read from smp so that naming a model needs no
+# torch import; a test checks them against smp's own mapping.
+ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
+    _smp("unet", "Unet"),
+    _smp("unetplusplus", "UnetPlusPlus", aliases=("unetpp", "unet++")),
+    _smp("manet", "MAnet", "attention blocks with global pooling"),
+    _smp("linknet", "Linknet"),
+    _smp("fpn", "FPN"),
+    _smp("pspnet", "PSPNet", "pyramid pooling"),
+    _smp("deeplabv3", "DeepLabV3", "ASPP image pooling"),
+    _smp("deeplabv3plus", "DeepLabV3Plus", "ASPP image pooling", aliases=("deeplab",)),
+    _smp("pan", "PAN", "global pooling in its pyramid attention"),
+    _smp("upernet", "UPerNet", "pyramid pooling"),
+    _smp("segformer", "Segformer", "self-attention in its MiT encoders"),
+    _smp("dpt", "DPT", "a vision transformer"),
+    _own("ternausnet11", "TernausNet", "ternausnet:ternausnet11"),
+    _own("ternausnet16", "TernausNet", "ternausnet:ternausnet16"),
+    _own("transunet", "TransUNet", "transunet:transunet", "a vision transformer on the 1/16 feature map"),
+    _own("unet2d", "UNet", "unet:unet2d"),
+    _own("unet3d", "UNet", "unet:unet3d", dims=3),
+)}
+ALIASES = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
 
 _DEPTH_DECODERS = {"unet": (256, 128, 64, 32, 16), "unetplusplus": (256, 128, 64, 32, 16),
                    "manet": (256, 128, 64, 32, 16)}
 
 
 def architectures() -> dict[str, str]:
-    """Registry names -> class names (smp's, then tilerseg's own)."""
-    import segmentation_models_pytorch as smp
+    """Registry names -> class names."""
+    return {name: a.cls for name, a in ARCHITECTURES.items()}
 
-    names = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
-    names.update({name: cls for name, (_, _, cls) in EXTRA.items()})
-    return names
+
+def arch(name: str) -> Arch:
+    """The table row of ``name`` (aliases and case resolved); an unknown
+    name lists the valid ones and suggests the nearest."""
+    import difflib
+
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in ARCHITECTURES:
+        names = sorted(ARCHITECTURES) + sorted(ALIASES)
+        near = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ModelError(f"unknown model {name!r}: {hint}choose one of {', '.join(names)} (see `tilerseg models`)")
+    return ARCHITECTURES[key]
 
 
 def canonical(name: str) -> str:
     """Resolve aliases and case; an unknown name lists the valid ones."""
-    key = ALIASES.get(name.lower(), name.lower())
-    names = architectures()
-    if key not in names:
-        valid = ", ".join(sorted(names) + sorted(ALIASES))
-        raise ModelError(f"unknown model {name!r}: choose one of {valid} (see `tilerseg models`)")
-    return key
-
-
-VOLUMETRIC = {"unet3d"}  # models that take (z, y, x) windows: run on volumes by the 3-D engine
+    return arch(name).name
 
 
 def is_volumetric(name: str) -> bool:
-    return canonical(name) in VOLUMETRIC
+    return arch(name).dims == 3
 
 
 def is_local(name: str) -> bool:
-    return canonical(name) in LOCAL
+    return arch(name).local
 
 
 _GLOBAL_NAME = re.compile(r"Squeeze|Excit|^SE[A-Z_]|^SE$|SCSE|Attention|Attn|PyramidPool|^PSP|ASPPPool")
@@ -116,15 +154,15 @@ def build(spec: ModelSpec):
     """Build an untrained (or ImageNet-encoder) model from ``spec``."""
     import segmentation_models_pytorch as smp
 
-    arch = canonical(spec.arch)
-    kwargs = dict(spec.kwargs)
-    if arch in EXTRA:
-        return _build_extra(arch, spec, kwargs)
-    if "encoder_depth" in kwargs and "decoder_channels" not in kwargs and arch in _DEPTH_DECODERS:
+    row = arch(spec.arch)
+    arch_name, kwargs = row.name, dict(spec.kwargs)
+    if not row.smp:
+        return _build_extra(row, spec, kwargs)
+    if "encoder_depth" in kwargs and "decoder_channels" not in kwargs and arch_name in _DEPTH_DECODERS:
         # smp wants one decoder width per level: keep its defaults' first ones
-        kwargs["decoder_channels"] = _DEPTH_DECODERS[arch][:kwargs["encoder_depth"]]
+        kwargs["decoder_channels"] = _DEPTH_DECODERS[arch_name][:kwargs["encoder_depth"]]
     try:
-        return smp.create_model(arch, encoder_name=spec.encoder, encoder_weights=spec.encoder_weights,
+        return smp.create_model(arch_name, encoder_name=spec.encoder, encoder_weights=spec.encoder_weights,
                                 in_channels=spec.in_channels, classes=spec.classes, **kwargs)
     except (OSError, ConnectionError) as err:  # the hub: offline, or not cached
         raise ModelError(
@@ -136,22 +174,23 @@ def build(spec: ModelSpec):
         raise ModelError(f"encoder {spec.encoder!r} is not known to segmentation-models-pytorch: "
                          "see `python -c 'import segmentation_models_pytorch as s; print(s.encoders.get_encoder_names())'`") from err
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-        raise ModelError(f"cannot build {arch} with encoder {spec.encoder}: {err}") from err
+        raise ModelError(f"cannot build {arch_name} with encoder {spec.encoder}: {err}") from err
 
 
-def _build_extra(arch: str, spec: ModelSpec, kwargs: dict):
+def _build_extra(row: Arch, spec: ModelSpec, kwargs: dict):
     """Build one of tilerseg's own architectures. Their encoders are fixed
     (``--encoder`` is ignored); pretrained weights come from a local file
     (``vgg_weights``), never from the network."""
     import importlib
 
+    arch = row.name
     if spec.encoder_weights and arch == "transunet":
         raise ModelError(f"{arch}: pretrained encoder weights are not supported; train it, or pass --weights")
     if spec.encoder_weights and not kwargs.get("vgg_weights"):
         raise ModelError(f"{arch}: encoder weights {spec.encoder_weights!r} are not downloaded at run time; "
                          "pass the torchvision VGG file as vgg_weights=PATH (e.g. vgg11-8a719046.pth), "
                          "or trained --weights")
-    module, func, _ = EXTRA[arch]
+    module, func = row.builder.split(":")
     builder = getattr(importlib.import_module(f"{__package__}.{module}"), func)
     try:
         return builder(classes=spec.classes, in_channels=spec.in_channels, **kwargs)

@@ -24,8 +24,7 @@ from ..engine import TileSpec
 from ..errors import InputError, ModelError
 from ..infer import IMAGENET_MEAN, IMAGENET_STD, Predictor, output_stride, pick_device
 from ..losses import instance_weights, make_loss
-from ..models.registry import EXTRA, is_volumetric
-from ..models import ModelInfo, ModelSpec, Normalization, build, global_context, save_checkpoint
+from ..models import ModelInfo, arch, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
 from .augment import build_augment
 from .config import TrainConfig
 from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, sample_stats, split
@@ -333,7 +332,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | N
         loss_fn = make_loss(cfg.loss, **dict(cfg.loss_args))
         log.info("%s%s, %.2f M parameters, %d output channel(s); %d steps of %d x %s px crops per epoch; "
                  "validation tile %d halo %d (%s merge) on %s%s", spec.arch,
-                 "" if spec.arch in EXTRA else f"/{spec.encoder}",
+                 "" if not arch(spec.arch).smp else f"/{spec.encoder}",
                  sum(p.numel() for p in model.parameters()) / 1e6, cfg.out_channels, steps, cfg.batch_size,
                  "x".join(map(str, cfg.crop)) if isinstance(cfg.crop, list) else cfg.crop, tiles.tile,
                  tiles.halo, merge, device, f", {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "")
