@@ -80,7 +80,32 @@ def reference(model, img: np.ndarray, halo: int, stride: int, mode: str = "refle
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """Run the installed command line as a user would."""
+    """Run the command line in this process (``cli.main``), as a user would
+    type it, capturing what it prints: no fresh interpreter re-importing
+    torch per call. Tests that need a real process (signals, kills) start
+    one with :func:`cli_process`."""
+    import contextlib
+    import io
+
+    from tilerseg import cli as tcli
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = tcli.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse errors and --help
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["tilerseg", *args], code, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args: str, cwd=None, **kw) -> subprocess.Popen:
+    """Start ``tilerseg ARGS`` as a real process (for signals and kills)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "tilerseg.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "tilerseg.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env, **kw)

@@ -36,4 +36,53 @@ def test_run_halo_auto(tmp_path, tiny_model_dir):
     r = cli("run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1",
             "--halo", "auto", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    assert "radius 65 px, using halo 72" in r.stderr and "halo 72" in r.stdout
+    assert "halo 72 px (--halo auto: receptive field 65 px, computed from the module graph)" in r.stderr
+    assert "halo 72" in r.stdout
+
+
+def _small_models():
+    from tilerseg.models import ModelSpec, build
+
+    yield "unet-r18-d3", tiny_unet(), 3, 2
+    yield "unet2d", build(ModelSpec("unet2d", "-", in_channels=1, kwargs=(("depth", 3), ("features", 4)))), 1, 2
+    yield "ternausnet11", build(ModelSpec("ternausnet11", "-", kwargs=(("num_filters", 4),))), 3, 2
+    yield "linknet-r18", build(ModelSpec("linknet", "resnet18", kwargs=(("encoder_depth", 3),))), 3, 2
+    yield "unet3d", build(ModelSpec("unet3d", "-", in_channels=1, kwargs=(("features", 2), ("depth", 2)))), 1, 3
+
+
+def test_analytic_receptive_field_equals_the_gradient_probe():
+    """The module-graph figure is exact: it equals the input-gradient
+    support (the probe stays as the cross-check and the fallback)."""
+    import time
+
+    from tilerseg.infer import output_stride
+    from tilerseg.receptive import analytic_radius, gradient_radius
+
+    for name, model, bands, dims in _small_models():
+        s = output_stride(model)
+        t0 = time.perf_counter()
+        a = analytic_radius(model, in_channels=bands, stride=s, dims=dims)
+        took = time.perf_counter() - t0
+        g, _ = gradient_radius(model, in_channels=bands, stride=s, size=64 if dims == 3 else 256)
+        assert a == g, (name, a, g)
+        assert took < 0.5, (name, took)
+
+
+def test_analytic_receptive_field_refuses_what_is_not_a_window():
+    from tilerseg.models import ModelSpec, build
+    from tilerseg.receptive import analytic_radius
+
+    fpn = build(ModelSpec("fpn", "resnet18"))  # align_corners=True upsampling: depends on the input size
+    assert analytic_radius(fpn, in_channels=3, stride=32) is None
+    psp = build(ModelSpec("pspnet", "resnet18"))  # global pooling
+    assert analytic_radius(psp, in_channels=3, stride=8) is None
+
+
+def test_halo_defaults_to_the_receptive_field_and_the_run_says_why(tmp_path, tiny_model_dir):
+    out = tmp_path / "o.zarr"
+    r = cli("run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "halo 72 px (receptive field 65 px, computed from the module graph)" in r.stderr
+    r = cli("run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1", "--tile", "128",
+            "-o", str(tmp_path / "small.zarr"))
+    assert r.returncode == 1 and "--tile 128 is too small for the halo 72" in r.stderr

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import cli, data, textured_tiff
+from conftest import cli, cli_process, data, textured_tiff
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,7 @@ def _args(src, model):
 
 
 def _start(*args) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "tilerseg.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return cli_process("run", *args)
 
 
 def _wait_for_marks(marks: str, n: int, proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -80,6 +78,54 @@ def test_killed_run_resumes_to_identical_bytes_computing_fewer_windows(tmp_path,
     # the blocks finished before the kill (one window each here) were not computed again
     assert entry["windows_computed"] == entry["windows_total"] - finished
     assert 0 < entry["windows_computed"] < entry["windows_total"]
+
+
+@pytest.mark.slow
+def test_sigterm_is_an_interrupt_recorded_in_the_ledger_and_resume_gives_identical_bytes(
+        tmp_path, big_tiff, tiny_model_dir, reference):
+    """What SLURM/PBS/LSF send at walltime and on scancel: one line, a
+    failed ledger line saying so, the finished blocks kept, and --resume
+    finishes to the bytes of an uninterrupted run."""
+    out = tmp_path / "out.ome.tif"
+    state = tmp_path / ".out.ome.tif.tilerseg"
+    proc = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    _wait_for_marks(str(state / "done"), 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    lines = [ln for ln in stderr.splitlines() if not ln.startswith("tilerseg: warning") and "windows" not in ln
+             and "tiling:" not in ln]
+    assert any("terminated (SIGTERM)" in ln and "--resume" in ln for ln in lines), stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and state.exists() and os.listdir(state / "done")
+    entry = _ledger(tmp_path)[-1]
+    assert entry["status"] == "failed" and "SIGTERM" in entry["error"] and "--resume" in entry["error"]
+
+    r = cli("run", *_args(big_tiff, tiny_model_dir), "-o", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == reference
+    assert _ledger(tmp_path)[-1]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_finishes_intact(
+        tmp_path, big_tiff, tiny_model_dir, reference):
+    out = tmp_path / "out.ome.tif"
+    lock = tmp_path / ".out.ome.tif.tilerseg.lock"
+    first = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    t0 = time.time()
+    while not lock.exists() and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(max(0.0, 2 - (time.time() - t0)))  # the same command, about 2 s later
+    second = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    _, err2 = second.communicate(timeout=120)
+    assert first.poll() is None, "the first run ended before the second started: make the image larger"
+    assert second.returncode == 1
+    assert err2.strip().count("\n") == 0 and f"another tilerseg run is writing it (process {first.pid}" in err2
+    _, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1
+    assert out.read_bytes() == reference
+    assert not lock.exists() and not (tmp_path / ".out.ome.tif.tilerseg").exists()
 
 
 @pytest.mark.slow

@@ -34,10 +34,10 @@ def test_window_has_tissue_matches_brute_force():
 
 
 def test_otsu_on_saturation_finds_the_generators_tissue(glassy_slide):
-    from tilerseg.preview import _thumbnail
+    from tilerseg.preview import thumbnail
 
     path, truth = glassy_slide
-    thumb = _thumbnail(path, 512)
+    thumb = thumbnail(path, 512)
     found = tissue_from_rgb(thumb, margin=0)
     t = truth[:: truth.shape[0] // found.shape[0], :: truth.shape[1] // found.shape[1]][:found.shape[0], :found.shape[1]]
     iou = (found & t).sum() / (found | t).sum()

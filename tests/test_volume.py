@@ -11,7 +11,11 @@ import tifffile
 import torch
 import zarr
 
-from conftest import cli
+import os
+import signal
+import time
+
+from conftest import cli, cli_process
 
 from tilerseg.io.volume import VolumeReader, read_padded3
 
@@ -91,7 +95,7 @@ def test_unet3d_tiles_are_seam_exact_at_the_measured_halo(tmp_path):
     """The issue's check: 70x300x310, small unet3d with random seeded weights
     in eval mode, a halo at least the measured receptive-field radius: the
     tiled output equals whole-volume inference within 1e-4."""
-    from tilerseg.api import run_volume
+    from tilerseg import run as run_volume
     from tilerseg.models import ModelInfo, ModelSpec, save_checkpoint
     from tilerseg.receptive import measure_halo
 
@@ -247,3 +251,85 @@ def test_volume_crops_augment_every_slice_alike(tmp_path, preset):
         if (lab_ == 1).sum() > 50 and (lab_ == 0).sum() > 50:
             assert np.median(img[lab_ == 1]) > np.median(img[lab_ == 0])
     src.close()
+
+
+def _checkpoint(tmp_path, features=2, depth=2, classes=1, **extra):
+    from tilerseg.models import ModelInfo, ModelSpec, save_checkpoint
+
+    torch.manual_seed(0)
+    from tilerseg.models.unet import unet3d
+
+    model = unet3d(classes=classes, in_channels=1, features=features, depth=depth).eval()
+    spec = ModelSpec(arch="unet3d", encoder="-", classes=classes, in_channels=1,
+                     kwargs=ModelSpec.freeze({"features": features, "depth": depth}))
+    ckpt = tmp_path / "u3.pt"
+    save_checkpoint(str(ckpt), model, ModelInfo(spec=spec, **extra))
+    return str(ckpt)
+
+
+@pytest.mark.slow
+def test_a_killed_volume_run_resumes_to_identical_bytes(tmp_path):
+    """Volumes go through the same engine and writer as images: marks,
+    --resume, the OME UUID from the fingerprint."""
+    vol = _volume((24, 96, 96), seed=4)
+    src = tmp_path / "vol.tif"
+    tifffile.imwrite(src, vol)
+    ckpt = _checkpoint(tmp_path)
+    args = [str(src), "--weights", ckpt, "--tile", "24,24,24", "--halo", "8", "--quiet"]  # 3x12x12 windows
+    ref = tmp_path / "ref.ome.tif"
+    r = cli("run", *args, "-o", str(ref))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out.ome.tif"
+    marks = tmp_path / ".out.ome.tif.tilerseg" / "done"
+    proc = cli_process("run", *args, "-o", str(out))
+    t0 = time.time()
+    while (not marks.is_dir() or len(os.listdir(marks)) < 20) and time.time() - t0 < 300:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(os.listdir(marks))
+    assert not out.exists() and 0 < done < 3 * 12 * 12
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"computed {3 * 12 * 12 - done}" in r.stdout
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_volume_outputs_use_nodata_255_and_refuse_what_they_cannot_honour(tmp_path):
+    vol = _volume((10, 40, 40))
+    src = tmp_path / "vol.tif"
+    tifffile.imwrite(src, vol)
+    ckpt = _checkpoint(tmp_path)
+    r = cli("run", str(src), "--weights", ckpt, "-o", str(tmp_path / "l.zarr"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    z = zarr.open_group(str(tmp_path / "l.zarr"), mode="r")["0"]
+    assert z.fill_value == 255 and z.metadata.dimension_names == ("z", "y", "x")
+    assert "halo 24 px (receptive field 22 px, computed from the module graph)" in r.stderr
+    for flags, why in ((["--batch-size", "4"], "one window per forward pass"),
+                       (["--merge", "gaussian"], "merged by crop"),
+                       (["--tta", "flips"], "2-D models only"),
+                       (["--preview", str(tmp_path / "p.png")], "--preview draws 2-D images")):
+        r = cli("run", str(src), "--weights", ckpt, "-o", str(tmp_path / "x.zarr"), *flags)
+        assert r.returncode == 1 and why in r.stderr and r.stderr.count("\n") == 1, (flags, r.stderr)
+    r = cli("run", str(src), "--weights", ckpt, "-o", str(tmp_path / "l.zarr"))
+    assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def test_default_unet3d_tiling_covers_a_small_volume_in_few_windows(tmp_path):
+    """Where the issue's 20 minutes went: a gradient probe on 128^3-256^3
+    cubes of the full-size unet3d, then 2*halo + 32 windows (a 32^3 crop of
+    every 128^3 window: 98 windows on 40x200x210). Now the receptive field
+    comes from the module graph at once and windows grow to the volume."""
+    from tilerseg.config import TilingOptions
+    from tilerseg.models import ModelInfo, ModelSpec, build
+    from tilerseg.tiling import resolve
+
+    model = build(ModelSpec("unet3d", "-", in_channels=1))
+    t0 = time.perf_counter()
+    t = resolve(TilingOptions(), model=model, info=ModelInfo(spec=ModelSpec("unet3d")), stride=8, dims=3, bands=1,
+                shape=(40, 200, 210))
+    assert time.perf_counter() - t0 < 2
+    grid = t.grid((40, 200, 210))
+    assert t.halo == (48, 48, 48)  # radius 46 on the stride-8 grid
+    assert grid.total_windows <= 9 and np.prod(t.tile) <= 160 ** 3

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import InputError, TilersegError
+from .errors import InputError, Terminated, TilersegError
 
 log = logging.getLogger(__name__)
 LEDGER = "tilerseg-ledger.jsonl"
@@ -109,12 +109,16 @@ def plan_jobs(inputs: list[str], output: str | None, *, manifest: str | None = N
     if "://" not in folder:
         os.makedirs(folder, exist_ok=True)
     jobs, seen = [], {}
+    sources = {os.path.realpath(i) for i, _ in pairs if "://" not in i}
     for inp, out in pairs:
         path = out or default_output(inp, folder, fmt or DEFAULT_FORMAT)
         path = path if "://" in path else os.path.abspath(path)
         if path in seen:
             raise InputError(f"{inp} and {seen[path]} would both write {path}: give outputs in a manifest "
                              "(`INPUT OUTPUT` per line)")
+        if "://" not in path and os.path.realpath(path) in sources:
+            raise InputError(f"{path}: the output of {inp} is an input of this run; tilerseg never writes over its "
+                             "inputs: give another output")
         seen[path] = inp
         jobs.append(Job(inp, path))
     return jobs, _ledger_beside(folder)
@@ -173,7 +177,14 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
             entry.update(status="done", windows_computed=report.windows_run, windows_total=report.windows,
                          seconds=round(time.perf_counter() - t0, 3),
                          throughput=round(report.megapixels_per_second, 4), error=None)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: recorded, then the run stops
+            what = "terminated by SIGTERM (walltime or scancel)" if isinstance(err, Terminated) else \
+                "interrupted (Ctrl-C)"
+            entry.update(status="failed", windows_computed=None, windows_total=None,
+                         seconds=round(time.perf_counter() - t0, 3), throughput=None,
+                         error=f"{job.input}: {what}; rerun the same command with --resume to continue")
+            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            append_ledger(ledger, entry)
             raise
         except Exception as err:  # recorded; the next input goes on
             if isinstance(err, TilersegError):

@@ -8,16 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 
-from .geometry import PAD_MODES
-from .engine import MERGE_MODES
-from .infer import TTA_MODES
-from .io.open import READERS
+from .config import MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
 
 log = logging.getLogger("tilerseg")
-EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -108,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
     t = r.add_argument_group("tiling")
-    t.add_argument("--tile", type=_tile, help="window side in px (default 512, or the checkpoint's); "
-                   "z,y,x for volumetric models")
+    t.add_argument("--tile", type=_tile, help="window side in px (default: the checkpoint's, else 512 or "
+                   "what the halo needs); z,y,x for volumetric models")
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
-                   "receptive field first (default 64, or the checkpoint's)")
-    t.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+                   "receptive field (default: the checkpoint's, else the receptive field, so tiles are exact)")
+    t.add_argument("--batch-size", type=int, help="windows per forward pass (default 4; volumes run one)")
     t.add_argument("--merge", default="auto", choices=("auto", *MERGE_MODES),
                    help="crop: keep window centres (exact for local models); gaussian: blend windows (nnU-Net); "
                    "auto (default): crop, or gaussian with half-window overlap for models with global context")
@@ -131,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a mask file (non-zero = tissue)")
     e = r.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    e.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+    e.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model arithmetic: fp16/bf16 autocast is faster on GPUs (default fp32, exact)")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster batches)")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
@@ -194,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _input_args(v)
     v.add_argument("--tile", type=int, help="window side (default: the checkpoint's, else 512)")
     v.add_argument("--halo", type=_halo, help="halo in px or auto (default: the checkpoint's, else 64)")
-    v.add_argument("--batch-size", type=int, default=4)
+    v.add_argument("--batch-size", type=int)
     v.add_argument("--merge", default="auto", choices=("auto", *MERGE_MODES))
     v.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation (default: the checkpoint's, else none)")
     v.add_argument("--threshold", type=float, help="binary threshold (default: the checkpoint's, else 0.5)")
@@ -221,38 +219,44 @@ def _version() -> str:
     return __version__
 
 
+def run_config(a):
+    """The run's :class:`~tilerseg.config.RunConfig` from parsed arguments."""
+    from .config import RunConfig, option_names
+
+    options = {name: getattr(a, name) for name in option_names() if hasattr(a, name)}
+    model_args = {**dict(getattr(a, "model_args", None) or {}), **dict(a.model_arg or [])}  # --config's, then flags
+    options["model_args"] = model_args or None
+    return RunConfig.from_options(**options)
+
+
 def cmd_run(a) -> int:
-    from .api import run
+    from .api import execute
     from .batch import plan_jobs, run_jobs
     from .cluster import connect
     from .errors import InputError
 
     jobs, ledger = plan_jobs(a.input, a.output, manifest=a.manifest, fmt=a.format)
-    if a.preview and len(jobs) > 1:
+    cfg = run_config(a)
+    if cfg.output.preview and len(jobs) > 1:
         raise InputError("--preview takes one input (it names one PNG); drop it for batches")
-    options = dict(model=a.model, weights=a.weights, encoder=a.encoder, classes=a.classes,
-                   encoder_weights=a.encoder_weights, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
-                   pad_mode=a.pad_mode, probabilities=a.probabilities, threshold=a.threshold, level=a.level,
-                   mpp=a.mpp, bands=a.bands, reader=a.reader, mean=a.mean, std=a.std, scale=a.scale,
-                   device=a.device, workers=a.workers, overwrite=a.overwrite, tissue=a.tissue,
-                   output_level=a.output_level, tta=a.tta, merge=a.merge, resume=a.resume, precision=a.precision,
-                   compile=a.compile, model_args=dict(a.model_arg) if a.model_arg else None)
     many = len(jobs) > 1
     number = {(j.input, j.output): k for k, j in enumerate(jobs, start=1)}
 
     with connect(a.scheduler, a.cluster, a.cluster_config) as scheduler:
+        job_cfg = cfg if scheduler is None else cfg.replace(scheduler=scheduler)
+
         def one(input, output):
             if many:
                 print(f"[{number[input, output]}/{len(jobs)}] {input} -> {output}", flush=True)
             progress, bar = _progress(a.quiet)
             with bar:
-                return run(input, output, scheduler=scheduler, progress=progress, **options)
+                return execute(input, output, job_cfg, progress=progress)
 
         def done(job, entry, report) -> None:
             if entry["status"] == "failed":
                 print(f"tilerseg: error: {entry['error']}", file=sys.stderr, flush=True)
             else:
-                _print_report(a, report, job.input)
+                _print_report(a, report)
 
         entries = run_jobs(jobs, ledger, one, resume=a.resume, on_done=done, reraise=a.debug)
     failed = [e for e in entries if e["status"] == "failed"]
@@ -265,19 +269,15 @@ def cmd_run(a) -> int:
     return EXIT_ERROR if failed else 0
 
 
-def _print_report(a, report, input) -> None:
-    if a.preview:
-        from .preview import write_preview
-
-        write_preview(input, report.output, a.preview,
-                      threshold=report.threshold, bands=a.bands, reader=a.reader)
-        print(f"wrote {a.preview}")
+def _print_report(a, report) -> None:
     size = "x".join(str(v) for v in reversed(report.shape))
     unit = "voxels" if len(report.shape) == 3 else "px"
     tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
     print(f"wrote {report.output}: {size} {unit}, {report.windows} windows of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
+    if report.preview:
+        print(f"wrote {os.path.abspath(report.preview)}")
     if report.windows_resumed:
         print(f"resumed: {report.windows_resumed} of {report.windows} windows were finished by an earlier run; "
               f"computed {report.windows_run}")
@@ -396,8 +396,8 @@ def cmd_halo(a) -> int:
     if a.json:
         print(json.dumps(rep.as_dict()))
     else:
-        print(f"receptive-field radius {rep.radius} px (input-gradient support, output stride {rep.stride}): "
-              f"use --halo {rep.halo} for seam-exact tiles")
+        print(f"receptive-field radius {rep.radius} px ({rep.how.split(', ', 1)[-1]}; output stride "
+              f"{rep.stride}): use --halo {rep.halo} for seam-exact tiles (runs use it by default)")
     return 0
 
 
@@ -477,16 +477,28 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     # tilerseg's own messages (progress, level choice) as "tilerseg: ..."; other libraries' warnings by name
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("tilerseg: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    shown = warnings.showwarning
     warnings.showwarning = lambda msg, cat, *rest: print(f"tilerseg: warning: {msg}", file=sys.stderr)
-    if not args.debug:
-        warnings.filterwarnings("ignore", module="(rasterio|zarr|dask|distributed|timm|torch).*")
-    from .errors import TilersegError
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.filterwarnings("ignore", module="(rasterio|zarr|dask|distributed|timm|torch).*")
+            warnings.simplefilter("always", UserWarning)
+            return _command(args)
+    finally:  # main() may be called again in this process (tests, notebooks)
+        log.removeHandler(handler)
+        warnings.showwarning = shown
 
+
+def _command(args) -> int:
+    from .errors import Terminated, TilersegError
+
+    previous = _on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except TilersegError as err:
@@ -494,9 +506,14 @@ def main(argv=None) -> int:
             raise
         print(f"tilerseg: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("tilerseg: interrupted; no output was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tilerseg models | head`: the reader left
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"tilerseg: {what}; no output was written (finished blocks are kept: rerun the same command with "
+              "--resume to continue)", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except Exception as err:  # a bug, not a user error: still one line unless --debug
         if args.debug:
             raise
@@ -504,6 +521,30 @@ def main(argv=None) -> int:
         print(f"tilerseg: internal error: {type(err).__name__}: {text} (rerun with --debug for the traceback "
               "and report it)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM (what SLURM, PBS and LSF send at walltime and on scancel)
+    behaves like Ctrl-C: it raises :class:`~tilerseg.errors.Terminated` (a
+    KeyboardInterrupt) in the main thread, so the same clean-up runs: the
+    ledger gets a failed line, the finished blocks stay for --resume.
+    Further SIGTERMs are ignored while that clean-up runs. Returns the
+    previous handler (None off the main thread, where none is set)."""
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

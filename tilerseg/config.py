@@ -1,25 +1,185 @@
-"""Run configurations from YAML (``pipelines/*.yaml``), validated once.
+"""One description of a run, built once at the boundary and frozen.
 
-A file holds the options of ``tilerseg run`` under their long names
-(``batch_size`` or ``batch-size``); flags on the command line override it.
-Unknown keys fail with the list of valid ones, so a typo cannot silently
-fall back to a default."""
+The command line, a YAML pipeline (``--config``, ``pipelines/*.yaml``) and
+the Python API (``tilerseg.run(input, output, **options)``) all build the
+same :class:`RunConfig` through :meth:`RunConfig.from_options`. Options have
+flat names (``batch_size`` or ``batch-size``) and live in five sections:
+input, model, tiling, output and engine. An unknown name or a closed choice
+spelt wrong fails at once with one line naming the nearest valid one, so a
+typo cannot silently fall back to a default. Nothing here imports torch.
+"""
 from __future__ import annotations
 
-import inspect
+import difflib
 import os
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 from .errors import InputError
 
-_LISTS = {"bands", "mean", "std"}
+PAD_MODES = ("reflect", "symmetric", "constant", "edge")
+MERGE_MODES = ("crop", "gaussian")
+TTA_MODES = ("none", "flips", "d4")
+PRECISIONS = ("fp32", "fp16", "bf16")
+READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
+DEFAULT_BATCH = 4
 
 
-def run_options() -> list[str]:
-    from .api import run
+@dataclass(frozen=True)
+class InputOptions:
+    """How the input is read: pyramid level or target mpp, bands (1-based),
+    the backend, and where tissue is (``auto`` or a mask file)."""
 
-    return [n for n, p in inspect.signature(run).parameters.items()
-            if p.kind is p.KEYWORD_ONLY and n not in ("progress",)]
+    level: int | None = None
+    mpp: float | None = None
+    bands: tuple[int, ...] | None = None
+    reader: Literal["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"] = "auto"
+    tissue: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model: registry name, weights, and what a bare state dict does
+    not say (encoder, classes, extra builder arguments, normalisation)."""
+
+    model: str = "unet"
+    weights: str | None = None
+    encoder: str = "resnet34"
+    classes: int = 1
+    encoder_weights: str | None = None
+    model_args: tuple[tuple[str, Any], ...] = ()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """What the user asked of the tiling; :mod:`tilerseg.tiling` turns it
+    and the model into the grid. None means: the checkpoint's, else the
+    receptive field (halo) or a size that fits it (tile)."""
+
+    tile: int | tuple[int, ...] | None = None
+    halo: int | tuple[int, ...] | str | None = None
+    batch_size: int | None = None
+    pad_mode: Literal["reflect", "symmetric", "constant", "edge"] = "reflect"
+    merge: Literal["auto", "crop", "gaussian"] = "auto"
+    tta: Literal["none", "flips", "d4"] | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is written: labels (threshold) or probabilities, on which level
+    of the input's grid, a preview PNG, and whether to replace."""
+
+    probabilities: bool = False
+    threshold: float | None = None
+    output_level: int | None = None
+    preview: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where and how blocks are computed."""
+
+    workers: int | None = None
+    scheduler: Any = None
+    device: str = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    compile: bool = False
+    resume: bool = False
+
+
+SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
+            "engine": EngineOptions}
+CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MODES, "precision": PRECISIONS,
+           "reader": READERS}
+# settings that change where or how fast a run goes, not its bytes: left out of the resume fingerprint
+NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview"}
+
+
+def option_names() -> dict[str, str]:
+    """Every option's flat name -> its section."""
+    return {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def nearest(name: str, valid) -> str:
+    """`` (did you mean 'x'?)`` for a misspelt name, else nothing."""
+    near = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _tuple(v):
+    if v is None or isinstance(v, (str, int, float)):
+        return v
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides its input and output paths."""
+
+    input: InputOptions = field(default_factory=InputOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    tiling: TilingOptions = field(default_factory=TilingOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    @classmethod
+    def from_options(cls, **options) -> "RunConfig":
+        """Build from flat options (``tile=512, batch_size=2, ...``); None
+        means the default. Raises :class:`InputError` on an unknown name or
+        a value outside a closed choice, naming the nearest valid one."""
+        names = option_names()
+        parts: dict[str, dict] = {s: {} for s in SECTIONS}
+        for key, value in options.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise InputError(f"unknown option {key!r}{nearest(name, names)}; valid: {', '.join(sorted(names))}")
+            if value is None:
+                continue
+            if name in CHOICES and value not in CHOICES[name]:
+                raise InputError(f"{name.replace('_', '-')} {value!r}: use one of {', '.join(CHOICES[name])}"
+                                 f"{nearest(value, CHOICES[name])}")
+            if name == "model_args":
+                value = tuple(sorted((str(k).replace("-", "_"), _tuple(v)) for k, v in dict(value).items()))
+            elif name in ("bands", "mean", "std", "tile", "halo"):
+                value = _tuple(value)
+            elif name == "weights":
+                value = os.fspath(value)
+            parts[names[name]][name] = value
+        cfg = cls(**{s: SECTIONS[s](**kw) for s, kw in parts.items()})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        t = self.tiling
+        if t.batch_size is not None and t.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1 (got {t.batch_size})")
+        if self.input.level is not None and self.input.mpp is not None:
+            raise InputError("give --level or --mpp, not both")
+        if self.output.threshold is not None and not 0 <= self.output.threshold <= 1:
+            raise InputError(f"--threshold {self.output.threshold}: give a value between 0 and 1")
+        if self.engine.workers is not None and self.engine.workers < 1:
+            raise InputError(f"--workers must be at least 1 (got {self.engine.workers})")
+
+    def options(self) -> dict[str, Any]:
+        """The flat options, as :meth:`from_options` takes them."""
+        out = {}
+        for section in SECTIONS:
+            part = getattr(self, section)
+            out.update({f.name: getattr(part, f.name) for f in fields(part)})
+        out["model_args"] = dict(out["model_args"])
+        return out
+
+    def replace(self, **options) -> "RunConfig":
+        """A copy with some flat options changed."""
+        return RunConfig.from_options(**{**self.options(), **options})
+
+    def settings(self) -> dict[str, str]:
+        """The settings that decide the output's bytes, for the resume fingerprint."""
+        return {k: repr(v) for k, v in sorted(self.options().items()) if k not in NOT_IN_FINGERPRINT}
 
 
 def read_mapping(path: str, what: str, where: str = "path") -> dict:
@@ -41,14 +201,17 @@ def read_mapping(path: str, what: str, where: str = "path") -> dict:
 
 
 def load_run_config(path) -> dict[str, Any]:
-    """Read ``path`` and return ``{option: value}`` for :func:`tilerseg.run`."""
+    """Read a run pipeline and return its options (flat names), checked by
+    building a :class:`RunConfig` from them; flags override them."""
     path = os.fspath(path)
     raw = read_mapping(path, "run", "--config path")
-    valid = run_options()
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in valid:
-            raise InputError(f"{path}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
-        out[name] = tuple(value) if name in _LISTS and isinstance(value, list) else value
-    return out
+    out = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    try:
+        RunConfig.from_options(**out)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    return {k: tuple(v) if isinstance(v, list) and k in ("bands", "mean", "std") else v for k, v in out.items()}
+
+
+__all__ = ["RunConfig", "InputOptions", "ModelOptions", "TilingOptions", "OutputOptions", "EngineOptions",
+           "load_run_config", "read_mapping", "option_names", "replace"]

@@ -6,16 +6,10 @@ truth, plus a preview PNG. Needs no download."""
 from __future__ import annotations
 
 import os
-from importlib import resources
-
 from . import synthetic
 from .api import run
 from .io import open_reader
-from .preview import write_preview
-
-
-def demo_weights() -> str:
-    return str(resources.files("tilerseg") / "data" / "demo_unet.pt")
+from .models import demo_weights
 
 
 def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=None) -> dict:
@@ -23,8 +17,10 @@ def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=
     os.makedirs(outdir, exist_ok=True)
     slide = os.path.join(outdir, "slide.tif")
     mask = os.path.join(outdir, "mask.tif")
+    preview = os.path.join(outdir, "preview.png")
     synthetic.write_tiff(slide, (size, size), seed=seed, levels=3, compression="zlib")
-    report = run(slide, mask, weights=demo_weights(), workers=workers, overwrite=True, progress=progress)
+    report = run(slide, mask, weights=demo_weights(), workers=workers, overwrite=True, preview=preview,
+                 progress=progress)
     inter = total = 0
     step = 1024
     with open_reader(mask) as m:
@@ -36,6 +32,4 @@ def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=
                 inter += int((pred & truth).sum())
                 total += int(pred.sum() + truth.sum())
     dice = 2 * inter / total if total else 1.0
-    preview = os.path.join(outdir, "preview.png")
-    write_preview(slide, mask, preview)
     return {"slide": slide, "mask": mask, "preview": preview, "dice": dice, "report": report}

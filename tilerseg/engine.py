@@ -13,12 +13,14 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from .config import MERGE_MODES
 from .errors import TileError
 from .geometry import PAD_MODES, Grid, Region, block_layout
 from .io.base import LABEL_NODATA, Reader, read_padded
+from .io.marks import ChunkMarks
+from .io.volume import read_padded3
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,6 @@ class Output:
     probabilities: bool = False
     threshold: float = 0.5
     merge: Literal["crop", "gaussian"] = "crop"
-
-
-MERGE_MODES = ("crop", "gaussian")
 
 
 def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
@@ -332,6 +331,36 @@ def local_pool(workers: int | None = None, name: str = "tilerseg"):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def thread_map(workers: int | None = None):
+    """A ``parallel(fn, items)`` running ``fn`` on ``workers`` threads, for
+    the writer's chunk loops (resampling, pyramid levels); errors raise."""
+    def parallel(fn, items) -> None:
+        with local_pool(workers, "tilerseg-write") as pool:
+            for _ in pool.map(fn, items):
+                pass
+
+    return parallel
+
+
+def reduce_blocks(plan: "Plan", fn, *, workers: int | None = None) -> list:
+    """``fn(block_result, index)`` for every block of ``plan`` as it is
+    computed, on local threads, without keeping the blocks: the results of
+    ``fn`` in block order (for scoring a segmentation against a mask)."""
+    from dask.threaded import get
+
+    dsk, keys = plan.graph(plan.blocks)
+    order = list(plan.blocks)
+    name = plan.name + "-reduce"
+    for b in order:
+        dsk[(name, *b)] = (fn, (_first, keys[b]), plan.blocks[b])
+    with local_pool(workers, "tilerseg-eval") as pool:
+        return list(get(dsk, [(name, *b) for b in order], pool=pool))
+
+
+def _first(piece):
+    return piece[0]
+
+
 def compute_into(array, target, *, workers: int | None = None) -> None:
     """Store ``array`` into ``target`` (a zarr array; or lists of both)
     chunk by chunk, on ``workers`` local threads (for ``ingest``; runs go
@@ -341,44 +370,6 @@ def compute_into(array, target, *, workers: int | None = None) -> None:
 
     with local_pool(workers) as pool, dask.config.set(scheduler="threads", pool=pool):
         da.store(array, target, lock=False, compute=True)
-
-
-@dataclass(frozen=True)
-class ChunkMarks:
-    """Which output blocks have landed: one empty file per finished block
-    (``by.bx`` or ``z.y.x``) in ``root``, a folder or any fsspec URL that
-    every worker can reach. A file appears only after its block is stored,
-    and an empty file is written whole or not at all, so after a crash the
-    marks name exactly the blocks that need no recomputing."""
-
-    root: str
-
-    def _fs(self):
-        import fsspec
-
-        return fsspec.core.url_to_fs(self.root)
-
-    def mark(self, block: tuple) -> None:
-        fs, path = self._fs()
-        fs.touch(f"{path}/{'.'.join(map(str, block))}")
-
-    def done(self) -> set[tuple]:
-        fs, path = self._fs()
-        if not fs.exists(path):
-            return set()
-        out = set()
-        for p in fs.ls(path, detail=False):
-            try:
-                out.add(tuple(int(v) for v in p.rstrip("/").rsplit("/", 1)[-1].split(".")))
-            except ValueError:
-                continue
-        return out
-
-    def clear(self) -> None:
-        fs, path = self._fs()
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
 
 
 @dataclass
@@ -513,8 +504,6 @@ def lazy_image(reader: Reader, chunk: int = 1024):
 
 
 def _volume_window(reader, predictor, grid, index, pad_mode: str, output: Output, classes: int):
-    from .io.volume import read_padded3
-
     if hasattr(predictor, "get"):
         predictor = predictor.get()
     read, out = grid.window(index)

@@ -35,3 +35,8 @@ class TileError(TilersegError, ValueError):
 
 class OutputError(TilersegError, OSError):
     """The output cannot be written (path, permissions, full disk)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (walltime, ``scancel``): handled as an
+    interrupt, so a run stops the same way as on Ctrl-C."""

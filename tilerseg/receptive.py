@@ -23,6 +23,7 @@ class HaloReport:
     stride: int
     halo: int
     size: int
+    how: str = "measured by input gradients"
 
     def as_dict(self) -> dict:
         return {"radius": self.radius, "stride": self.stride, "halo": self.halo}

@@ -30,9 +30,9 @@ def thumbnail_side(shape: tuple[int, int], crop: int) -> int:
 def detect(path: str, *, side: int = SIDE, bands=None, reader: str = "auto") -> np.ndarray:
     """A boolean tissue mask of ``path`` at about ``side`` px, covering the
     whole image (the level the model runs at does not matter)."""
-    from .preview import _thumbnail
+    from .preview import thumbnail
 
-    img = _thumbnail(str(path), side, bands=tuple(bands) if bands else None, reader=reader)
+    img = thumbnail(str(path), side, bands=tuple(bands) if bands else None, reader=reader)
     return tissue_from_rgb(img)
 
 
@@ -68,11 +68,11 @@ def tissue_from_rgb(img: np.ndarray, margin: int = 2) -> np.ndarray:
 def from_file(path: str) -> np.ndarray:
     """A tissue mask read from a file: non-zero pixels (any band) are tissue."""
     from .io import open_reader
-    from .preview import _strided
+    from .preview import strided
 
     with open_reader(path) as r:
         f = max(1, max(r.meta.shape) // SIDE)
-        img = _strided(lambda a, b: r.read((a, b), (0, r.meta.shape[1]))[0], r.meta.shape, f)
+        img = strided(lambda a, b: r.read((a, b), (0, r.meta.shape[1]))[0], r.meta.shape, f)
     mask = np.asarray(img).reshape(img.shape[0], img.shape[1], -1).any(-1)
     if not mask.any():
         raise InputError(f"{path}: the tissue mask is empty (no non-zero pixel); every window would be skipped")

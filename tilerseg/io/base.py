@@ -185,8 +185,8 @@ class ResampledReader(Reader):
 
     def _read(self, rows, cols):
         H, W = self.base.meta.shape
-        (y0, y1), wy = _resample_weights(rows, self.scale, H)
-        (x0, x1), wx = _resample_weights(cols, self.scale, W)
+        (y0, y1), wy = resample_weights(rows, self.scale, H)
+        (x0, x1), wx = resample_weights(cols, self.scale, W)
         src, valid = self.base.read((y0, y1), (x0, x1))
         out = np.einsum("ij,jkc,lk->ilc", wy, src.astype(np.float64), wx, optimize=True)
         if np.issubdtype(src.dtype, np.integer):
@@ -200,7 +200,7 @@ class ResampledReader(Reader):
         return (ResampledReader, (self.base, self.scale))
 
 
-def _resample_weights(span: tuple[int, int], s: float, n: int) -> tuple[tuple[int, int], np.ndarray]:
+def resample_weights(span: tuple[int, int], s: float, n: int) -> tuple[tuple[int, int], np.ndarray]:
     """Source range and ``(out, src)`` weights for output pixels ``span``."""
     i = np.arange(*span, dtype=np.float64)
     if s >= 1:  # area: overlap of [k, k+1) with [i*s, (i+1)*s), clipped to the image

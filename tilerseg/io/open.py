@@ -6,13 +6,13 @@ import os
 from dataclasses import replace
 from typing import Literal
 
+from ..config import READERS
 from ..errors import FormatError, InputError
 from .base import Reader, ResampledReader, pick_level
 
 log = logging.getLogger(__name__)
 
 ReaderName = Literal["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"]
-READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
 SLIDE_EXT = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"}
 TIFF_EXT = {".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

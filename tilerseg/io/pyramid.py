@@ -8,7 +8,7 @@ nearest neighbour (a class stays a class), probabilities by the mean of each
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -63,7 +63,17 @@ def _chunk_starts(shape, chunks):
     return [(r, c) for r in range(0, shape[-2], chunks[-2]) for c in range(0, shape[-1], chunks[-1])]
 
 
-def _each_chunk(dst, fill, workers: int) -> None:
+Parallel = Callable[[Callable, Iterable], None]
+
+
+def serial(fn: Callable, items: Iterable) -> None:
+    """Call ``fn`` on each item in turn: the default ``parallel`` (the engine
+    supplies a threaded one; only the engine creates pools)."""
+    for item in items:
+        fn(item)
+
+
+def _each_chunk(dst, fill, parallel: Parallel) -> None:
     """``dst[..., r:r+ch, c:c+cw] = fill(r, c, r1, c1)`` for every chunk."""
     ch, cw = dst.chunks[-2:]
     H, W = dst.shape[-2:]
@@ -73,9 +83,7 @@ def _each_chunk(dst, fill, workers: int) -> None:
         r1, c1 = min(r + ch, H), min(c + cw, W)
         dst[..., r:r1, c:c1] = fill(r, c, r1, c1)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for _ in pool.map(one, _chunk_starts(dst.shape, dst.chunks)):
-            pass
+    parallel(one, _chunk_starts(dst.shape, dst.chunks))
 
 
 def _like(group, name: str, src, shape: tuple[int, int]):
@@ -85,23 +93,23 @@ def _like(group, name: str, src, shape: tuple[int, int]):
                               overwrite=True)
 
 
-def build_levels(group, probabilities: bool, *, workers: int = 2) -> list:
+def build_levels(group, probabilities: bool, *, parallel: Parallel = serial) -> list:
     """Add levels ``1..n`` to ``group`` (level ``0`` must exist) and return
     all level arrays, finest first."""
     levels = [group["0"]]
     for k, shape in enumerate(level_shapes(levels[0].shape[-2:])[1:], start=1):
         src, dst = levels[-1], _like(group, str(k), levels[-1], shape)
         _each_chunk(dst, lambda r, c, r1, c1, src=src: reduce2(
-            np.asarray(src[..., 2 * r:2 * r1, 2 * c:2 * c1]), probabilities), workers)
+            np.asarray(src[..., 2 * r:2 * r1, 2 * c:2 * c1]), probabilities), parallel)
         levels.append(dst)
     return levels
 
 
-def upsample_into(src, dst, probabilities: bool, *, workers: int = 2) -> None:
+def upsample_into(src, dst, probabilities: bool, *, parallel: Parallel = serial) -> None:
     """Fill ``dst`` (the input's full-resolution grid) from ``src`` (the
     processed grid covering the same extent): nearest neighbour for labels,
     bilinear for probabilities (NaN stays NaN where it touches)."""
-    from .base import _resample_weights
+    from .base import resample_weights
 
     (H, W), (h, w) = dst.shape[-2:], src.shape[-2:]
     sy, sx = h / H, w / W
@@ -113,12 +121,12 @@ def upsample_into(src, dst, probabilities: bool, *, workers: int = 2) -> None:
         return part[..., ri - ri.min(), :][..., ci - ci.min()]
 
     def bilinear(r, c, r1, c1):
-        (y0, y1), wy = _resample_weights((r, r1), sy, h)
-        (x0, x1), wx = _resample_weights((c, c1), sx, w)
+        (y0, y1), wy = resample_weights((r, r1), sy, h)
+        (x0, x1), wx = resample_weights((c, c1), sx, w)
         part = np.asarray(src[..., y0:y1, x0:x1]).astype(np.float64)
         return np.einsum("ij,kjl,ml->kim", wy, part, wx, optimize=True).astype(src.dtype)
 
-    _each_chunk(dst, bilinear if probabilities else nearest, workers)
+    _each_chunk(dst, bilinear if probabilities else nearest, parallel)
 
 
 def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes: int, class_names=(),

@@ -4,13 +4,13 @@ zarr arrays; read lazily window by window, written slab by slab.
 A volume reader returns ``(z, y, x, bands)`` arrays for any window; windows
 that reach outside the volume are mirror-padded like 2-D windows
 (:func:`read_padded3`). Outputs go to a zarr array first (the engine
-stores chunks in parallel) and are then converted: ``.zarr`` keeps it (with
-``multiscales`` axes z, y, x), ``.tif``/``.tiff``/``.ome.tif`` become a TIFF
-stack, one tiled page per slice."""
+stores chunks in parallel) and are then converted by the writer
+(:mod:`tilerseg.io.writers`): ``.zarr`` keeps it (with ``multiscales`` axes
+z, y, x), ``.tif``/``.tiff``/``.ome.tif`` become a TIFF stack, one tiled page
+per slice (:func:`write_stack`)."""
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,6 @@ from ..errors import FormatError, InputError
 from ..geometry import pad_index
 from .base import reopen
 
-VOLUME_OUTPUTS = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff")
 _Z_AXES = "ZQIT"  # tifffile's names for a stack axis (Z, unknown, image sequence, time)
 _CHANNEL_AXES = "CS"
 
@@ -177,56 +176,11 @@ def read_padded3(reader: VolumeReader, ranges, mode: str) -> np.ndarray:
     return data[np.ix_(idx[0] - box[0][0], idx[1] - box[1][0], idx[2] - box[2][0])]
 
 
-def check_volume_output(path: str, overwrite: bool) -> None:
-    low = path.lower()
-    if not low.endswith(VOLUME_OUTPUTS):
-        raise InputError(f"{path}: a volume is written as .zarr (or .ome.zarr) or as a TIFF stack "
-                         "(.tif, .tiff, .ome.tif)")
-    if os.path.exists(path) and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-
-
-def write_volume(path: str, array, compute, *, attrs: dict, spacing=None, overwrite: bool = False) -> str:
-    """Compute the lazy ``array`` ((z, y, x) labels or (c, z, y, x)
-    probabilities) into ``path``, under a temporary name moved into place
-    only when complete. ``compute(array, zarr_array)`` stores it."""
-    import zarr
-
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    store = tmp if path.lower().endswith(".zarr") else tmp + ".zarr"
-    _remove(store)
-    try:
-        group = zarr.open_group(store, mode="w")
-        chunks = tuple(c[0] for c in array.chunks)
-        z = group.create_array("0", shape=array.shape, chunks=chunks, dtype=array.dtype,
-                               fill_value=np.nan if array.dtype.kind == "f" else 0)
-        axes = ([{"name": "c", "type": "channel"}] if array.ndim == 4 else []) + \
-            [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
-        scale = ([1.0] if array.ndim == 4 else []) + list(spacing or (1.0, 1.0, 1.0))
-        group.attrs.update({"tilerseg": attrs, "ome": {"version": "0.5", "multiscales": [{
-            "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-            "name": attrs.get("source", "")}]}})
-        compute(array, z)
-        if path.lower().endswith(".zarr"):
-            _remove(path)
-            os.replace(tmp, path)
-            return path
-        _write_stack(tmp, z, path.lower().endswith((".ome.tif", ".ome.tiff")), spacing)
-        _remove(path)
-        os.replace(tmp, path)
-        _remove(store)
-        return path
-    except BaseException:
-        _remove(tmp)
-        _remove(store)
-        raise
-
-
-def _write_stack(path: str, z, ome: bool, spacing) -> None:
+def write_stack(path: str, z, ome: bool, spacing, uid: str | None = None) -> None:
     """One tiled, deflate-compressed page per slice (per channel and slice
-    for probabilities), written slab by slab."""
+    for probabilities), written slab by slab. ``uid``: the OME UUID (the
+    writer derives it from the run's fingerprint, so a resumed run writes
+    the same bytes)."""
     import tifffile
 
     shape = z.shape
@@ -238,9 +192,15 @@ def _write_stack(path: str, z, ome: bool, spacing) -> None:
     if spacing:
         meta.update({"PhysicalSizeZ": spacing[0], "PhysicalSizeY": spacing[1], "PhysicalSizeX": spacing[2]})
     tile = (min(256, ((shape[-2] + 15) // 16) * 16), min(256, ((shape[-1] + 15) // 16) * 16))
-    with tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tw:
+    kw = {"metadata": {"axes": axes}}
+    if ome:
+        xml = tifffile.OmeXml(**({"UUID": uid} if uid else {}))
+        xml.addimage(np.dtype(z.dtype), data_shape, (int(np.prod(data_shape[:-2])), 1, 1, *data_shape[-2:], 1),
+                     **meta)
+        kw = {"metadata": None, "description": xml.tostring()}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=False) as tw:
         tw.write(_pages(slices()), shape=data_shape, dtype=z.dtype, tile=tile, compression="zlib",
-                 metadata=meta if ome else {"axes": axes}, photometric="minisblack")
+                 photometric="minisblack", **kw)
 
 
 def _pages(slabs):
@@ -249,10 +209,3 @@ def _pages(slabs):
             yield from slab
         else:
             yield slab
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)

@@ -1,11 +1,15 @@
-"""Output writers: OME-Zarr, pyramidal (OME-)TIFF, COG, PNG and polygons.
+"""The one writer: every byte tilerseg writes goes through :class:`Writer`.
 
-Every writer computes into a zarr group first, chunk by chunk (level ``0``
-of an OME-Zarr multiscale), resamples it to the input's full resolution
-when asked, adds reduced levels, then converts it tile by tile or object
-by object. Everything goes to a temporary name beside the output and is
-moved into place only when complete, so a path that exists is a finished
-output."""
+Masks (OME-Zarr, pyramidal OME-TIFF, COG, PNG, polygons), volumes (OME-Zarr
+or TIFF stacks), the preview PNG and ``ingest`` copies all get the same
+guarantees: a lock per output, refusal to write over an input or (without
+``overwrite``) over an existing path, checked again at the move, work in a
+hidden state folder with a mark per finished block (``resume``), nodata 255
+or NaN, a temporary name moved into place only when complete, and one-line
+errors. The result is computed into a zarr group first, chunk by chunk
+(level ``0`` of an OME-Zarr multiscale), resampled to the input's full
+resolution when asked, given reduced levels, then converted tile by tile
+or object by object."""
 from __future__ import annotations
 
 import errno
@@ -20,9 +24,13 @@ import numpy as np
 
 from ..errors import OutputError
 from .base import LABEL_NODATA, ImageMeta
+from .lock import OutputLock
+from .marks import ChunkMarks
+from .pyramid import Parallel, serial
 
 log = logging.getLogger(__name__)
 PNG_MAX_PIXELS = 20000 * 20000
+VOLUME_FORMATS = ("zarr", "ome-tiff", "tiff")
 FORMATS = {".zarr": "zarr", ".ome.zarr": "zarr", ".ome.tif": "ome-tiff", ".ome.tiff": "ome-tiff",
            ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "vector", ".gpkg": "vector"}
 LABELS_ONLY = {"png": "PNG", "vector": "polygon outputs"}
@@ -36,7 +44,7 @@ class OutputInfo:
     level or mpp). ``target``, when given, is the input's full-resolution
     grid: the result is resampled onto it before writing."""
 
-    meta: ImageMeta
+    meta: "ImageMeta | VolumeMeta"  # noqa: F821 (a VolumeMeta for volumes)
     probabilities: bool
     classes: int
     class_names: tuple[str, ...] = ()
@@ -48,9 +56,17 @@ class OutputInfo:
     def out_meta(self) -> ImageMeta:
         return self.target or self.meta
 
+    @property
+    def volume(self) -> bool:
+        return len(self.meta.shape) == 3
+
     def kind(self) -> dict:
         """What the file holds, for `tilerseg info` and readers of the output."""
         m = self.out_meta
+        if self.volume:
+            return {"kind": "probabilities" if self.probabilities else "labels", "classes": self.classes,
+                    "class_names": list(self.class_names), "nodata": None if self.probabilities else LABEL_NODATA,
+                    "spacing": list(m.spacing) if m.spacing else None, "source": self.source, "model": self.model}
         return {"kind": "probabilities" if self.probabilities else "labels", "classes": self.classes,
                 "class_names": list(self.class_names), "nodata": None if self.probabilities else LABEL_NODATA,
                 "mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
@@ -103,43 +119,86 @@ def check_output(path: str, overwrite: bool, probabilities: bool = False) -> Non
 
 
 class Writer:
-    """Write a lazy result to ``path`` atomically and resumably.
+    """Write one output, atomically, resumably, and alone.
+
+    Construct it before any work: it checks the paths (the output's folder
+    exists and is writable, no output is one of ``inputs``, an existing
+    output or preview needs ``overwrite``). Enter it (``with``) to take the
+    output's lock; a second run on the same output is refused at once.
 
     Work happens in a hidden state folder beside the output,
     ``.<name>.tilerseg/``: the result's zarr group (``work.zarr``), one
     mark per finished block (``done/``) and what the run was (``run.json``,
     its ``fingerprint``). The output is moved into place when complete and
-    the folder removed. When a run fails or is killed, the folder stays;
-    ``resume=True`` with the same fingerprint reopens it and the engine
-    computes only unmarked blocks. Any other run starts it afresh.
+    the folder removed. When a run fails or is interrupted after finishing
+    blocks, the folder stays; ``resume=True`` with the same fingerprint
+    reopens it and the engine computes only unmarked blocks.
 
-    ``compute(source, zarr_array, marks)`` is the engine's block-by-block
-    store (``source`` has ``shape``, ``chunks`` and ``dtype``); its return
-    value is returned by :meth:`write`.
+    ``preview`` is the path of a PNG that :meth:`write`'s ``render_preview
+    (level0, tmp_png)`` draws from the finished result; it is moved into
+    place with the output. ``parallel(fn, items)`` runs the chunk loops of resampling
+    and pyramid building (the engine's threads; serial by default).
 
     A ``.zarr`` output may be an fsspec URL (object stores have no rename):
     the group is written in place, its OME metadata last, so that until the
     run completes it does not read as an image, and the state folder sits
     beside it under the same URL scheme."""
 
-    def __init__(self, path: str, info: OutputInfo, *, overwrite: bool = False, workers: int = 2,
-                 resume: bool = False, fingerprint: dict | None = None):
+    def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False, inputs=(),
+                 preview: str | None = None, probabilities: bool = False, volume: bool = False,
+                 parallel: Parallel = serial):
         import fsspec
 
         self.remote = is_url(path)
         self.path = os.fspath(path).rstrip("/") if self.remote else os.path.abspath(os.fspath(path).rstrip("/"))
         self.format = output_format(self.path)
-        self.info, self.overwrite, self.workers = info, overwrite, workers
-        self.resume, self.fingerprint = resume, fingerprint
-        check_output(self.path, overwrite, info.probabilities)
+        self.overwrite, self.resume, self.parallel = overwrite, resume, parallel
+        self.preview = preview
+        if volume:
+            self.check_volume()
+        check_output(self.path, overwrite, probabilities)
+        _not_an_input(self.path, "-o", inputs)
+        if preview is not None:
+            self._check_preview(preview, inputs)
         head, tail = self.path.rsplit("/", 1) if self.remote else os.path.split(self.path)
         self.fs = fsspec.core.url_to_fs(self.path)[0] if self.remote else fsspec.filesystem("file")
         self.state = f"{head}/.{tail}.tilerseg"
         self._tmp_zarr = self.path if self.remote else f"{self.state}/work.zarr"
         self._tmp_file = f"{self.state}/out.partial{os.path.splitext(tail)[1]}"
         self.marks_dir = f"{self.state}/done"
+        self._lock = None if self.remote else OutputLock(self.path)
 
-    def _open_state(self, first: str):
+    def check_volume(self) -> None:
+        """Refuse an output format that cannot hold a volume."""
+        if self.format not in VOLUME_FORMATS:
+            raise OutputError(f"{self.path}: a volume is written as .zarr (or .ome.zarr) or as a TIFF stack "
+                              "(.tif, .tiff, .ome.tif)")
+
+    def _check_preview(self, path: str, inputs) -> None:
+        path = os.path.abspath(os.fspath(path))
+        if not path.lower().endswith(".png"):
+            raise OutputError(f"--preview {path}: the preview is a PNG; name it .png")
+        if path == self.path:
+            raise OutputError(f"--preview {path}: that is the output itself; name another PNG")
+        _not_an_input(path, "--preview", inputs)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise OutputError(f"--preview {path}: folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"--preview {path}: folder {parent} is not writable; choose another path")
+        if os.path.exists(path) and not self.overwrite:
+            raise OutputError(f"--preview {path}: already exists; pass --overwrite to replace it")
+
+    def __enter__(self) -> "Writer":
+        if self._lock is not None:
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open_state(self, first: str, fingerprint: dict):
         """The zarr group to compute into: the earlier run's when resuming it
         (keeping only the array computed block by block), else a new one."""
         import json
@@ -150,9 +209,9 @@ class Writer:
         if self.resume and fs.exists(stamp):
             with fs.open(stamp, "r") as f:
                 old = json.load(f)
-            if old.get("fingerprint") != (self.fingerprint or {}).get("fingerprint"):
+            if old.get("fingerprint") != fingerprint.get("fingerprint"):
                 raise OutputError(f"{self.path}: the unfinished run in {self.state} used other settings "
-                                  f"({_differences(old, self.fingerprint or {})}); rerun without --resume to "
+                                  f"({_differences(old, fingerprint)}); rerun without --resume to "
                                   "start over, or with that run's settings")
             group = zarr.open_group(self._tmp_zarr, mode="r+")
             for name in [n for n in group.array_keys() if n != first]:
@@ -164,20 +223,26 @@ class Writer:
             fs.rm(self.state, recursive=True)
         fs.makedirs(self.marks_dir, exist_ok=True)
         with fs.open(stamp, "w") as f:
-            json.dump(self.fingerprint or {}, f, indent=1, default=str)
+            json.dump(fingerprint, f, indent=1, default=str)
         return zarr.open_group(self._tmp_zarr, mode="w"), False
 
-    def write(self, source, compute: Callable):
-        from ..engine import ChunkMarks
-
-        target = self.info.target
+    def write(self, source, compute: Callable, info: OutputInfo, fingerprint: dict | None = None,
+              render_preview: Callable | None = None):
+        """Compute ``source`` (``shape``, ``chunks``, ``dtype``) with
+        ``compute(source, zarr_array, marks)`` into the work group, convert
+        it, render the preview, and move both into place. Returns what
+        ``compute`` returned."""
+        if self._lock is not None and self._lock._fd is None:
+            raise RuntimeError("Writer.write outside `with writer:`")
+        fingerprint = fingerprint or {}
+        target = info.target
         first_name = "processed" if target else "0"
         owned = False
         try:
-            group, resumed = self._open_state(first_name)
+            group, resumed = self._open_state(first_name, fingerprint)
             owned = True
             first = group[first_name] if resumed and first_name in group else \
-                self._create(group, first_name, source.shape, source.chunks, source.dtype)
+                self._create(group, first_name, source.shape, source.chunks, source.dtype, info)
             if tuple(first.shape) != tuple(source.shape):
                 raise OutputError(f"{self.path}: the unfinished run in {self.state} has another shape; rerun "
                                   "without --resume")
@@ -185,10 +250,16 @@ class Writer:
             if target is not None:
                 from .pyramid import upsample_into
 
-                z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype)
-                upsample_into(first, z0, self.info.probabilities, workers=self.workers)
+                z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype, info)
+                upsample_into(first, z0, info.probabilities, parallel=self.parallel)
                 del group["processed"]
-            self._convert(group)
+            made = self._convert(group, info, fingerprint)
+            products = [(made, self.path)]
+            if self.preview is not None:
+                tmp_png = f"{self.state}/preview.partial.png"
+                render_preview(group["0"], tmp_png)
+                products.insert(0, (tmp_png, os.path.abspath(self.preview)))
+            self._place(products)
             owned = False
             self._remove(self.state)
             return result
@@ -208,6 +279,27 @@ class Writer:
                     if self.remote:
                         self._remove(self.path)
 
+    def write_group(self, fill: Callable[[object], None]) -> str:
+        """Write a zarr group that ``fill(group)`` fills (``ingest``), under
+        the same lock, checks and atomic move; nothing to resume."""
+        import zarr
+
+        if self._lock is not None and self._lock._fd is None:
+            raise RuntimeError("Writer.write_group outside `with writer:`")
+        self._remove(self.state)
+        try:
+            self.fs.makedirs(self.state, exist_ok=True)
+            fill(zarr.open_group(self._tmp_zarr, mode="w"))
+            self._place([(self._tmp_zarr, self.path)])
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OutputError(f"{self.path}: disk full while writing; free space on "
+                                  f"{os.path.dirname(self.path)} or write elsewhere") from err
+            raise
+        finally:
+            self._remove(self.state)
+        return self.path
+
     def _remove(self, path: str) -> None:
         try:
             if self.fs.exists(path):
@@ -215,62 +307,129 @@ class Writer:
         except OSError as err:
             log.warning("could not remove %s: %s", path, err)
 
-    def _create(self, group, name, shape, chunks, dtype):
-        probabilities = self.info.probabilities
+    def _create(self, group, name, shape, chunks, dtype, info: OutputInfo):
+        axes = ("z", "y", "x") if info.volume else ("y", "x")
         return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
-                                  fill_value=np.nan if probabilities else LABEL_NODATA,
-                                  dimension_names=("c", "y", "x") if probabilities else ("y", "x"))
+                                  fill_value=np.nan if info.probabilities else LABEL_NODATA,
+                                  dimension_names=("c", *axes) if info.probabilities else axes)
 
-    def _convert(self, group) -> None:
-        """Turn level 0 of the finished group into the requested format."""
+    def _convert(self, group, info: OutputInfo, fingerprint: dict) -> str:
+        """Turn level 0 of the finished group into the requested format, at
+        a temporary path; returns it."""
         from .pyramid import build_levels, ome_metadata, physical_pixel
         from .tiffout import write_cog, write_pyramid_tiff
 
-        info, m, z0 = self.info, self.info.out_meta, group["0"]
+        m, z0 = info.out_meta, group["0"]
         if os.path.exists(self._tmp_file):  # left by an interrupted conversion
             os.remove(self._tmp_file)
+        if info.volume:
+            return self._convert_volume(group, info, _uid(fingerprint))
         if self.format == "vector":
             from .polygons import write_vector
 
             transform, crs = vector_transform(m)
             n = write_vector(z0, self._tmp_file, class_names=info.class_names, transform=transform, crs=crs)
             log.info("%s: %d polygons", self.path, n)
-            return self._move(self._tmp_file)
+            return self._tmp_file
         if self.format == "png":
             _write_png(z0, self._tmp_file)
-            return self._move(self._tmp_file)
+            return self._tmp_file
         if self.format == "tiff" and m.georeferenced:
             write_cog(z0, self._tmp_file, m, info.kind())  # GDAL makes the overviews
-            return self._move(self._tmp_file)
-        levels = build_levels(group, info.probabilities, workers=self.workers)
+            return self._tmp_file
+        levels = build_levels(group, info.probabilities, parallel=self.parallel)
         if self.format == "zarr":
             size, unit = physical_pixel(m)
             group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
                                                 classes=info.classes, class_names=info.class_names,
                                                 pixel_size=size, unit=unit),
                                tilerseg=info.kind())
-            return self._move(self._tmp_zarr)
-        uid = None
-        if self.fingerprint and self.fingerprint.get("fingerprint"):
-            uid = str(uuid.uuid5(uuid.NAMESPACE_OID, self.fingerprint["fingerprint"]))
-        write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff", uid=uid)
-        return self._move(self._tmp_file)
+            return self._tmp_zarr
+        write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff",
+                           uid=_uid(fingerprint))
+        return self._tmp_file
 
-    def _move(self, tmp: str) -> None:
-        if tmp == self.path:  # written in place (a URL)
-            return
-        old = None
-        if os.path.exists(self.path):
-            old = self.path + f".{uuid.uuid4().hex[:8]}.old"
-            os.rename(self.path, old)
-        os.rename(tmp, self.path)
-        if old:
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    def _convert_volume(self, group, info: OutputInfo, uid: str | None) -> str:
+        """A volume: OME-Zarr with axes (c,) z, y, x and the voxel size, or
+        a TIFF stack with one tiled page per slice."""
+        from .volume import write_stack
+
+        spacing = info.meta.spacing
+        if self.format == "zarr":
+            z0 = group["0"]
+            axes = ([{"name": "c", "type": "channel"}] if z0.ndim == 4 else []) + \
+                [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+            scale = ([1.0] if z0.ndim == 4 else []) + list(spacing or (1.0, 1.0, 1.0))
+            group.attrs.update({"tilerseg": info.kind(), "ome": {"version": "0.5", "multiscales": [{
+                "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": [
+                    {"type": "scale", "scale": scale}]}], "name": info.source}]}})
+            return self._tmp_zarr
+        write_stack(self._tmp_file, group["0"], self.format == "ome-tiff", spacing, uid)
+        return self._tmp_file
+
+    def _place(self, products: list[tuple[str, str]]) -> None:
+        """Move each finished ``(tmp, final)`` into place, the output last.
+        A path that appeared meanwhile is not replaced without overwrite."""
+        for tmp, final in products:
+            if tmp == final:  # written in place (a URL)
+                continue
+            if os.path.lexists(final) and not self.overwrite:
+                raise OutputError(f"{final}: appeared while this run was writing; it was left alone. Remove it "
+                                  f"or rerun with --overwrite (add --resume to reuse the finished blocks in "
+                                  f"{self.state})")
+            old = None
+            if os.path.lexists(final):
+                old = final + f".{uuid.uuid4().hex[:8]}.old"
+                os.rename(final, old)
+            _move_no_replace(tmp, final)
+            if old:
+                shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 
-def open_writer(path, info: OutputInfo, *, overwrite: bool = False, resume: bool = False,
-                fingerprint: dict | None = None) -> Writer:
-    return Writer(path, info, overwrite=overwrite, resume=resume, fingerprint=fingerprint)
+def _uid(fingerprint: dict) -> str | None:
+    """The OME UUID, from the run's fingerprint: a resumed run writes the same bytes."""
+    fp = fingerprint.get("fingerprint")
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, fp)) if fp else None
+
+
+def _move_no_replace(tmp: str, final: str) -> None:
+    """Rename, never over a path that exists: a file is hard-linked (which
+    fails on an existing name) then unlinked; a folder is renamed (which
+    fails on an existing non-empty folder, and an empty one is refused first)."""
+    try:
+        if os.path.isdir(tmp):
+            if os.path.lexists(final):
+                raise FileExistsError(errno.EEXIST, "exists", final)
+            os.rename(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except OSError as err:
+                if err.errno in (errno.EEXIST,):
+                    raise
+                os.rename(tmp, final)  # a filesystem without hard links
+                return
+            os.remove(tmp)
+    except FileExistsError:
+        raise OutputError(f"{final}: appeared while this run was writing; it was left alone. Remove it or rerun "
+                          "with --overwrite --resume") from None
+
+
+def _not_an_input(path: str, flag: str, inputs) -> None:
+    """No output may be one of the run's inputs, even with --overwrite."""
+    if is_url(path):
+        return
+    real = os.path.realpath(path)
+    for inp in inputs:
+        if inp is None or is_url(os.fspath(inp)):
+            continue
+        if os.path.realpath(os.fspath(inp)) == real:
+            raise OutputError(f"{flag} {path}: that is an input of this run; tilerseg never writes over its "
+                              "inputs (not even with --overwrite): choose another path")
+
+
+def open_writer(path, **kwargs) -> Writer:
+    return Writer(path, **kwargs)
 
 
 def _differences(old: dict, new: dict) -> str:

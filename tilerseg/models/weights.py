@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "tilerseg_checkpoint"
 
 
+def demo_weights() -> str:
+    """The small nuclei model shipped in the package (``--weights demo``)."""
+    from importlib import resources
+
+    return str(resources.files("tilerseg") / "data" / "demo_unet.pt")
+
+
 @dataclass(frozen=True)
 class Normalization:
     """``(pixel / scale - mean) / std`` per band; ``scale`` None means the
@@ -131,6 +138,11 @@ def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
         "state_dict": model.state_dict(), **extra,
     }, tmp := f"{path}.tmp")
     os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict:
+    """The state dict in a weights file (a checkpoint's, or a bare one)."""
+    return _state_dict(_load_file(path), path)
 
 
 def _load_file(path: str) -> Any:

@@ -1,10 +1,11 @@
 """Scoring through the tiled engine: what ``tilerseg eval`` and the
 training loop's validation report is what ``tilerseg run`` would write.
 
-Probabilities come from :func:`tilerseg.engine.lazy_segment` with the same
-tile, halo and merge that a run resolves; each output block is compared with
-the matching window of the mask as soon as it is computed, so the image and
-its mask are never held whole. For one output channel the block is scored at
+Probabilities come from the engine's plan with the tiling a run would choose
+(:func:`tilerseg.tiling.resolve`); each output block is compared with the
+matching window of the mask as soon as it is computed
+(:func:`tilerseg.engine.reduce_blocks`), so the image and its mask are never
+held whole. For one output channel the block is scored at
 every threshold of a sweep at once (``>=``, as the engine labels)."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine import Output, TileSpec, lazy_segment, local_pool
+from ..engine import Output, TileSpec, reduce_blocks, segment_plan, volume_plan
 from ..errors import InputError
 from .data import LabelMap, Source, VolumeSource, find_pairs
 from .metrics import IGNORE, confusion, scores
@@ -65,7 +66,8 @@ class Evaluation:
         return best
 
 
-def _block_confusion(probs: np.ndarray, source, ranges, thresholds, classes: int) -> np.ndarray:
+def _block_confusion(probs: np.ndarray, index, source, thresholds, classes: int) -> np.ndarray:
+    ranges = [(int(sl.start), int(sl.stop)) for sl in index[1:]]  # index: (classes, *spatial slices)
     truth = source.truth(ranges)
     nodata = np.isnan(probs).any(axis=0)
     truth = np.where(nodata, IGNORE, truth)
@@ -80,26 +82,17 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
                  thresholds, workers: int | None = None) -> np.ndarray:
     """Confusion matrices ``(len(thresholds), classes, classes)`` of one
     image, computed block by block by the tiled engine."""
-    import dask
+    from ..geometry import Grid3, as_triple
 
     out = Output(probabilities=True, merge=merge)
     if len(source.shape) == 3:
-        from ..engine import lazy_segment_volume
-        from ..geometry import Grid3, as_triple
-
         grid3 = Grid3(source.shape, as_triple(tiles.tile, "tile"), as_triple(tiles.halo, "halo"), predictor.stride)
-        arr = lazy_segment_volume(source.image, predictor, grid3, out, out_channels, pad_mode=tiles.pad_mode)
+        plan = volume_plan(source.image, predictor, grid3, out, out_channels, pad_mode=tiles.pad_mode)
     else:
-        arr = lazy_segment(source.image, predictor, tiles.grid(source.shape, predictor.stride), tiles, out,
-                           out_channels)
-    offs = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks[1:]]
-    blocks = arr.to_delayed()[0]
-    tasks = [dask.delayed(_block_confusion)(blocks[idx], source,
-                                            [(int(offs[a][i]), int(offs[a][i + 1])) for a, i in enumerate(idx)],
-                                            thresholds, classes)
-             for idx in np.ndindex(blocks.shape)]
-    with local_pool(workers, "tilerseg-eval") as pool, dask.config.set(scheduler="threads", pool=pool):
-        parts = dask.compute(*tasks)
+        plan = segment_plan(source.image, predictor, tiles.grid(source.shape, predictor.stride), tiles, out,
+                            out_channels)
+    parts = reduce_blocks(plan, lambda probs, index: _block_confusion(probs, index, source, thresholds, classes),
+                          workers=workers)
     return np.sum(parts, axis=0)
 
 
@@ -119,7 +112,7 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
     return ev
 
 
-def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batch_size: int = 4,
+def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batch_size: int | None = None,
              merge: str = "auto", tta: str | None = None, threshold: float | None = None, sweep: bool = False,
              level=None, mpp=None, bands=None, device: str = "auto", workers: int | None = None,
              mask_values=None, ignore_value=None, mask_suffix: str = "") -> tuple[Evaluation, float]:
@@ -127,11 +120,10 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
     are read as in training (the checkpoint records how); returns the
     evaluation and the threshold to report (swept, given, the checkpoint's,
     or 0.5)."""
-    from ..api import PredictorRef, _tiling, check_mpp, model_info
+    from ..api import PredictorRef, check_mpp, choose_tiling, model_info
+    from ..config import TilingOptions
     from ..infer import pick_device
-
-    from ..models import ModelSpec, describe
-    from ..models.registry import is_volumetric
+    from ..models import ModelSpec, describe, is_volumetric
 
     pairs = find_pairs(images, masks, mask_suffix=mask_suffix)
     recorded = describe(os.fspath(weights), ModelSpec())
@@ -153,13 +145,11 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
                 raise InputError(f"{s.pair.image}: {s.image.meta.bands} band(s), the first image has {probe}")
             if isinstance(s, Source):
                 check_mpp(info, s.image.meta, s.pair.image)
-        if isinstance(sources[0], VolumeSource):
-            tiles = TileSpec(tile=tile or info.tile or 96, halo=halo if halo is not None else (info.halo or 0),
-                             batch_size=1)
-            merge = "crop"
-        else:
-            tiles, merge = _tiling(info, predictor, tile=tile, halo=halo, merge=merge, batch_size=batch_size,
-                                   pad_mode="reflect", bands=probe)
+        opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, merge=merge)
+        tiling = choose_tiling(opts, info, predictor, sources[0].shape)
+        merge = tiling.merge
+        tiles = TileSpec(tile=tiling.tile if tiling.dims == 3 else tiling.tile[0],
+                         halo=tiling.halo if tiling.dims == 3 else tiling.halo[0], batch_size=tiling.batch_size)
         th = info.binary_threshold(threshold)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
                               threshold=th, workers=workers)

@@ -105,9 +105,9 @@ def _model(cfg: TrainConfig, bands: int):
                      encoder_weights=cfg.encoder_weights, kwargs=ModelSpec.freeze(dict(cfg.model_args)))
     model = build(spec)
     if cfg.init_weights:
-        from ..models.weights import _load_file, _state_dict
+        from ..models.weights import load_state
 
-        state = _state_dict(_load_file(cfg.init_weights), cfg.init_weights)
+        state = load_state(cfg.init_weights)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -193,17 +193,19 @@ def _is_better(monitor: str, new: float, best: float | None) -> bool:
 
 def _tiling(cfg: TrainConfig, model, bands: int) -> TileSpec:
     """The tile and halo validation runs with, and the checkpoint recommends:
-    ``halo: auto`` is the measured receptive field; the tile grows when the
-    halo would leave too small a crop."""
-    from ..receptive import measure_halo
+    the halo as :func:`tilerseg.tiling.resolve` chooses it (``halo: auto``:
+    the receptive field); the tile grows when the halo would leave too
+    small a crop."""
+    from ..config import TilingOptions
+    from ..tiling import resolve
 
     stride = output_stride(model)
-    if cfg.halo == "auto":
-        was = model.training
-        halo = measure_halo(model, in_channels=bands, stride=stride).halo
-        model.train(was)
-    else:
-        halo = int(cfg.halo)
+    dims = 3 if is_volumetric(cfg.model) else 2
+    was = model.training
+    chosen = resolve(TilingOptions(halo=cfg.halo), model=model, info=ModelInfo(spec=ModelSpec()), stride=stride,
+                     dims=dims, bands=bands, shape=(cfg.tile,) * dims, global_parts=global_context(model))
+    model.train(was)
+    halo = chosen.halo[0]
     tile = int(cfg.tile)
     if tile - 2 * halo < max(stride, tile // 4):
         tile = int(math.ceil((2 * halo + max(stride, cfg.tile // 2)) / stride) * stride)

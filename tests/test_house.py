@@ -1,0 +1,149 @@
+"""The house: the import graph read from the modules' own imports, the one
+table of architectures, and start-up without torch."""
+import ast
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "tilerseg"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in PKG.rglob("*.py"):
+        parts = f.relative_to(PKG.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+def _imports(name: str, f: Path, mods) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` for every import of a tilerseg module in ``f``,
+    at any depth (function-level imports count too)."""
+    out = []
+    pkg = name.split(".") if f.name == "__init__.py" else name.split(".")[:-1]
+    for n in ast.walk(ast.parse(f.read_text())):
+        if isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = pkg[:len(pkg) - n.level + 1]
+                m = ".".join(base + ([n.module] if n.module else []))
+            else:
+                m = n.module or ""
+            if not m.startswith("tilerseg"):
+                continue
+            names = [a.name for a in n.names]
+            subs = [f"{m}.{a}" for a in names if f"{m}.{a}" in mods]
+            out += [(s, []) for s in subs] + ([(m, [a for a in names if f"{m}.{a}" not in mods])] if m in mods else [])
+        elif isinstance(n, ast.Import):
+            out += [(a.name, []) for a in n.names if a.name in mods]
+    return [(m, ns) for m, ns in out if m != name]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    mods = _modules()
+    return mods, {m: _imports(m, f, mods) for m, f in mods.items()}
+
+
+def test_no_import_cycles(graph):
+    mods, g = graph
+    edges = {m: {d for d, _ in deps if d != "tilerseg"} for m, deps in g.items()}
+    state, cycles = {}, []
+
+    def visit(v, path):
+        state[v] = 1
+        for w in edges.get(v, ()):
+            if state.get(w) == 1:
+                cycles.append(" -> ".join(path[path.index(w):] + [w]))
+            elif w not in state:
+                visit(w, path + [w])
+        state[v] = 2
+
+    for v in edges:
+        if v not in state:
+            visit(v, [v])
+    assert not cycles, cycles
+
+
+def test_io_imports_nothing_above_it(graph):
+    _, g = graph
+    above = ("tilerseg.engine", "tilerseg.api", "tilerseg.cli", "tilerseg.batch", "tilerseg.train",
+             "tilerseg.tiling", "tilerseg.infer", "tilerseg.models", "tilerseg.preview", "tilerseg.demo")
+    bad = [f"{m} imports {d}" for m, deps in g.items() if m.startswith("tilerseg.io") for d, _ in deps
+           if d.startswith(above)]
+    assert not bad, bad
+
+
+def test_no_module_imports_another_modules_private_names(graph):
+    _, g = graph
+    bad = [f"{m} imports {d}.{n}" for m, deps in g.items() for d, names in deps for n in names
+           if n.startswith("_") and not n.startswith("__")]
+    assert not bad, bad
+
+
+def test_only_the_engine_creates_dask_graphs_or_pools():
+    makers = ("ThreadPoolExecutor", "ProcessPoolExecutor", "dask.delayed", "dask.compute", "da.store",
+              "dask.threaded", "multiprocessing.Pool", "from_delayed")
+    bad = []
+    for f in PKG.rglob("*.py"):
+        if f.name == "engine.py":
+            continue
+        text = f.read_text()
+        bad += [f"{f.relative_to(PKG)}: {m}" for m in makers if m in text]
+    assert not bad, bad
+
+
+def test_architecture_table_matches_smp():
+    import segmentation_models_pytorch as smp
+
+    from tilerseg.models import ARCHITECTURES
+
+    smp_rows = {n: a.cls for n, a in ARCHITECTURES.items() if a.smp}
+    assert smp_rows == {n: c.__name__ for n, c in smp.MODEL_ARCHITECTURES_MAPPING.items()}
+
+
+def test_unknown_model_names_the_nearest():
+    from tilerseg.errors import ModelError
+    from tilerseg.models import canonical
+
+    with pytest.raises(ModelError, match="did you mean 'unetplusplus'"):
+        canonical("unetplusplu")
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_help_info_models_and_path_errors_do_not_import_torch(tmp_path):
+    """What answers without a model must not pay for torch, timm and smp."""
+    code = f"""
+import sys, contextlib, io
+from tilerseg import cli
+calls = [["--help"], ["models"], ["run", "missing.tif", "-o", "m.zarr"],
+         ["run", "{tmp_path}/x.tif", "-o", "{tmp_path}/nodir/m.zarr"], ["info", "missing.svs"],
+         ["run", "missing.tif", "--tile", "abc"], ["eval", "--weights", "w.pt", "a", "b", "--halo", "x"]]
+for argv in calls:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+heavy = [m for m in ("torch", "timm", "segmentation_models_pytorch") if m in sys.modules]
+print("HEAVY", heavy)
+"""
+    r = _fresh(code)
+    assert "HEAVY []" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_input_answers_in_well_under_two_seconds(tmp_path):
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "tilerseg.cli", "run", "missing.tif", "-o", str(tmp_path / "m.zarr")],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=60)
+    took = time.perf_counter() - t0
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.tif" in r.stderr
+    assert took < 3.0, took  # 0.2-0.4 s measured on 2 cores; the bound leaves room for a loaded CI machine

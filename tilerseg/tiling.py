@@ -1,0 +1,179 @@
+"""The one tiling decision: tile, halo, merge and batch for a model, 2-D and 3-D.
+
+:func:`resolve` is the only place a halo is chosen: the user's value
+(``--halo N``, or ``--halo auto`` to measure), else the checkpoint's, else
+the model's receptive field, computed from its module graph
+(:func:`tilerseg.receptive.analytic_radius`; the gradient probe where the
+graph cannot be read). With that halo, tiled output equals whole-image
+inference for local models. Models with global context cannot be
+seam-exact; they get the gaussian merge with half-window overlap. The
+decision says why it chose each value (:attr:`Tiling.why`), and the run
+prints it."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from .config import DEFAULT_BATCH, MERGE_MODES, TilingOptions
+from .errors import InputError, TileError
+from .geometry import Grid, Grid3, block_layout, validate_tile
+from .receptive import analytic_radius, gradient_radius, recommend_halo
+
+log = logging.getLogger(__name__)
+DEFAULT_TILE = 512           # 2-D window side when nothing else decides it
+VOLUME_VOXELS = 160 ** 3     # default 3-D windows grow up to about this many voxels (memory)
+NON_LOCAL_HALO = 64          # starting halo for models with global context (the gaussian merge widens it)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The grid parameters of a run; ``tile`` and ``halo`` per axis."""
+
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+    stride: int
+    batch_size: int
+    pad_mode: str
+    merge: str
+    why: str = ""
+
+    @property
+    def dims(self) -> int:
+        return len(self.tile)
+
+    def grid(self, shape):
+        """The window grid over an image (H, W) or volume (Z, H, W)."""
+        if self.dims == 3:
+            return Grid3(tuple(shape), self.tile, self.halo, self.stride)
+        return Grid(tuple(shape), self.tile[0], self.halo[0], self.stride, block_layout(self.batch_size))
+
+    def summary(self) -> str:
+        return f"{self.why}; stride {self.stride}, {self.merge} merge"
+
+
+def receptive_radius(model, bands: int, stride: int, dims: int) -> tuple[int, str]:
+    """The model's receptive-field radius and how it was found."""
+    r = analytic_radius(model, in_channels=bands, stride=stride, dims=dims)
+    if r is not None:
+        return r, f"receptive field {r} px, computed from the module graph"
+    r, _ = gradient_radius(model, in_channels=bands, stride=stride)
+    return r, f"receptive field {r} px, measured by input gradients"
+
+
+def _axes(v, dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != dims:
+            raise InputError(f"--{name} {','.join(map(str, v))}: " + (
+                "z,y,x values are for volumetric models (unet3d); a 2-D model takes one number" if dims == 2
+                else "a volume takes one number or three (z,y,x)"))
+        return tuple(int(x) for x in v)
+    return (int(v),) * dims
+
+
+def _text(v: tuple[int, ...]) -> str:
+    return ",".join(map(str, v)) if len(set(v)) > 1 else str(v[0])
+
+
+def _up(v: int, step: int) -> int:
+    return int(math.ceil(v / step) * step)
+
+
+def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: int, shape,
+            global_parts: list[str] = ()) -> Tiling:
+    """Tile, halo, merge and batch for ``model`` on an image of ``shape``.
+
+    ``info`` is the model's :class:`~tilerseg.models.ModelInfo` (its
+    checkpoint may recommend a tile and halo); ``global_parts`` names the
+    model's modules with global context (none: the model is local)."""
+    why = []
+    if opts.batch_size is not None and opts.batch_size != 1 and dims == 3:
+        raise InputError(f"--batch-size {opts.batch_size}: volumes run one window per forward pass (a 3-D window "
+                         "is a batch's worth of work); drop --batch-size and size windows with --tile")
+    if opts.merge == "gaussian" and dims == 3:
+        raise InputError("--merge gaussian: volumes are merged by crop (3-D models here are local, so crops are "
+                         "exact); drop --merge")
+    if opts.tta not in (None, "none") and dims == 3:
+        raise InputError("--tta works on 2-D models only")
+    # the halo: the user's, else the checkpoint's, else the receptive field
+    if opts.halo == "auto":
+        radius, how = receptive_radius(model, bands, stride, dims)
+        halo, note = recommend_halo(radius, stride), f"--halo auto: {how}"
+    elif opts.halo is not None:
+        halo, note = opts.halo, "--halo"
+    elif info.halo is not None:
+        halo, note = info.halo, "the checkpoint's"
+    elif global_parts:
+        halo, note = NON_LOCAL_HALO, "default for a model with global context"
+    else:
+        radius, how = receptive_radius(model, bands, stride, dims)
+        halo, note = recommend_halo(radius, stride), how
+    halo = _axes(halo, dims, "halo")
+    # the tile: the user's, else the checkpoint's, else sized to the halo and the image
+    if opts.tile is not None:
+        tile, tnote = _axes(opts.tile, dims, "tile"), "--tile"
+    elif info.tile is not None:
+        tile, tnote = _axes(info.tile, dims, "tile"), "the checkpoint's"
+    else:
+        tile, tnote = _default_tile(halo, stride, shape, dims), "sized to the halo and the image"
+    merge, halo = _merge_mode(opts.merge, global_parts, tile, halo, stride)
+    if merge == "gaussian" and global_parts and opts.halo is None:
+        note += f"; widened to a quarter window for the gaussian merge ({', '.join(global_parts[:3])})"
+    why.append(f"tile {_text(tile)} px ({tnote})")
+    why.append(f"halo {_text(halo)} px ({note})")
+    for t, h in zip(tile, halo):
+        try:
+            validate_tile(t, h, stride)
+        except TileError as err:
+            if opts.tile is not None and opts.halo is None and t - 2 * h <= 0:
+                need = 2 * h + max(stride, h)
+                raise TileError(f"--tile {t} is too small for the halo {h} this model needs ({note}): use "
+                                f"--tile {_up(need, stride)} or more, or give --halo to trade exactness for "
+                                "speed") from None
+            raise err
+    batch = opts.batch_size or (1 if dims == 3 else DEFAULT_BATCH)
+    return Tiling(tile=tile, halo=halo, stride=stride, batch_size=batch, pad_mode=opts.pad_mode, merge=merge,
+                  why="; ".join(why))
+
+
+def _default_tile(halo: tuple[int, ...], stride: int, shape, dims: int) -> tuple[int, ...]:
+    """A window whose centre crop is at least the halo (so no more than
+    about 8/9 of each window is context), never much larger than the image.
+    2-D: at least 512 px, square. 3-D: crops grow, smallest first, until a
+    window holds about :data:`VOLUME_VOXELS`."""
+    covers = [_up(max(int(n), 1), stride) for n in shape]
+    if dims == 2:
+        h = halo[0]
+        crop = max(stride, _up(h, stride), _up(DEFAULT_TILE - 2 * h, stride))
+        crop = min(crop, max(max(covers), stride))
+        return (2 * h + crop,) * 2
+    crops = [min(c, max(stride, _up(h, stride))) for c, h in zip(covers, halo)]
+    while True:
+        grow = [i for i in range(3) if crops[i] < covers[i]]
+        if not grow:
+            break
+        i = min(grow, key=lambda k: crops[k])
+        bigger = list(crops)
+        bigger[i] += stride
+        if math.prod(2 * h + c for h, c in zip(halo, bigger)) > VOLUME_VOXELS:
+            break
+        crops = bigger
+    return tuple(2 * h + c for h, c in zip(halo, crops))
+
+
+def _merge_mode(merge: str, parts, tile, halo, stride) -> tuple[str, tuple[int, ...]]:
+    """``merge="auto"``: crop for local models; for models with global
+    context, gaussian with at least a quarter-window halo (windows overlap
+    by half, as nnU-Net's default step), kept on the stride grid."""
+    if merge not in ("auto", *MERGE_MODES):
+        raise InputError(f"unknown --merge {merge!r}: use auto, {' or '.join(MERGE_MODES)}")
+    if merge != "auto":
+        return merge, halo
+    if not parts:
+        return "crop", halo
+    step = stride // 2 if stride % 2 == 0 else stride
+    out = []
+    for t, h in zip(tile, halo):
+        quarter = (t // 4 // step) * step
+        out.append(max(h, quarter) if (t - 2 * max(h, quarter)) % stride == 0 else h)
+    return "gaussian", tuple(out)
