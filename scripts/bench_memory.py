@@ -37,6 +37,8 @@ def main() -> int:
     p.add_argument("--format", default="zarr,ome.tif,cog,geojson",
                    help=f"comma-separated, of {', '.join(EXT)} (default zarr,ome.tif,cog,geojson)")
     p.add_argument("--workdir", default=None, help="keep inputs here between runs")
+    p.add_argument("--weights", default="demo", help="model weights (default: the shipped demo model)")
+    p.add_argument("--halo", default="96", help="halo (default 96, the demo model's receptive field)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     from tilerseg import synthetic
@@ -52,8 +54,8 @@ def main() -> int:
             if not os.path.exists(src):
                 synthetic.write_tiff(src, (side, side), compression="zlib", extratags=geotiff_tags() if geo else ())
             out = os.path.join(work, f"{name}-out{EXT[fmt]}")
-            cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", "demo", "--tile", "512",
-                   "--halo", "96", "--batch-size", "4", "-o", out, "--overwrite", "--quiet"]
+            cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", a.weights, "--tile", "512",
+                   "--halo", a.halo, "--batch-size", "4", "-o", out, "--overwrite", "--quiet"]
             seconds, peak, rc = run_with_peak_rss(cmd)
             if rc:
                 return rc

@@ -25,8 +25,9 @@ def _write(path, arr, meta, *, probabilities=False, classes=3, names=("backgroun
     import dask.array as da
 
     a = da.from_array(arr, chunks=(arr.shape[0], 1024, 1024) if arr.ndim == 3 else (1024, 1024))
-    Writer(str(path), OutputInfo(meta=meta, probabilities=probabilities, classes=classes,
-                                 class_names=names)).write(a, lambda x, z, marks: compute_into(x, z, workers=2))
+    info = OutputInfo(meta=meta, probabilities=probabilities, classes=classes, class_names=names)
+    with Writer(str(path), probabilities=probabilities) as w:
+        w.write(a, lambda x, z, marks: compute_into(x, z, workers=2), info)
 
 
 def test_ome_tiff_opens_in_openslide_with_levels_and_mpp(tmp_path):

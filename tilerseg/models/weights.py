@@ -2,6 +2,7 @@
 (``.safetensors``/``.pt``) and self-describing tilerseg checkpoints."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -146,6 +147,21 @@ def load_state(path: str) -> dict:
 
 
 def _load_file(path: str) -> Any:
+    """The file's contents, read once per process while it is unchanged:
+    describing a checkpoint and building its model share one read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _read_file(path)
+    return _cached_file(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_file(path: str, size: int, mtime: int) -> Any:
+    return _read_file(path)
+
+
+def _read_file(path: str) -> Any:
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
