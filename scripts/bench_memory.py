@@ -6,7 +6,9 @@ Usage: python scripts/bench_memory.py [--small 2000] [--large 12000]
 Writes synthetic RGB tiled TIFFs (a georeferenced one for the COG), runs
 the same command with the same model and flags on each, polls the resident
 memory of the whole process tree, and prints both peaks and their ratio per
-format. Target: large/small <= 1.3 (memory must not grow with the image).
+format. ``--together`` runs every format in one process per size (through
+``tilerseg.cli.main``), so a quick check pays the start-up twice, not twice
+per format: the peak is then the worst writer's. Target: large/small <= 1.3 (memory must not grow with the image).
 The model is the shipped demo nuclei model, so polygon outputs hold real
 objects (tens of thousands at 12,000 px), not a random model's noise."""
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="keep inputs here between runs")
     p.add_argument("--weights", default="demo", help="model weights (default: the shipped demo model)")
     p.add_argument("--halo", default="96", help="halo (default 96, the demo model's receptive field)")
+    p.add_argument("--together", action="store_true", help="all formats in one process per size")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     from tilerseg import synthetic
@@ -46,25 +49,35 @@ def main() -> int:
     work = a.workdir or tempfile.mkdtemp(prefix="tilerseg-mem-")
     os.makedirs(work, exist_ok=True)
     results = {}
-    for fmt in a.format.split(","):
+    groups = [a.format] if a.together else a.format.split(",")
+    for group in groups:
         res = {}
         for name, side in (("small", a.small), ("large", a.large)):
-            geo = fmt == "cog"
-            src = os.path.join(work, f"{name}-{side}{'-geo' if geo else ''}.tif")
-            if not os.path.exists(src):
-                synthetic.write_tiff(src, (side, side), compression="zlib", extratags=geotiff_tags() if geo else ())
-            out = os.path.join(work, f"{name}-out{EXT[fmt]}")
-            cmd = [sys.executable, "-m", "tilerseg.cli", "run", src, "--weights", a.weights, "--tile", "512",
-                   "--halo", a.halo, "--batch-size", "4", "-o", out, "--overwrite", "--quiet"]
+            runs = []
+            for fmt in group.split(","):
+                geo = fmt == "cog"
+                src = os.path.join(work, f"{name}-{side}{'-geo' if geo else ''}.tif")
+                if not os.path.exists(src):
+                    synthetic.write_tiff(src, (side, side), compression="zlib",
+                                         extratags=geotiff_tags() if geo else ())
+                out = os.path.join(work, f"{name}-out{EXT[fmt]}")
+                runs.append(["run", src, "--weights", a.weights, "--tile", "512", "--halo", a.halo,
+                             "--batch-size", "4", "-o", out, "--overwrite", "--quiet"])
+            if len(runs) == 1:
+                cmd = [sys.executable, "-m", "tilerseg.cli", *runs[0]]
+            else:
+                code = ("import sys; from tilerseg import cli\n"
+                        f"for argv in {runs!r}:\n    rc = cli.main(argv)\n    rc and sys.exit(rc)")
+                cmd = [sys.executable, "-c", code]
             seconds, peak, rc = run_with_peak_rss(cmd)
             if rc:
                 return rc
             res[name] = {"side": side, "peak_mib": round(peak, 1), "seconds": round(seconds, 1)}
         res["ratio"] = round(res["large"]["peak_mib"] / res["small"]["peak_mib"], 3)
-        results[fmt] = res
+        results[group] = res
         if not a.json:
             s, l = res["small"], res["large"]
-            print(f"{fmt:8} {s['side']:>6}^2: {s['peak_mib']:7.1f} MiB {s['seconds']:6.1f} s | "
+            print(f"{group:8} {s['side']:>6}^2: {s['peak_mib']:7.1f} MiB {s['seconds']:6.1f} s | "
                   f"{l['side']:>6}^2: {l['peak_mib']:7.1f} MiB {l['seconds']:6.1f} s | ratio {res['ratio']:.3f}",
                   flush=True)
     results["ratio"] = max(r["ratio"] for r in results.values())

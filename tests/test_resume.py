@@ -16,9 +16,9 @@ from conftest import cli, cli_process, data, textured_tiff
 
 @pytest.fixture(scope="module")
 def big_tiff(tmp_path_factory) -> str:
-    """1800x1800 RGB: a few hundred windows of the tiny model, a run of several seconds."""
+    """1200x1200 RGB: 121 windows of the tiny model, one per block, a run of several seconds."""
     path = tmp_path_factory.mktemp("resume") / "big.tif"
-    textured_tiff(path, (1800, 1800), seed=7, periods=(41.0, 29.0), noise=25)
+    textured_tiff(path, (1200, 1200), seed=7, periods=(41.0, 29.0), noise=25)
     return str(path)
 
 
@@ -108,23 +108,27 @@ def test_sigterm_is_an_interrupt_recorded_in_the_ledger_and_resume_gives_identic
 
 
 @pytest.mark.slow
-def test_a_second_run_on_the_same_output_is_refused_and_the_first_finishes_intact(
-        tmp_path, big_tiff, tiny_model_dir, reference):
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_finishes_intact(tmp_path, tiny_model_dir):
+    src = tmp_path / "img.tif"
+    textured_tiff(src, (700, 700), seed=5, periods=(23.0, 31.0), noise=20)
+    args = _args(str(src), tiny_model_dir)
+    ref = tmp_path / "ref.ome.tif"
+    assert cli("run", *args, "-o", str(ref)).returncode == 0
     out = tmp_path / "out.ome.tif"
     lock = tmp_path / ".out.ome.tif.tilerseg.lock"
-    first = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    first = _start(*args, "-o", str(out))
     t0 = time.time()
     while not lock.exists() and time.time() - t0 < 60:
         time.sleep(0.05)
     time.sleep(max(0.0, 2 - (time.time() - t0)))  # the same command, about 2 s later
-    second = _start(*_args(big_tiff, tiny_model_dir), "-o", str(out))
+    second = _start(*args, "-o", str(out))
     _, err2 = second.communicate(timeout=120)
     assert first.poll() is None, "the first run ended before the second started: make the image larger"
     assert second.returncode == 1
     assert err2.strip().count("\n") == 0 and f"another tilerseg run is writing it (process {first.pid}" in err2
     _, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1
-    assert out.read_bytes() == reference
+    assert out.read_bytes() == ref.read_bytes()
     assert not lock.exists() and not (tmp_path / ".out.ome.tif.tilerseg").exists()
 
 

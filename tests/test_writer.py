@@ -158,3 +158,26 @@ def test_lock_answers_at_once_for_a_second_command(tmp_path, png):
         took = time.perf_counter() - t0
     assert r.returncode == 1 and f"(process {os.getpid()} on" in r.stderr
     assert took < 3.0, took
+
+
+def test_manifest_and_config_files_are_inputs_too(tmp_path, png, tiny_model_dir):
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{png} {manifest}\n")
+    r = cli("run", "--manifest", str(manifest), "--weights", tiny_model_dir, *FAST)
+    assert r.returncode == 1 and "is an input of this run" in r.stderr
+    assert manifest.read_text() == f"{png} {manifest}\n"
+    cfg = tmp_path / "run.zarr"  # a config file named like an output
+    cfg.write_text("tile: 256\n")
+    r = cli("run", png, "--config", str(cfg), "-o", str(cfg), "--overwrite", "--weights", tiny_model_dir)
+    assert r.returncode == 1 and "this run's --config" in r.stderr and cfg.read_text() == "tile: 256\n"
+
+
+def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
+    from tilerseg.io.lock import OutputLock
+
+    run_dir = tmp_path / "run"
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"images: {tmp_path}\nmasks: {tmp_path}\n")
+    with OutputLock(str(run_dir)):
+        r = cli("train", str(cfg), "-o", str(run_dir))
+    assert r.returncode == 1 and "another tilerseg run is writing it" in r.stderr, r.stderr

@@ -109,7 +109,8 @@ def plan_jobs(inputs: list[str], output: str | None, *, manifest: str | None = N
     if "://" not in folder:
         os.makedirs(folder, exist_ok=True)
     jobs, seen = [], {}
-    sources = {os.path.realpath(i) for i, _ in pairs if "://" not in i}
+    sources = {os.path.realpath(i) for i, _ in pairs if "://" not in i} | \
+        ({os.path.realpath(manifest)} if manifest else set())
     for inp, out in pairs:
         path = out or default_output(inp, folder, fmt or DEFAULT_FORMAT)
         path = path if "://" in path else os.path.abspath(path)

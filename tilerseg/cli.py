@@ -237,6 +237,10 @@ def cmd_run(a) -> int:
 
     jobs, ledger = plan_jobs(a.input, a.output, manifest=a.manifest, fmt=a.format)
     cfg = run_config(a)
+    if a.config and os.path.realpath(a.config) in {os.path.realpath(p) for j in jobs
+                                                     for p in (j.output, cfg.output.preview) if p}:
+        raise InputError(f"{a.config}: that is this run's --config; tilerseg never writes over its inputs: "
+                         "choose another output")
     if cfg.output.preview and len(jobs) > 1:
         raise InputError("--preview takes one input (it names one PNG); drop it for batches")
     many = len(jobs) > 1

@@ -261,10 +261,18 @@ class _Log:
 def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | None = None,
           workers: int | None = None) -> TrainResult:
     """Train as ``cfg`` says into ``run_dir``; ``resume`` continues from
-    ``run_dir/last.pt`` (same config) where a previous run stopped."""
-    import torch
+    ``run_dir/last.pt`` (same config) where a previous run stopped. One
+    training per run folder: a second one is refused (the output lock)."""
+    from ..io.lock import OutputLock
 
     run_dir = os.fspath(run_dir)
+    with OutputLock(run_dir):
+        return _train(cfg, run_dir, resume=resume, progress=progress, workers=workers)
+
+
+def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -> TrainResult:
+    import torch
+
     os.makedirs(run_dir, exist_ok=True)
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if not resume and os.path.exists(last_path):
