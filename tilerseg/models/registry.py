@@ -55,7 +55,7 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
     _smp("unetplusplus", "UnetPlusPlus", aliases=("unetpp", "unet++")),
     _smp("manet", "MAnet", "attention blocks with global pooling"),
     _smp("linknet", "Linknet"),
-    _smp("fpn", "FPN"),
+    _smp("fpn", "FPN", "align_corners=True upsampling in its head (depends on the window size)"),
     _smp("pspnet", "PSPNet", "pyramid pooling"),
     _smp("deeplabv3", "DeepLabV3", "ASPP image pooling"),
     _smp("deeplabv3plus", "DeepLabV3Plus", "ASPP image pooling", aliases=("deeplab",)),
@@ -112,7 +112,8 @@ _GLOBAL_NAME = re.compile(r"Squeeze|Excit|^SE[A-Z_]|^SE$|SCSE|Attention|Attn|Pyr
 
 def global_context(model) -> list[str]:
     """Names of the module types in ``model`` that see the whole input
-    (global pooling, squeeze-excitation, attention): any of them makes the
+    (global pooling, squeeze-excitation, attention) or resample by a
+    size-dependent rule (``align_corners=True``): any of them makes the
     tiled output differ from whole-image inference. Checked on the built
     module, so encoders with SE blocks (EfficientNet, SE-ResNet...) and
     ``decoder_attention_type="scse"`` are caught too; wrappers holding only
@@ -124,6 +125,8 @@ def global_context(model) -> list[str]:
         name = type(m).__name__
         if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MultiheadAttention)):
             found.add(name)
+        elif isinstance(m, nn.Upsample) and m.align_corners:  # resampling that depends on the input size
+            found.add(f"{name}(align_corners=True)")
         elif _GLOBAL_NAME.search(name):
             children = list(m.children())
             if not (children and all(isinstance(c, nn.Identity) for c in children)):
