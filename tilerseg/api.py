@@ -26,7 +26,7 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, Writer
-from .models import ModelInfo, ModelSpec, Normalization, demo_weights, describe, is_volumetric
+from .models import ModelInfo, ModelSpec, Normalization, arch, demo_weights, describe, is_volumetric
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,17 @@ def _predictor(info: ModelInfo, meta, cfg: RunConfig, tta: str = "none"):
     from .infer import pick_device
 
     if not info.trained:
-        warnings.warn(f"no --weights given: {info.spec.arch}/{info.spec.encoder} has random weights, so the mask "
-                      "is meaningless; pass --weights for real results", UntrainedModelWarning, stacklevel=4)
+        warnings.warn(f"no --weights given: {_name(info)} has random weights, so the mask is meaningless; pass "
+                      "--weights for real results", UntrainedModelWarning, stacklevel=4)
     e = cfg.engine
     ref = PredictorRef(info, meta.bands, np.dtype(meta.dtype).str, pick_device(e.device), tta, e.precision,
                        e.compile)
     return ref, ref.get()  # built and validated once here; local tasks reuse this same instance
+
+
+def _name(info: ModelInfo) -> str:
+    """``unet/resnet34``; tilerseg's own architectures have no --encoder."""
+    return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 
 def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, stacklevel: int = 4):
@@ -194,7 +199,7 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sta
     tiling = resolve(opts, model=predictor.model, info=info, stride=predictor.stride, dims=len(shape),
                      bands=info.spec.in_channels, shape=shape, global_parts=parts)
     if parts:
-        warnings.warn(f"{info.spec.arch}/{info.spec.encoder} has global context ({', '.join(parts[:4])}): tiled "
+        warnings.warn(f"{_name(info)} has global context ({', '.join(parts[:4])}): tiled "
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
                       f"{tiling.halo[0]} (a larger --tile reduces the difference)", NonLocalModelWarning,
                       stacklevel=stacklevel)

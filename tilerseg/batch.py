@@ -142,7 +142,11 @@ def read_ledger(path: str) -> dict[tuple[str, str], dict]:
 
 
 def append_ledger(path: str, entry: dict) -> None:
-    """One JSON line, written and flushed at once (a crash loses at most it)."""
+    """One JSON line, written and flushed at once (a crash loses at most it).
+    No ledger where its folder does not exist (the run's error says why)."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        log.debug("no ledger: %s does not exist", os.path.dirname(path))
+        return
     try:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")

@@ -200,8 +200,8 @@ def _blend(parts, regions, region: Region, output: Output, classes: int, halo: i
 
 
 class Plan:
-    """A segmentation as output blocks: what :func:`lazy_segment` computes,
-    in the form :func:`store_plan` stores block by block, skipping blocks
+    """A segmentation as output blocks, in the form :func:`store_plan`
+    stores block by block (and :meth:`array` gives as a lazy dask array), skipping blocks
     already finished (resume) and counting the windows each block ran.
 
     ``blocks`` maps each block index to the output region it fills (a
@@ -267,14 +267,6 @@ def segment_plan(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
     chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
     return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
                 blocks, windows, build, lead)
-
-
-def lazy_segment(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
-                 active: np.ndarray | None = None):
-    """A lazy dask array of the segmentation: ``(classes, H, W)`` float32
-    probabilities or ``(H, W)`` uint8 labels, one chunk per task (see
-    :func:`segment_plan`)."""
-    return segment_plan(reader, predictor, grid, tiles, output, classes, active).array()
 
 
 def _blend_graph(name, pending, reader, predictor, grid: Grid, tiles, output, classes, active) -> tuple[dict, dict]:
@@ -539,8 +531,3 @@ def volume_plan(reader, predictor, grid, output: Output, classes: int, pad_mode:
     chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
     return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
                 blocks, {w: 1 for w in blocks}, build, lead)
-
-
-def lazy_segment_volume(reader, predictor, grid, output: Output, classes: int, pad_mode: str = "reflect"):
-    """:func:`volume_plan` as a lazy dask array."""
-    return volume_plan(reader, predictor, grid, output, classes, pad_mode).array()

@@ -232,8 +232,7 @@ class Writer:
         ``compute(source, zarr_array, marks)`` into the work group, convert
         it, render the preview, and move both into place. Returns what
         ``compute`` returned."""
-        if self._lock is not None and self._lock._fd is None:
-            raise RuntimeError("Writer.write outside `with writer:`")
+        self._check_held("write")
         fingerprint = fingerprint or {}
         target = info.target
         first_name = "processed" if target else "0"
@@ -284,8 +283,7 @@ class Writer:
         the same lock, checks and atomic move; nothing to resume."""
         import zarr
 
-        if self._lock is not None and self._lock._fd is None:
-            raise RuntimeError("Writer.write_group outside `with writer:`")
+        self._check_held("write_group")
         self._remove(self.state)
         try:
             self.fs.makedirs(self.state, exist_ok=True)
@@ -299,6 +297,10 @@ class Writer:
         finally:
             self._remove(self.state)
         return self.path
+
+    def _check_held(self, what: str) -> None:
+        if self._lock is not None and not self._lock.held:
+            raise RuntimeError(f"Writer.{what} outside `with writer:` (the output's lock is not held)")
 
     def _remove(self, path: str) -> None:
         try:
