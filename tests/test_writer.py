@@ -181,3 +181,18 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
     with OutputLock(str(run_dir)):
         r = cli("train", str(cfg), "-o", str(run_dir))
     assert r.returncode == 1 and "another tilerseg run is writing it" in r.stderr, r.stderr
+
+
+def test_training_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
+    """`tilerseg train CONFIG` defaults to runs/<name>: runs/ need not exist."""
+    from tilerseg.io.lock import OutputLock
+    from tilerseg.train.loop import train
+
+    run_dir = tmp_path / "runs" / "em"
+    try:
+        train(object(), run_dir)  # the lock is taken, then the (bogus) config fails
+    except AttributeError:
+        pass
+    assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / ".em.tilerseg.lock").exists()
+    with OutputLock(str(run_dir)):
+        pass

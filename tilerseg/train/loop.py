@@ -266,6 +266,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | N
     from ..io.lock import OutputLock
 
     run_dir = os.fspath(run_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)  # runs/ on a fresh checkout
     with OutputLock(run_dir):
         return _train(cfg, run_dir, resume=resume, progress=progress, workers=workers)
 
