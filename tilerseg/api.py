@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ModelOptions, RunConfig, TilingOptions
-from .engine import Output, StoreStats, TileSpec, compute_into, lazy_image, segment_plan, store_plan, thread_map, \
+from .engine import Output, StoreStats, compute_into, lazy_image, segment_plan, store_plan, thread_map, \
     volume_plan
 from .errors import InputError, ModelError
 from .io import open_reader
@@ -213,8 +213,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     check_mpp(info, src.meta, os.fspath(input))
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, stacklevel=5)
-    tiles = TileSpec(tile=tiling.tile[0], halo=tiling.halo[0], batch_size=tiling.batch_size,
-                     pad_mode=tiling.pad_mode)
+    tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
     active = _tissue_windows(i.tissue, input, grid, bands=i.bands, reader=i.reader) if i.tissue else None
@@ -378,7 +377,7 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
         n_classes = info.spec.classes
     opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode, merge=merge)
     tiling = choose_tiling(opts, info, predictor, src.meta.shape)
-    tiles = TileSpec(tile=tiling.tile[0], halo=tiling.halo[0], batch_size=tiling.batch_size, pad_mode=pad_mode)
+    tiles = tiling.tilespec()
     grid = tiling.grid(src.meta.shape)
     return segment_plan(src, predictor, grid, tiles, Output(probabilities, threshold, tiling.merge),
                         n_classes).array()

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from .config import DEFAULT_BATCH, MERGE_MODES, TilingOptions
+from .engine import TileSpec
 from .errors import InputError, TileError
 from .geometry import Grid, Grid3, block_layout, validate_tile
 from .receptive import analytic_radius, gradient_radius, recommend_halo
@@ -47,6 +48,11 @@ class Tiling:
         if self.dims == 3:
             return Grid3(tuple(shape), self.tile, self.halo, self.stride)
         return Grid(tuple(shape), self.tile[0], self.halo[0], self.stride, block_layout(self.batch_size))
+
+    def tilespec(self) -> TileSpec:
+        """The engine's window parameters: numbers for images, (z, y, x) for volumes."""
+        tile, halo = (self.tile, self.halo) if self.dims == 3 else (self.tile[0], self.halo[0])
+        return TileSpec(tile=tile, halo=halo, batch_size=self.batch_size, pad_mode=self.pad_mode)
 
     def summary(self) -> str:
         return f"{self.why}; stride {self.stride}, {self.merge} merge"

@@ -148,8 +148,7 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
         opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, merge=merge)
         tiling = choose_tiling(opts, info, predictor, sources[0].shape)
         merge = tiling.merge
-        tiles = TileSpec(tile=tiling.tile if tiling.dims == 3 else tiling.tile[0],
-                         halo=tiling.halo if tiling.dims == 3 else tiling.halo[0], batch_size=tiling.batch_size)
+        tiles = tiling.tilespec()
         th = info.binary_threshold(threshold)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
                               threshold=th, workers=workers)
