@@ -22,16 +22,19 @@ def _crs_name(wkt: str | None) -> str:
         return wkt[:60] + "..."
 
 
-def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "auto") -> str:
+def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "auto",
+                   force_resample: bool = False, missing_chunks: str = "refuse") -> str:
     """Size, levels, mpp, CRS, bands, dtype and nodata of ``path``."""
-    with open_reader(path, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader) as r:
+    with open_reader(path, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader,
+                     force_resample=force_resample, missing_chunks=missing_chunks) as r:
         m = r.meta
         H, W = m.shape
         lines = [f"file:       {path}", f"format:     {m.format}",
                  f"size:       {W} x {H} px (width x height), level {m.level}",
                  f"bands:      {m.bands}" + (f" ({', '.join(m.band_names)})" if m.band_names else ""),
                  f"dtype:      {m.dtype}",
-                 f"mpp:        {m.mpp:.4g} µm/px" if m.mpp else "mpp:        unknown",
+                 f"mpp:        {m.mpp:.4g} µm/px" if m.mpp else
+                 "mpp:        unknown" + (f" ({m.unknown_mpp})" if m.unknown_mpp else ""),
                  f"crs:        {_crs_name(m.crs)}"]
         if m.transform is not None and m.georeferenced:
             a, b, c, d, e, f = m.transform
@@ -110,6 +113,19 @@ def _tiff_kind(text: str) -> dict:
     return attrs.get("tilerseg", attrs)
 
 
+_AREA_UNITS = {"µm²": ((1e8, "cm²"), (1e6, "mm²"), (1, "µm²")),
+               "m²": ((1e6, "km²"), (1e4, "ha"), (1, "m²"))}
+
+
+def readable_area(value: float, unit: str) -> str:
+    """``value`` (in ``unit``: µm² or m²) in the largest unit that keeps it at
+    least 1, with three significant figures: ``3.22 mm²``, ``41.7 ha``."""
+    for factor, name in _AREA_UNITS.get(unit, ((1, unit),)):
+        if value >= factor or factor == 1:
+            return f"{value / factor:,.3g} {name}" if value / factor < 1000 else f"{value / factor:,.0f} {name}"
+    return f"{value:.3g} {unit}"
+
+
 def _class_area_lines(path) -> list[str]:
     """Per-class pixel counts and areas of a label mask, counted in strips."""
     found = _label_output(str(path))
@@ -123,7 +139,7 @@ def _class_area_lines(path) -> list[str]:
         m = r.meta
     unit, per_px = None, None
     if m.mpp:
-        unit, per_px = "mm²", (m.mpp / 1000) ** 2
+        unit, per_px = "µm²", m.mpp ** 2
     elif m.transform is not None and m.georeferenced:
         a, b, _, d, e, _ = m.transform
         from .io.pyramid import physical_pixel
@@ -135,6 +151,6 @@ def _class_area_lines(path) -> list[str]:
     for k in np.flatnonzero(counts):
         label = "nodata" if k == LABEL_NODATA else (names[k] if k < len(names) else f"class {k}")
         share = f"{counts[k] / valid:7.2%} of valid" if k != LABEL_NODATA and valid else ""
-        area = f"  {counts[k] * per_px:.6g} {unit}" if per_px else ""
+        area = f"  {readable_area(counts[k] * per_px, unit)}" if per_px else ""
         lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}{area}")
     return lines

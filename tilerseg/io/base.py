@@ -40,6 +40,8 @@ class ImageMeta:
     level: int = 0
     note: str = ""
     band_names: tuple[str, ...] = field(default=())
+    unknown_mpp: str = ""  # why a resolution tag was not taken as microns per pixel
+
 
     @property
     def georeferenced(self) -> bool:
@@ -47,7 +49,35 @@ class ImageMeta:
 
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+PRINT_DPI = (72, 96, 150, 300, 600)  # what scanners, screens and image editors write when they know no scale
+_UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, 2: 25400.0, 3: 10000.0}
+
+
+def resolution_mpp(pixels_per_unit: float, unit) -> tuple[float | None, str]:
+    """Microns per pixel from a TIFF resolution tag, when it plausibly is one.
+
+    A resolution tag is written by every image editor, mostly as a screen or
+    print default (72, 96, 150, 300 or 600 dpi, in inches or converted to
+    centimetres); read as a microscope scale it makes a 72-dpi image
+    352.8 µm/px. Only other values are taken as a scale. Returns
+    ``(mpp or None, why not)``."""
+    per_unit = _UM_PER_UNIT.get(unit.lower() if isinstance(unit, str) else unit)
+    if not per_unit or not pixels_per_unit or pixels_per_unit <= 0:
+        return None, ""
+    dpi = pixels_per_unit * (25400.0 / per_unit)
+    if any(abs(dpi / d - 1) < 1e-3 for d in PRINT_DPI):
+        return None, f"resolution tag: {dpi:.0f} dpi, a screen/print default, not a scan resolution"
+    return per_unit / pixels_per_unit, ""
 LABEL_NODATA = 255  # the label value of nodata in every output; class values stay below it
+PROBABILITY_SCALE = 254  # --probabilities uint8: round(p x 254), so that 255 stays nodata
+
+
+def probability_bytes(p: np.ndarray) -> np.ndarray:
+    """Probabilities as uint8 for 8-bit viewers (openslide, QuPath):
+    ``round(p * 254)``, NaN (nodata) as 255."""
+    with np.errstate(invalid="ignore"):
+        scaled = np.rint(np.clip(p, 0, 1) * PROBABILITY_SCALE)
+    return np.where(np.isnan(p), LABEL_NODATA, scaled).astype(np.uint8)
 
 
 def scale_transform(transform, fx: float, fy: float) -> tuple[float, ...] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import FormatError
-from .base import ImageMeta, Reader, reopen
+from .base import ImageMeta, Reader, reopen, resolution_mpp
 
 _CHANNEL_AXES = "SC"
 
@@ -31,18 +31,19 @@ class TiffReader(Reader):
         if extra:
             raise FormatError(f"{self.path}: has axes {axes} with shape {series.shape}; only 2-D images "
                               "(Y, X and channels) are supported: extract one plane first")
+        _check_strips(series.levels[self.level], axes, self.path)
         self._z = zarr.open_array(series.aszarr(level=self.level), mode="r")
         shapes = []
         for lvl in series.levels:
             shapes.append((lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")]))
         chan = [a for a in axes if a in _CHANNEL_AXES]
         bands = int(np.prod([series.shape[axes.index(a)] for a in chan])) if chan else 1
-        mpp0 = _mpp(self._tif)
+        mpp0, why = _mpp(self._tif)
         level_mpp = tuple((mpp0 * shapes[0][1] / w if mpp0 else None) for _, w in shapes)
         self.meta = ImageMeta(
             shape=shapes[self.level], bands=bands, dtype=np.dtype(series.dtype),
             format="OME-TIFF" if self._tif.is_ome else "TIFF", mpp=level_mpp[self.level],
-            levels=tuple(shapes), level_mpp=level_mpp, level=self.level)
+            levels=tuple(shapes), level_mpp=level_mpp, level=self.level, unknown_mpp=why)
 
     def _read(self, rows, cols):
         index = []
@@ -68,21 +69,41 @@ class TiffReader(Reader):
         return (reopen, (TiffReader, self.path, self.level))
 
 
-def _mpp(tif) -> float | None:
-    """Microns per pixel at level 0: OME PhysicalSizeX, else the resolution tags."""
+MAX_READ_BYTES = 2 ** 30  # what one task may decode for a 512-row band of a stripped image
+
+
+def _check_strips(level, axes: str, path: str) -> None:
+    """Refuse a TIFF stored in strips so wide that every read decodes
+    gigabytes: tifffile decodes whole strips, so a window of 512 rows of a
+    1,000,000-px-wide image decodes 1.5 GB, whatever its width. Tiled TIFFs
+    (every slide, every COG) are read by tiles and pass."""
+    page = level.keyframe
+    if page.is_tiled:
+        return
+    H, W = level.shape[axes.index("Y")], level.shape[axes.index("X")]
+    row = int(np.prod(level.shape)) // H * np.dtype(level.dtype).itemsize
+    rows = max(512, int(getattr(page, "rowsperstrip", 1) or 1))
+    if row * rows > MAX_READ_BYTES:
+        raise FormatError(f"{path}: {W}x{H} px ({W * H / 1e9:.3g} gigapixels) stored in strips of whole rows, so "
+                          f"every 512-row read decodes {row * rows / 2 ** 30:.1f} GiB; convert it to a tiled TIFF "
+                          "first (gdal_translate -co TILED=YES -co BIGTIFF=YES IN OUT.tif, or vips tiffsave IN "
+                          "OUT.tif --tile --bigtiff)")
+
+
+def _mpp(tif) -> tuple[float | None, str]:
+    """Microns per pixel at level 0: OME PhysicalSizeX, else the resolution
+    tags where they are a plausible scale (:func:`resolution_mpp`); and why
+    not, when a tag was there."""
     if tif.is_ome:
         import re
 
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
         if m and (unit is None or unit.group(1) in ("µm", "um", "\u00b5m")):
-            return float(m.group(1))
+            return float(m.group(1)), ""
     page = tif.pages[0]
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
     if xres is None or unit is None:
-        return None
+        return None, ""
     num, den = xres.value
-    if not num:
-        return None
-    per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # inch, centimetre in µm
-    return per_unit * den / num if per_unit else None
+    return resolution_mpp(num / den if den else 0, int(unit.value))
