@@ -113,9 +113,10 @@ def test_unknown_model_names_the_nearest():
         canonical("unetplusplu")
 
 
-def _fresh(code: str) -> subprocess.CompletedProcess:
+def _fresh(code: str, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=cwd)
 
 
 def test_help_info_models_and_path_errors_do_not_import_torch(tmp_path):
@@ -135,7 +136,7 @@ for argv in calls:
 heavy = [m for m in ("torch", "timm", "segmentation_models_pytorch") if m in sys.modules]
 print("HEAVY", heavy)
 """
-    r = _fresh(code)
+    r = _fresh(code, cwd=tmp_path)  # its failed-input ledger lines land there, not in the checkout
     assert "HEAVY []" in r.stdout, r.stdout + r.stderr
 
 
