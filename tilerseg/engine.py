@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -199,23 +200,61 @@ def _blend(parts, regions, region: Region, output: Output, classes: int, halo: i
     return _finish(probs, valid, output), n_run, n_skipped
 
 
+class Blocks(Mapping):
+    """``block index -> value`` over a grid of ``shape`` blocks, computed
+    when asked: a plan holds no per-block state, so planning a
+    200,000-px-square slide (100,000 blocks) or a header that claims a
+    million px square costs the same few kilobytes. Iteration is in
+    row-major order; :meth:`rows` iterates a band of leading indices."""
+
+    def __init__(self, shape: tuple[int, ...], value: Callable[[tuple[int, ...]], Any]):
+        self.shape, self._value = tuple(int(n) for n in shape), value
+
+    def __getitem__(self, b):
+        if b not in self:
+            raise KeyError(b)
+        return self._value(b)
+
+    def __contains__(self, b) -> bool:
+        return isinstance(b, tuple) and len(b) == len(self.shape) and all(
+            isinstance(i, (int, np.integer)) and 0 <= i < n for i, n in zip(b, self.shape))
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return self.rows(0, self.shape[0])
+
+    def __len__(self) -> int:
+        return int(np.prod(self.shape))
+
+    def rows(self, start: int, stop: int) -> Iterator[tuple[int, ...]]:
+        for first in range(start, min(stop, self.shape[0])):
+            for rest in np.ndindex(*self.shape[1:]):
+                yield (first, *rest)
+
+
 class Plan:
     """A segmentation as output blocks, in the form :func:`store_plan`
     stores block by block (and :meth:`array` gives as a lazy dask array), skipping blocks
     already finished (resume) and counting the windows each block ran.
 
     ``blocks`` maps each block index to the output region it fills (a
-    tuple of slices of the output array); ``build(pending)`` gives the
-    dask graph computing the pending blocks and, per block, the key of a
-    task returning ``(chunk, windows run, windows skipped)``."""
+    tuple of slices of the output array) and ``windows`` to its number of
+    windows, both :class:`Blocks` computed on demand; ``build(pending)``
+    gives the dask graph computing the pending blocks and, per block, the
+    key of a task returning ``(chunk, windows run, windows skipped)``.
+    ``wave_rows``: leading block indices per wave of tasks handed to the
+    scheduler at once (memory and graph time stay bounded; a blended plan
+    asks for enough rows that its halo overlap between waves is small)."""
 
-    def __init__(self, name: str, shape, chunks, dtype, blocks: dict, windows: dict, build, lead: tuple = ()):
+    def __init__(self, name: str, shape, chunks, dtype, blocks: Blocks, windows: Blocks, build, lead: tuple = (),
+                 total_windows: int | None = None, wave_rows: int | None = None):
         self.name, self.shape, self.chunks, self.dtype = name, tuple(shape), tuple(chunks), np.dtype(dtype)
         self.blocks, self.windows, self.build, self.lead = blocks, windows, build, lead
+        self._total = total_windows
+        self.wave_rows = wave_rows or max(1, -(-WAVE_BLOCKS // max(1, len(blocks) // max(1, blocks.shape[0]))))
 
     @property
     def total_windows(self) -> int:
-        return int(sum(self.windows.values()))
+        return int(self._total if self._total is not None else sum(self.windows.values()))
 
     @property
     def ndim(self) -> int:
@@ -223,6 +262,13 @@ class Plan:
 
     def graph(self, pending) -> tuple[dict, dict]:
         return self.build(list(pending))
+
+    def waves(self, done=frozenset()) -> Iterator[list]:
+        """The blocks not in ``done``, in waves of :attr:`wave_rows` rows."""
+        for start in range(0, self.blocks.shape[0], self.wave_rows):
+            wave = [b for b in self.blocks.rows(start, start + self.wave_rows) if b not in done]
+            if wave:
+                yield wave
 
     def array(self):
         """The whole result as a lazy dask array, one chunk per block."""
@@ -234,6 +280,9 @@ class Plan:
         for b, key in keys.items():
             dsk[(self.name, *self.lead, *b)] = (operator.getitem, key, 0)
         return da.Array(dsk, self.name, chunks=self.chunks, dtype=self.dtype)
+
+
+WAVE_BLOCKS = 2048  # blocks per wave of tasks: enough to keep any cluster busy, a few MB of graph
 
 
 def segment_plan(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
@@ -252,21 +301,30 @@ def segment_plan(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output:
                                   active)
     raw = name + "-block"
     lead = (0,) if output.probabilities else ()
-    regions = {r.block: r for r in grid.regions()}
     pre = (slice(None),) if output.probabilities else ()
-    blocks = {b: (*pre, slice(*r.out_rows), slice(*r.out_cols)) for b, r in regions.items()}
-    windows = {b: len(r.windows) for b, r in regions.items()}
+    ky, kx = grid.block
+    ny, nx = grid.n_windows
+
+    def out(b):
+        r = grid.region(*b)
+        return (*pre, slice(*r.out_rows), slice(*r.out_cols))
+
+    def count(b):
+        return (min((b[0] + 1) * ky, ny) - b[0] * ky) * (min((b[1] + 1) * kx, nx) - b[1] * kx)
 
     def build(pending):
         if output.merge == "gaussian":
             return _blend_graph(raw, pending, reader, predictor, grid, tiles, output, classes, active)
-        dsk = {(raw, *b): (_block, reader, predictor, grid, regions[b], tiles, output, classes, active)
+        dsk = {(raw, *b): (_block, reader, predictor, grid, grid.region(*b), tiles, output, classes, active)
                for b in pending}
         return dsk, {b: (raw, *b) for b in pending}
 
     chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
+    reach = max(1, -(-grid.halo // min(grid.block_shape)))
+    wave = max(8 * reach, -(-WAVE_BLOCKS // grid.n_blocks[1])) if output.merge == "gaussian" else None
     return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
-                blocks, windows, build, lead)
+                Blocks(grid.n_blocks, out), Blocks(grid.n_blocks, count), build, lead, total_windows=ny * nx,
+                wave_rows=wave)
 
 
 def _blend_graph(name, pending, reader, predictor, grid: Grid, tiles, output, classes, active) -> tuple[dict, dict]:
@@ -401,21 +459,13 @@ def store_plan(plan: Plan, target, *, workers: int | None = None, scheduler=None
 
     from dask.base import tokenize
 
-    done = (marks.done() if marks is not None else set()) & set(plan.blocks)
-    pending = [b for b in plan.blocks if b not in done]
+    done = {b for b in (marks.done() if marks is not None else ()) if b in plan.blocks}
     stats = StoreStats(windows_total=plan.total_windows, windows_resumed=sum(plan.windows[b] for b in done),
                        blocks_resumed=len(done), blocks_total=len(plan.blocks))
     if done:
         log.info("resuming: %d of %d blocks (%d of %d windows) were finished by an earlier run", len(done),
                  len(plan.blocks), stats.windows_resumed, stats.windows_total)
-    if not pending:
-        return stats
-    dsk, keys = plan.graph(pending)
     store = "tilerseg-store-" + tokenize(plan.name, id(target))
-    skeys = []
-    for b in pending:
-        dsk[(store, *b)] = (_store, keys[b], target, plan.blocks[b], marks, b)
-        skeys.append((store, *b))
     lock = threading.Lock()
 
     def landed(result) -> None:
@@ -426,10 +476,18 @@ def store_plan(plan: Plan, target, *, workers: int | None = None, scheduler=None
         if progress:
             progress(n, stats.windows_total)
 
-    if scheduler is None:
-        _execute_local(dsk, skeys, landed, workers)
-    else:
-        _execute_distributed(dsk, skeys, landed, scheduler)
+    if progress:  # the total from the start (a bar is never "0/?"), and what an earlier run finished
+        progress(stats.windows_resumed, stats.windows_total)
+    for wave in plan.waves(done):  # graphs of bounded size, however large the image
+        dsk, keys = plan.graph(wave)
+        skeys = []
+        for b in wave:
+            dsk[(store, *b)] = (_store, keys[b], target, plan.blocks[b], marks, b)
+            skeys.append((store, *b))
+        if scheduler is None:
+            _execute_local(dsk, skeys, landed, workers)
+        else:
+            _execute_distributed(dsk, skeys, landed, scheduler)
     return stats
 
 
@@ -522,7 +580,7 @@ def volume_plan(reader, predictor, grid, output: Output, classes: int, pad_mode:
     raw = name + "-block"
     lead = (0,) if output.probabilities else ()
     pre = (slice(None),) if output.probabilities else ()
-    blocks = {w: (*pre, *(slice(a, b) for a, b in grid.window(w)[1])) for w in grid.windows()}
+    blocks = Blocks(grid.n_windows, lambda w: (*pre, *(slice(a, b) for a, b in grid.window(w)[1])))
 
     def build(pending):
         dsk = {(raw, *w): (_volume_window, reader, predictor, grid, w, pad_mode, output, classes) for w in pending}
@@ -530,4 +588,4 @@ def volume_plan(reader, predictor, grid, output: Output, classes: int, pad_mode:
 
     chunks = ((classes,), *grid.chunks) if output.probabilities else grid.chunks
     return Plan(name, (*(classes,) * bool(lead), *grid.shape), chunks, np.float32 if output.probabilities else np.uint8,
-                blocks, {w: 1 for w in blocks}, build, lead)
+                blocks, Blocks(grid.n_windows, lambda w: 1), build, lead, total_windows=grid.total_windows)
