@@ -69,7 +69,8 @@ def main() -> int:
             print(f"step {step:4d}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
     model.eval()
     info = ModelInfo(spec=spec, normalization=Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=255.0),
-                     class_names=("background", "nucleus"), mpp=0.5, tile=512, halo=96)
+                     class_names=("background", "nucleus"), mpp=0.5, tile=512, halo=96, input_dtype="uint8",
+                     input_range=(0.0, 255.0))
     out = os.path.abspath(a.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     save_checkpoint(out, model, info)

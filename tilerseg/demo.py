@@ -8,17 +8,25 @@ from __future__ import annotations
 import os
 from . import synthetic
 from .api import run
+from .errors import InputError
 from .io import open_reader
 from .models import demo_weights
 
 
+MIN_SIZE, MAX_SIZE = 256, 65536
+
+
 def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=None) -> dict:
     """Run the demo into ``outdir``; returns paths, Dice and the run report."""
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise InputError(f"--size {size}: the demo slide's side must be {MIN_SIZE} to {MAX_SIZE} px")
     os.makedirs(outdir, exist_ok=True)
     slide = os.path.join(outdir, "slide.tif")
     mask = os.path.join(outdir, "mask.tif")
     preview = os.path.join(outdir, "preview.png")
-    synthetic.write_tiff(slide, (size, size), seed=seed, levels=3, compression="zlib")
+    tmp = os.path.join(outdir, ".slide.tif.partial")
+    synthetic.write_tiff(tmp, (size, size), seed=seed, levels=3, compression="zlib")
+    os.replace(tmp, slide)  # a slide.tif is always complete
     report = run(slide, mask, weights=demo_weights(), workers=workers, overwrite=True, preview=preview,
                  progress=progress)
     inter = total = 0

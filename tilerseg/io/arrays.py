@@ -39,10 +39,10 @@ class ZarrReader(ArrayReader):
     """A zarr array, a group written by ``tilerseg ingest``, or an OME-Zarr
     multiscale image (channel axis moved last; ``level`` picks a scale)."""
 
-    def __init__(self, path: str, level: int = 0):
+    def __init__(self, path: str, level: int = 0, missing: str = "refuse"):
         import zarr
 
-        self._path, self.level = str(path), int(level)
+        self._path, self.level, self._missing_mode = str(path), int(level), missing
         try:
             node = zarr.open(self._path, mode="r")
         except Exception as err:
@@ -54,6 +54,8 @@ class ZarrReader(ArrayReader):
             if not 0 <= self.level < len(levels):
                 raise InputError(f"{self._path}: has levels 0..{len(levels) - 1}; --level {self.level} does not exist")
             node = levels[self.level]
+            if attrs:  # a tilerseg output: chunks left unwritten are nodata by design (the fill value)
+                missing = "fill"
             if axes and axes[0] == "c":
                 node = _ChannelsLast(node)
         elif isinstance(node, zarr.Group):
@@ -64,6 +66,7 @@ class ZarrReader(ArrayReader):
             node = node["image"]
         elif self.level:
             raise InputError(f"{self._path}: --level needs a pyramidal format; this one has a single level")
+        self._gone = _missing_chunks(node, self._path, missing)
         bands = 1 if node.ndim == 2 else node.shape[2]
         f = 2 ** self.level
         mpp = attrs.get("mpp") * f if attrs.get("mpp") else None
@@ -76,8 +79,58 @@ class ZarrReader(ArrayReader):
                          if levels and attrs.get("mpp") else ())
         super().__init__(node, valid=valid, meta=meta, path=self._path)
 
+    def _read(self, rows, cols):
+        data, valid = super()._read(rows, cols)
+        if self._gone:  # --missing-chunks nodata: pixels of missing chunks are invalid
+            (ch, cw), gone = self._gone
+            for i in range(rows[0] // ch, (rows[1] - 1) // ch + 1):
+                for j in range(cols[0] // cw, (cols[1] - 1) // cw + 1):
+                    if (i, j) in gone:
+                        if valid is None:
+                            valid = np.ones(data.shape[:2], bool)
+                        valid[max(i * ch - rows[0], 0):(i + 1) * ch - rows[0],
+                              max(j * cw - cols[0], 0):(j + 1) * cw - cols[0]] = False
+        return data, valid
+
     def __reduce__(self):
-        return (reopen, (ZarrReader, self._path, self.level))
+        return (reopen, (ZarrReader, self._path, self.level, self._missing_mode))
+
+
+MISSING_CHUNKS = ("refuse", "nodata", "fill")
+
+
+def _missing_chunks(node, path: str, mode: str):
+    """Check that every chunk of a zarr input is stored. A deleted or never
+    written chunk reads as the fill value (0) without a word, which would
+    become a silent hole in the mask. ``mode``: refuse (an error naming the
+    first one), nodata (returns ``((chunk h, chunk w), {(row, col), ...})``
+    so reads mark them invalid) or fill (the zarr meaning: the fill value).
+    Only local stores can be listed; others are taken as they are."""
+    if mode not in MISSING_CHUNKS:
+        raise InputError(f"--missing-chunks {mode!r}: use one of {', '.join(MISSING_CHUNKS)}")
+    z = getattr(node, "z", node)  # a channels-first OME-Zarr level seen channels-last
+    root = getattr(getattr(getattr(z, "store_path", None), "store", None), "root", None)
+    if mode == "fill" or root is None or not hasattr(z, "metadata"):
+        return None
+    folder = os.path.join(str(root), z.store_path.path)
+    grid = z.shards or z.chunks
+    shape = z.cdata_shape if not z.shards else tuple(-(-n // s) for n, s in zip(z.shape, grid))
+    stored = set()
+    for dirpath, _, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        stored.update(f if rel == "." else os.path.join(rel, f).replace(os.sep, "/") for f in files)
+    gone = [c for c in np.ndindex(*shape) if z.metadata.encode_chunk_key(c) not in stored]
+    if not gone:
+        return None
+    yx = (1, 2) if z is not node else (0, 1)  # (C, H, W) levels keep rows and columns at 1, 2
+    ch, cw = grid[yx[0]], grid[yx[1]]
+    if mode == "refuse":
+        r, c = gone[0][yx[0]], gone[0][yx[1]]
+        raise FormatError(f"{path}: {len(gone)} of {int(np.prod(shape))} chunks of the array are missing (the first "
+                          f"at rows {r * ch}:{(r + 1) * ch}, cols {c * cw}:{(c + 1) * cw}); they would read as "
+                          "zeros: restore them, or pass --missing-chunks nodata to mask them in the output "
+                          "(--missing-chunks fill reads them as the array's fill value)")
+    return (ch, cw), {(k[yx[0]], k[yx[1]]) for k in gone}
 
 
 class _ChannelsLast:

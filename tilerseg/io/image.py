@@ -20,8 +20,11 @@ class PillowReader(Reader):
         self.path = str(path)
         try:
             with Image.open(self.path) as img:
+                _check_size(img, self.path)
                 img.load()
                 self._pixels, self._valid = _to_array(img)
+        except Image.DecompressionBombError as err:  # Pillow refuses before _check_size when the header is huge
+            raise FormatError(f"{self.path}: {err}; {_TOO_LARGE}") from err
         except (OSError, SyntaxError, ValueError) as err:
             raise FormatError(f"{self.path}: Pillow cannot decode it ({err}); it is corrupt or not an image") from err
         H, W, C = self._pixels.shape
@@ -33,6 +36,19 @@ class PillowReader(Reader):
 
     def __reduce__(self):
         return (reopen, (PillowReader, self.path))
+
+
+MAX_PIXELS = 2 ** 28  # 268 Mpx: 0.8 GB as RGB; PNG/JPEG cannot be read by windows, so all of it is decoded
+_TOO_LARGE = ("PNG/JPEG cannot be read window by window, so the whole image would be decoded into memory: "
+              "convert it to a tiled TIFF first (gdal_translate -co TILED=YES -co COMPRESS=DEFLATE IN OUT.tif, "
+              "or vips tiffsave IN OUT.tif --tile --compression deflate)")
+
+
+def _check_size(img, path: str) -> None:
+    """Refuse an image too large to decode whole, before decoding it."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise FormatError(f"{path}: {w}x{h} px ({w * h / 1e6:.0f} Mpx) is too large for this format; {_TOO_LARGE}")
 
 
 def _to_array(img) -> tuple[np.ndarray, np.ndarray | None]:

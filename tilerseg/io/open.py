@@ -21,24 +21,30 @@ _GEO_TAGS = (33550, 33922, 34264, 34735)  # pixel scale, tiepoint, transformatio
 
 
 def open_reader(path, *, level: int | None = None, mpp: float | None = None,
-                bands: tuple[int, ...] | None = None, reader: str = "auto") -> Reader:
+                bands: tuple[int, ...] | None = None, reader: str = "auto", force_resample: bool = False,
+                missing_chunks: str = "refuse") -> Reader:
     """Open ``path`` lazily with the right backend.
 
     ``level`` picks a pyramid level; ``mpp`` picks the level nearest a
-    target microns per pixel and resamples when none is within 5%. The
-    choice is logged and kept in ``reader.meta.note``."""
+    target microns per pixel and resamples when none is within 5%; more
+    than :data:`MAX_RESAMPLE` either way is refused unless
+    ``force_resample`` (it is far more often a wrong scale than a wish).
+    The choice is logged and kept in ``reader.meta.note``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory; check the path")
     name = _detect(path) if reader == "auto" else reader
     if level is not None and mpp is not None:
         raise InputError("give --level or --mpp, not both")
-    r = _open(name, path, level or 0, bands)
+    r = _open(name, path, level or 0, bands, missing_chunks)
     if mpp is not None:
         lvl, scale = pick_level(r.meta.level_mpp, float(mpp))
+        if not force_resample and not 1 / MAX_RESAMPLE <= scale <= MAX_RESAMPLE:
+            r.close()
+            raise InputError(_resample_refusal(path, r.meta, lvl, scale, mpp))
         if lvl != r.meta.level:
             r.close()
-            r = _open(name, path, lvl, bands)
+            r = _open(name, path, lvl, bands, missing_chunks)
         if scale != 1.0:
             r = ResampledReader(r, scale)
         note = (f"--mpp {mpp:g}: using level {lvl} ({r.meta.levels[lvl][1]}x{r.meta.levels[lvl][0]} px, "
@@ -47,9 +53,27 @@ def open_reader(path, *, level: int | None = None, mpp: float | None = None,
         log.info(note)
         r.meta = replace(r.meta, note=note)
     if bands and name != "rasterio":  # rasterio reads only the chosen bands itself
-        r = _BandSelect(r, bands)
+        r = BandSelect(r, bands)
     _probe(r)
     return r
+
+
+MAX_RESAMPLE = 8.0
+
+
+def pixel_count(n: int) -> str:
+    """``37.3 gigapixels``, ``4.2 megapixels``: a size people can read."""
+    return f"{n / 1e9:.3g} gigapixels" if n >= 1e8 else f"{n / 1e6:.3g} megapixels"
+
+
+def _resample_refusal(path: str, meta, level: int, scale: float, mpp: float) -> str:
+    h, w = meta.levels[level] if meta.levels else meta.shape
+    H, W = max(1, round(h / scale)), max(1, round(w / scale))
+    way = "up" if scale < 1 else "down"
+    return (f"{path}: --mpp {mpp:g} would resample level {level} ({meta.level_mpp[level]:.4g} µm/px) "
+            f"{max(scale, 1 / scale):.4g}x {way} to {W}x{H} px ({pixel_count(W * H)}); more than "
+            f"{MAX_RESAMPLE:g}x is refused as a likely wrong scale: check the mpp with `tilerseg info`, or pass "
+            "--force-resample to do it anyway")
 
 
 def _detect(path: str) -> str:
@@ -83,7 +107,7 @@ def _is_geotiff(path: str) -> bool:
         raise FormatError(f"{path}: not a readable TIFF ({err}); it is corrupt or truncated") from err
 
 
-def _open(name: str, path: str, level: int, bands) -> Reader:
+def _open(name: str, path: str, level: int, bands, missing_chunks: str = "refuse") -> Reader:
     if name == "openslide":
         from .slide import SlideReader
         return SlideReader(path, level)
@@ -95,7 +119,7 @@ def _open(name: str, path: str, level: int, bands) -> Reader:
         return GeoReader(path, level, bands)
     if name == "zarr":
         from .arrays import ZarrReader
-        return ZarrReader(path, level)
+        return ZarrReader(path, level, missing_chunks)
     if level:
         raise InputError(f"{path}: --level needs a pyramidal format; this one has a single level")
     if name == "pillow":
@@ -114,7 +138,7 @@ def _probe(r: Reader) -> None:
         raise FormatError(f"{msg}; it is corrupt or uses an unsupported codec: re-export or convert it") from err
 
 
-class _BandSelect(Reader):
+class BandSelect(Reader):
     """Pick bands (1-based) of any reader."""
 
     def __init__(self, base: Reader, bands):
@@ -130,4 +154,4 @@ class _BandSelect(Reader):
         return data[..., [b - 1 for b in self.bands]], valid
 
     def __reduce__(self):
-        return (_BandSelect, (self.base, self.bands))
+        return (BandSelect, (self.base, self.bands))

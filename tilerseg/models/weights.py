@@ -48,6 +48,8 @@ class ModelInfo:
     tta: str = "none"                # the test-time augmentation it was validated with
     mask_values: tuple[int, ...] | None = None  # how training read masks: the value of each class
     ignore_value: int | None = None             # and the value of unannotated pixels
+    input_dtype: str | None = None              # the dtype of the images it was trained on (numpy name)
+    input_range: tuple[float, float] | None = None  # and the value range its normalisation maps to 0..1
 
     @property
     def trained(self) -> bool:
@@ -68,7 +70,10 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         return ModelInfo(spec=spec)
     weights = os.fspath(weights)
     if not os.path.exists(weights):
-        raise ModelError(f"{weights}: weights not found; check the --weights path")
+        import difflib
+
+        near = " (did you mean 'demo', the shipped model?)" if difflib.get_close_matches(weights, ["demo"]) else ""
+        raise ModelError(f"{weights}: weights not found{near}; check the --weights path")
     if os.path.isdir(weights):
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.exists(cfg_path):
@@ -84,7 +89,12 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         return ModelInfo(spec=spec, weights=weights)
     state = _load_file(weights)
     if isinstance(state, dict) and CHECKPOINT_KEY in state:
-        m = state["model"]
+        m = state.get("model")
+        missing = [k for k in ("arch", "encoder", "classes", "in_channels") if not isinstance(m, dict) or k not in m]
+        if missing:
+            raise ModelError(f"{weights}: a tilerseg checkpoint whose model record lacks {', '.join(missing)}; "
+                             "it was not written by tilerseg train (or was edited): give the state dict alone "
+                             "with --model/--encoder/--classes")
         n = state.get("normalization") or {}
         spec = ModelSpec(arch=canonical(m["arch"]), encoder=m["encoder"], classes=int(m["classes"]),
                          in_channels=int(m["in_channels"]), kwargs=ModelSpec.freeze(m.get("kwargs", {})))
@@ -93,7 +103,9 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         return ModelInfo(spec=spec, weights=weights, normalization=norm,
                          class_names=tuple(state.get("class_names") or ()), mpp=state.get("mpp"),
                          tile=state.get("tile"), halo=state.get("halo"), threshold=state.get("threshold"),
-                         tta=state.get("tta") or "none", mask_values=_ints(labels.get("values")), ignore_value=labels.get("ignore"))
+                         tta=state.get("tta") or "none", mask_values=_ints(labels.get("values")),
+                         ignore_value=labels.get("ignore"), input_dtype=(state.get("input") or {}).get("dtype"),
+                         input_range=_tuple((state.get("input") or {}).get("range")))
     in_ch = _first_conv_in_channels(_state_dict(state, weights))
     return ModelInfo(spec=replace(spec, in_channels=in_ch or spec.in_channels), weights=weights)
 
@@ -109,12 +121,13 @@ def instantiate(info: ModelInfo):
             state = _load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
         else:
             state = _load_file(path)
-        try:
-            model.load_state_dict(_state_dict(state, path), strict=True)
-        except RuntimeError as err:
+        state = _state_dict(state, path)
+        mismatch = _first_mismatch(model.state_dict(), state)
+        if mismatch:
             raise ModelError(f"{path}: weights do not fit {spec.arch}/{spec.encoder} with {spec.classes} "
-                             f"class(es): {str(err).splitlines()[0]}; pass the --model/--encoder/--classes "
-                             "they were trained with") from err
+                             f"class(es): {mismatch}; pass the --model/--encoder/--classes/--model-arg "
+                             "they were trained with")
+        model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -136,6 +149,7 @@ def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
         "threshold": float(info.threshold) if info.threshold is not None else None, "tta": info.tta,
         "labels": {"values": list(info.mask_values) if info.mask_values is not None else None,
                    "ignore": info.ignore_value},
+        "input": {"dtype": info.input_dtype, "range": list(info.input_range) if info.input_range else None},
         "state_dict": model.state_dict(), **extra,
     }, tmp := f"{path}.tmp")
     os.replace(tmp, path)
@@ -185,6 +199,22 @@ def _state_dict(state: Any, path: str) -> dict:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _first_mismatch(expected: dict, given: dict) -> str | None:
+    """The first difference between the model's state dict and the file's,
+    in words: a layer with another shape, or layers missing or unexpected."""
+    for key, value in expected.items():
+        if key in given and tuple(given[key].shape) != tuple(value.shape):
+            return (f"layer {key} has shape {tuple(given[key].shape)} in the file but "
+                    f"{tuple(value.shape)} in the model")
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    if missing or extra:
+        parts = ([f"{len(missing)} layer(s) missing from the file (first: {missing[0]})"] if missing else []) + \
+                ([f"{len(extra)} unexpected in it (first: {extra[0]})"] if extra else [])
+        return ", ".join(parts)
+    return None
 
 
 def _first_conv_in_channels(state: dict) -> int | None:

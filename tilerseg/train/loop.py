@@ -258,6 +258,22 @@ class _Log:
         plt.close(fig)
 
 
+def _load_last(path: str) -> dict:
+    """``last.pt`` for --resume, or one line saying why it cannot be used."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(f"{path}: cannot be loaded to resume ({type(err).__name__}: not a readable torch "
+                         "checkpoint); it is damaged or truncated: start a new run in another "
+                         "folder (-o), or delete last.pt to start this one over") from err
+    if not isinstance(state, dict) or "training" not in state or "state_dict" not in state:
+        raise InputError(f"{path}: not a last.pt written by tilerseg train (no training state), so there is "
+                         "nothing to resume: start a new run in another folder (-o)")
+    return state
+
+
 def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | None = None,
           workers: int | None = None) -> TrainResult:
     """Train as ``cfg`` says into ``run_dir``; ``resume`` continues from
@@ -301,7 +317,8 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
         mpp = getattr(train_src[0].image.meta, "mpp", None)
         info = ModelInfo(spec=spec, normalization=norm, class_names=tuple(cfg.class_names), mpp=mpp,
                          tile=tiles.tile, halo=tiles.halo, threshold=cfg.threshold if cfg.binary else None,
-                         mask_values=labels.values, ignore_value=labels.ignore, tta=cfg.tta)
+                         mask_values=labels.values, ignore_value=labels.ignore, tta=cfg.tta,
+                         input_dtype=np.dtype(train_src[0].image.meta.dtype).name, input_range=(0.0, float(norm.scale)))
         steps = max(1, cfg.samples_per_epoch // cfg.batch_size // cfg.accumulate)
         opt = _optimizer(cfg, model)
         sched = _scheduler(cfg, opt, steps)
@@ -315,7 +332,7 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
         net = ema.module if ema is not None else model  # what validation scores and checkpoints hold
         start, best, best_epoch, bad, history = 1, None, 0, 0, []
         if resume and os.path.exists(last_path):
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
+            state = _load_last(last_path)
             tr = state["training"]
             if tr["config"] != _comparable(cfg):
                 log.warning("--resume: the config differs from the one %s was trained with; continuing anyway",
