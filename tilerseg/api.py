@@ -114,7 +114,8 @@ def fit_bands(info: ModelInfo, bands: int) -> ModelInfo:
     if need != bands:
         pick = ",".join(str(i % bands + 1) for i in range(need))
         raise ModelError(f"{info.weights}: the weights take {need} input band(s), the image has {bands}: "
-                         f"choose or repeat bands with --bands (e.g. --bands {pick}) or use matching weights")
+                         f"choose or repeat bands with --bands (e.g. --bands {pick}; in Python bands=({pick.replace(',', ', ')})) "
+                         "or use matching weights")
     return info
 
 
@@ -158,7 +159,7 @@ def execute(input, output, cfg: RunConfig, *, progress=None) -> RunReport:
         if is_volumetric(info.spec.arch):
             writer.check_volume()
             return _run_volume(input, writer, info, cfg, progress)
-        src = open_reader(input, level=i.level, mpp=i.mpp, bands=i.bands, reader=i.reader)
+        src = open_reader(input, **i.reader_options())
         try:
             return _run_image(src, input, writer, info, cfg, progress)
         finally:
@@ -211,17 +212,19 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     i, o, e = cfg.input, cfg.output, cfg.engine
     info = fit_bands(info, src.meta.bands)
     check_mpp(info, src.meta, os.fspath(input))
+    check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, stacklevel=5)
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
     active = _tissue_windows(i.tissue, input, grid, bands=i.bands, reader=i.reader) if i.tissue else None
-    out = Output(probabilities=o.probabilities, threshold=threshold, merge=tiling.merge)
+    out = Output(probabilities=bool(o.probabilities), threshold=threshold, merge=tiling.merge)
     plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
-    oinfo = OutputInfo(meta=src.meta, probabilities=o.probabilities, classes=info.spec.classes,
+    oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
                        class_names=info.class_names, source=os.fspath(input),
-                       model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level))
+                       model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
+                       probability_dtype=o.probability_dtype, vector_crs=o.vector_crs)
     render = None
     if o.preview:
         from .preview import render as draw
@@ -255,9 +258,9 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
         tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, stacklevel=5)
         grid = tiling.grid(src.meta.shape)
         threshold = info.binary_threshold(o.threshold)
-        plan = volume_plan(src, ref, grid, Output(probabilities=o.probabilities, threshold=threshold),
+        plan = volume_plan(src, ref, grid, Output(probabilities=bool(o.probabilities), threshold=threshold),
                            info.spec.classes, pad_mode=tiling.pad_mode)
-        oinfo = OutputInfo(meta=src.meta, probabilities=o.probabilities, classes=info.spec.classes,
+        oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
                            class_names=info.class_names, source=os.fspath(input), model=info.spec.arch)
         t0 = time.perf_counter()
         stats = writer.write(plan, lambda p, z, marks: store_plan(
@@ -314,6 +317,38 @@ def check_mpp(info: ModelInfo, meta: ImageMeta, path: str) -> None:
                          "matches) so objects have the size the model learnt")
 
 
+class InputRangeWarning(UserWarning):
+    """The weights do not say which pixel values they were trained on."""
+
+
+def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) -> None:
+    """Refuse an image of another dtype than the weights were trained on:
+    the checkpoint's ``scale`` (255 for uint8) applied to uint16 or float
+    pixels gives values the model never saw, and masks that are almost all
+    foreground. Explicit ``--scale``/``--mean``/``--std`` say the user has
+    mapped the values, so they pass. Weights without that record get a
+    warning when the image is not uint8 (what most published weights saw)."""
+    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)):
+        return
+    dtype = np.dtype(meta.dtype).name
+    if info.input_dtype and dtype != info.input_dtype:
+        lo, hi = info.input_range or (0, "its maximum")
+        raise InputError(f"{path}: the image is {dtype}, but the weights were trained on {info.input_dtype} images "
+                         f"(values {lo:g} to {hi:g} mapped to 0..1): pass --scale with the value your data's "
+                         f"{hi:g} corresponds to (e.g. --scale {_dtype_max(dtype):g} for the full {dtype} range), "
+                         "or --mean/--std, or convert the image to " + info.input_dtype)
+    if not info.input_dtype and dtype != "uint8":
+        warnings.warn(f"{info.weights}: the weights do not record the pixel values they were trained on, and "
+                      f"{path} is {dtype}: it is divided by {info.normalization.scale or _dtype_max(dtype):g}; if "
+                      "the model saw other values, pass --scale (or --mean/--std) to match", InputRangeWarning,
+                      stacklevel=5)
+
+
+def _dtype_max(dtype: str) -> float:
+    dt = np.dtype(dtype)
+    return float(np.iinfo(dt).max) if dt.kind in "ui" else 1.0
+
+
 def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:
     """Which windows touch tissue: ``tissue`` is "auto" or a mask file."""
     from .tissue import detect, from_file, thumbnail_side, window_has_tissue
@@ -349,19 +384,25 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
 def segment(array, model, *, tile: int | None = None, halo: int | str | None = None, batch_size: int = 4,
             pad_mode: str = "reflect", probabilities: bool = True, threshold: float = 0.5, valid=None,
             classes: int | None = None, mean=None, std=None, scale=None, device: str = "auto", tta: str = "none",
-            merge: str = "crop"):
+            merge: str = "crop", bands=None):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
-    :class:`~tilerseg.io.Reader`. ``model`` is a torch module, a registry
-    name (random weights) or a path to weights. ``tile``/``halo`` default as
+    :class:`~tilerseg.io.Reader`; ``bands`` (1-based, may repeat: ``(1, 1, 1)``
+    feeds a gray image to an RGB model) picks its bands. ``model`` is a torch
+    module, a registry name (random weights), ``"demo"`` (the shipped nuclei
+    model) or a path to weights. ``tile``/``halo`` default as
     for a run (the halo: the checkpoint's, else the receptive field). The
     result is ``(classes, H, W)`` float32 probabilities (NaN where ``valid``
     is False), or ``(H, W)`` uint8 labels with ``probabilities=False``;
     compute it, or store it with ``dask.array.to_zarr``, chunk by chunk."""
     from .infer import Predictor, resolve_normalization
 
+    from .io.open import BandSelect
+
     src = array if isinstance(array, Reader) else ArrayReader(array, valid=valid)
+    if bands is not None:
+        src = BandSelect(src, bands)
     bands, dtype = src.meta.bands, src.meta.dtype
     if hasattr(model, "forward"):
         m, s, sc = resolve_normalization(Normalization(_t(mean), _t(std), scale), bands, dtype)
@@ -370,7 +411,8 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
         n_classes = classes or _probe_classes(predictor, bands)
     else:
         path = os.fspath(model)
-        weights = path if os.path.exists(path) else None
+        weights = demo_weights() if path == "demo" and not os.path.exists(path) else (
+            path if os.path.exists(path) else None)
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
         predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta).get()
@@ -399,7 +441,8 @@ def _probe_classes(predictor, bands: int) -> int:
 
 
 def ingest(input, output, *, level: int | None = None, mpp: float | None = None, bands=None,
-           reader: str = "auto", chunk: int = 1024, workers: int | None = None, overwrite: bool = False) -> str:
+           reader: str = "auto", chunk: int = 1024, workers: int | None = None, overwrite: bool = False,
+           force_resample: bool = False, missing_chunks: str = "refuse") -> str:
     """Copy any readable input into a chunked zarr group (``image``,
     ``valid``, metadata in attributes) that every cluster worker can read
     fast, through the writer (lock, checks, atomic move)."""
@@ -408,7 +451,8 @@ def ingest(input, output, *, level: int | None = None, mpp: float | None = None,
     if writer.format != "zarr":
         raise InputError(f"{output}: ingest writes a .zarr group; name the output .zarr")
     with writer:
-        src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader)
+        src = open_reader(input, level=level, mpp=mpp, bands=tuple(bands) if bands else None, reader=reader,
+                          force_resample=force_resample, missing_chunks=missing_chunks)
         try:
             image, valid = lazy_image(src, chunk)
             m = src.meta
@@ -418,7 +462,9 @@ def ingest(input, output, *, level: int | None = None, mpp: float | None = None,
                                           "transform": list(m.transform) if m.transform else None,
                                           "band_names": list(m.band_names), "source": os.fspath(input),
                                           "note": m.note}
-                z = root.create_array("image", shape=image.shape, chunks=(chunk, chunk, m.bands), dtype=m.dtype)
+                # every chunk stored, zeros too: a chunk missing later means a damaged copy (readers refuse it)
+                z = root.create_array("image", shape=image.shape, chunks=(chunk, chunk, m.bands), dtype=m.dtype,
+                                      config={"write_empty_chunks": True})
                 # all-valid chunks equal the fill value and are not written: no cost when nothing is masked
                 zv = root.create_array("valid", shape=valid.shape, chunks=(chunk, chunk), dtype=bool,
                                        fill_value=True)

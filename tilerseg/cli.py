@@ -48,7 +48,12 @@ def _model_arg(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
+    try:
+        return key.replace("-", "_"), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem", None) or "not valid YAML"
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is read as YAML and {where} (quote it, or "
+                                         "write lists as [1, 2])") from None
 
 
 def _tile(text: str):
@@ -64,22 +69,50 @@ def _none_or_str(text: str):
     return None if text.lower() in ("none", "null", "") else text
 
 
-def _input_args(p: argparse.ArgumentParser) -> None:
+def _input_args(p: argparse.ArgumentParser, resample: bool = True) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--level", type=int, help="pyramid level to read (0 = full resolution)")
     g.add_argument("--mpp", type=float, help="target microns per pixel: nearest level, resampled if none matches")
     g.add_argument("--bands", type=_ints, help="1-based bands to use, e.g. 1,2,3 (default: all but alpha)")
     g.add_argument("--reader", default="auto", choices=READERS,
                    help="force a backend (default: by file type)")
+    g.add_argument("--missing-chunks", default="refuse", choices=("refuse", "nodata", "fill"),
+                   help="zarr inputs with chunks not stored: refuse (default), mask them as nodata, or read "
+                   "the array's fill value")
+    if resample:
+        g.add_argument("--force-resample", action="store_true",
+                       help="let --mpp resample more than 8x (refused by default: usually a wrong scale)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the nearest valid choice of a misspelt one."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            import difflib
+
+            near = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint}; choose from {choices}")
+        super()._check_value(action, value)
+
+
+RUN_EXAMPLES = """examples:
+  tilerseg run slide.svs --weights demo --tissue auto -o slide.mask.ome.tif     # a whole-slide image, QuPath/openslide
+  tilerseg run scene.tif --weights model.pt -o buildings.tif                      # a GeoTIFF: a COG in its CRS
+  tilerseg run xray.png --weights best.pt --bands 1,1,1 -o lungs.png              # a PNG, gray to 3 bands
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tilerseg", description="Seam-exact, out-of-core tiled segmentation.")
+    p = _Parser(prog="tilerseg", description="Seam-exact, out-of-core tiled segmentation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     p.add_argument("--version", action="version", version=f"tilerseg {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="segment images into full-resolution masks")
+    r = sub.add_parser("run", help="segment images into full-resolution masks", epilog=RUN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("input", nargs="*", help="slides, TIFFs, GeoTIFFs, PNG/JPEGs or zarrs: one output each")
     r.add_argument("-o", "--output", help="output: .zarr (OME-Zarr), .ome.tif (pyramidal OME-TIFF), .tif (COG "
                    "for georeferenced inputs), .png, .geojson or .gpkg (polygons); or OUTDIR/ for one output "
@@ -118,10 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "flips and rotations (8); default: what the checkpoint recommends, else none")
     t.add_argument("--pad-mode", default="reflect", choices=PAD_MODES, help="border padding, numpy names (default reflect)")
     o = r.add_argument_group("output")
-    o.add_argument("--probabilities", action="store_true", help="write float32 probabilities, one band per class")
+    o.add_argument("--probabilities", nargs="?", const="float32", choices=("float32", "uint8"),
+                   help="write probabilities, one band per class (a binary model: P(foreground)); float32 (NaN = "
+                   "nodata), or uint8 (round(p x 254), 255 = nodata) for 8-bit viewers such as openslide/QuPath")
     o.add_argument("--threshold", type=float,
                    help="binary threshold (default: the one the checkpoint records, else 0.5)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    o.add_argument("--vector-crs", choices=("wgs84", "native"), help="GeoJSON coordinates of a georeferenced "
+                   "input: wgs84 longitude/latitude as RFC 7946 says (default), or native: the input's CRS "
+                   "(GeoPackage always keeps it)")
     o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")
     o.add_argument("--output-level", type=int, help="write the mask on this pyramid level of the input "
                    "(0: full resolution, upsampled) whatever --level/--mpp the model ran at")
@@ -189,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("images", help="an image, or a folder of them")
     v.add_argument("masks", help="its mask, or a folder of masks with matching names")
     v.add_argument("--weights", required=True, help="checkpoint from tilerseg train (or any --weights of run)")
-    _input_args(v)
+    _input_args(v, resample=False)
     v.add_argument("--tile", type=int, help="window side (default: the checkpoint's, else 512)")
     v.add_argument("--halo", type=_halo, help="halo in px or auto (default: the checkpoint's, else 64)")
     v.add_argument("--batch-size", type=int)
@@ -310,12 +348,18 @@ def _progress(quiet: bool):
     first = []
 
     def update(done: int, total: int) -> None:
-        if not first:
+        if not first:  # the engine's first call gives the total and what an earlier run finished
             first.append(done)
+            bar.update(task, completed=done, total=total)
+            return
+        if not bar.tasks[0].started:
             bar.start_task(task)
         t = bar.tasks[0]
         rate = (done - first[0]) / t.elapsed if t.elapsed else 0.0
         bar.update(task, completed=done, total=total, rate=f"{rate:.2f} win/s")
+        if done >= total:  # finished: later lines (conversion, polygons, the report) go below the bar
+            bar.refresh()
+            bar.stop()
 
     return update, bar
 
@@ -328,8 +372,9 @@ def _log_progress():
 
     def update(done: int, total: int) -> None:
         with lock:
-            if not first:  # rate from the first finished windows on, not from model loading
+            if not first:  # rate from the engine's first call on (the start of computing), not model loading
                 first.append((done, time.perf_counter()))
+                return
             tenth = done * 10 // total
             if tenth > shown[0]:
                 shown[0] = tenth
@@ -344,7 +389,8 @@ def _log_progress():
 def cmd_info(a) -> int:
     from .info import describe_input
 
-    print(describe_input(a.input, level=a.level, mpp=a.mpp, bands=a.bands, reader=a.reader))
+    print(describe_input(a.input, level=a.level, mpp=a.mpp, bands=a.bands, reader=a.reader,
+                         force_resample=a.force_resample, missing_chunks=a.missing_chunks))
     return 0
 
 
@@ -352,7 +398,8 @@ def cmd_ingest(a) -> int:
     from .api import ingest
 
     out = ingest(a.input, a.output, level=a.level, mpp=a.mpp, bands=a.bands, reader=a.reader, chunk=a.chunk,
-                 workers=a.workers, overwrite=a.overwrite)
+                 workers=a.workers, overwrite=a.overwrite, force_resample=a.force_resample,
+                 missing_chunks=a.missing_chunks)
     print(f"wrote {out}")
     return 0
 
@@ -366,6 +413,9 @@ def cmd_models(a) -> int:
         print(f"{name:<16}{row.cls:<16}{row.dims:<6}{'yes' if row.local else 'no':<12}{why}")
     print("\n--encoder takes any segmentation-models-pytorch encoder (default resnet34); tilerseg's own "
           "architectures (ternausnet, transunet, unet2d, unet3d) have fixed encoders.")
+    print("\ntrained weights shipped with tilerseg (no download):\n"
+          f"{'demo':<16}{'unet':<16}{'2':<6}{'yes':<12}nuclei on H&E-like RGB uint8 at 0.5 µm/px, 2 classes "
+          "(background, nucleus): --weights demo, or segment(image, \"demo\")")
     return 0
 
 

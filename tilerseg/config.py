@@ -35,6 +35,13 @@ class InputOptions:
     bands: tuple[int, ...] | None = None
     reader: Literal["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"] = "auto"
     tissue: str | None = None
+    force_resample: bool = False  # allow --mpp to resample more than 8x
+    missing_chunks: Literal["refuse", "nodata", "fill"] = "refuse"  # zarr inputs with chunks not stored
+
+    def reader_options(self) -> dict[str, Any]:
+        """What :func:`tilerseg.io.open_reader` takes of these options."""
+        return {"level": self.level, "mpp": self.mpp, "bands": self.bands, "reader": self.reader,
+                "force_resample": self.force_resample, "missing_chunks": self.missing_chunks}
 
 
 @dataclass(frozen=True)
@@ -72,11 +79,16 @@ class OutputOptions:
     """What is written: labels (threshold) or probabilities, on which level
     of the input's grid, a preview PNG, and whether to replace."""
 
-    probabilities: bool = False
+    probabilities: Literal[False, "float32", "uint8"] = False  # True means float32
     threshold: float | None = None
     output_level: int | None = None
     preview: str | None = None
     overwrite: bool = False
+    vector_crs: Literal["wgs84", "native"] = "wgs84"  # GeoJSON: RFC 7946 lon/lat, or the input's CRS
+
+    @property
+    def probability_dtype(self) -> str:
+        return "uint8" if self.probabilities == "uint8" else "float32"
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,10 @@ class EngineOptions:
 SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
             "engine": EngineOptions}
 CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MODES, "precision": PRECISIONS,
-           "reader": READERS}
+           "reader": READERS, "missing_chunks": ("refuse", "nodata", "fill"), "vector_crs": ("wgs84", "native"),
+           "probabilities": (False, "float32", "uint8")}
 # settings that change where or how fast a run goes, not its bytes: left out of the resume fingerprint
-NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview"}
+NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "force_resample"}
 
 
 def option_names() -> dict[str, str]:
@@ -139,6 +152,8 @@ class RunConfig:
                 raise InputError(f"unknown option {key!r}{nearest(name, names)}; valid: {', '.join(sorted(names))}")
             if value is None:
                 continue
+            if name == "probabilities" and value is True:
+                value = "float32"
             if name in CHOICES and value not in CHOICES[name]:
                 raise InputError(f"{name.replace('_', '-')} {value!r}: use one of {', '.join(CHOICES[name])}"
                                  f"{nearest(value, CHOICES[name])}")
@@ -155,11 +170,18 @@ class RunConfig:
 
     def check(self) -> None:
         t = self.tiling
+        for name in ("tile", "halo"):
+            value = getattr(t, name)
+            sides = value if isinstance(value, tuple) else (value,)
+            floor = 1 if name == "tile" else 0
+            if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < floor for v in sides):
+                raise InputError(f"--{name} {_flag(value)}: must be {'at least 1 px' if floor else 'zero or more'}"
+                                 f" (leave it out for {'a size that fits the model' if floor else 'the receptive field'})")
         if t.batch_size is not None and t.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1 (got {t.batch_size})")
         if self.input.level is not None and self.input.mpp is not None:
             raise InputError("give --level or --mpp, not both")
-        if self.output.threshold is not None and not 0 <= self.output.threshold <= 1:
+        if self.output.threshold is not None and not 0 <= self.output.threshold <= 1:  # NaN fails too
             raise InputError(f"--threshold {self.output.threshold}: give a value between 0 and 1")
         if self.engine.workers is not None and self.engine.workers < 1:
             raise InputError(f"--workers must be at least 1 (got {self.engine.workers})")
@@ -180,6 +202,10 @@ class RunConfig:
     def settings(self) -> dict[str, str]:
         """The settings that decide the output's bytes, for the resume fingerprint."""
         return {k: repr(v) for k, v in sorted(self.options().items()) if k not in NOT_IN_FINGERPRINT}
+
+
+def _flag(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def read_mapping(path: str, what: str, where: str = "path") -> dict:

@@ -175,17 +175,38 @@ def _class_style(k: int, class_names: tuple[str, ...]) -> tuple[str, tuple[int, 
     return str(name), colour(k)
 
 
+# An engineering CRS in pixels, y down: GDAL/OGR (QGIS, fiona, ogrinfo) read it
+# from the legacy ``crs`` member instead of assuming degrees; QuPath ignores it.
+PIXEL_CRS = ('LOCAL_CS["image pixels (x = column, y = row, level 0)",LOCAL_DATUM["image",0],UNIT["pixel",1],'
+             'AXIS["x",EAST],AXIS["y",SOUTH]]')
+VECTOR_CRS = ("wgs84", "native")
+
+
 def _crs_member(crs: str | None) -> dict | None:
-    """The legacy GeoJSON ``crs`` member (QGIS and GDAL read it), omitted
-    for WGS 84, which RFC 7946 assumes, and for CRSs without an EPSG code."""
+    """The legacy GeoJSON ``crs`` member (QGIS and GDAL read it): omitted
+    for WGS 84, which RFC 7946 assumes; an EPSG URN where there is a code,
+    else the WKT (GDAL reads either); for pixel coordinates, ``PIXEL_CRS``."""
     if not crs:
-        return None
+        return {"type": "name", "properties": {"name": PIXEL_CRS}}
     from rasterio.crs import CRS
 
-    epsg = CRS.from_user_input(crs).to_epsg()
-    if epsg is None or epsg == 4326:
+    c = CRS.from_user_input(crs)
+    epsg = c.to_epsg()
+    if epsg == 4326:
         return None
-    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+    return {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else c.to_wkt()}}
+
+
+def _to_wgs84(crs: str):
+    """``geom -> geom`` reprojected from ``crs`` to WGS 84 longitude/latitude
+    (GDAL through rasterio; vertices are reprojected, edges stay straight)."""
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+    from shapely.geometry import mapping, shape
+    from shapely.geometry.polygon import orient
+
+    src = CRS.from_user_input(crs)
+    return lambda g: orient(shape(transform_geom(src, "EPSG:4326", mapping(g))), 1.0)
 
 
 def _geojson_polygon(geom) -> dict:
@@ -201,7 +222,8 @@ def _geojson_polygon(geom) -> dict:
 def _write_geojson(objects, path: str, class_names, crs) -> int:
     """Stream a FeatureCollection, one feature at a time, with the
     properties QuPath's GeoJSON import reads (objectType, classification).
-    Coordinates keep full float precision (``repr``)."""
+    Coordinates keep full float precision (``repr``). ``crs`` is the CRS of
+    the coordinates as written (None: pixels)."""
     member = _crs_member(crs)
     n = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -250,7 +272,7 @@ _WRITERS = {".geojson": _write_geojson, ".gpkg": _write_gpkg}
 
 
 def write_vector(z, path: str, *, class_names=(), transform=None, crs: str | None = None,
-                 chunk: int | None = None) -> int:
+                 chunk: int | None = None, vector_crs: str = "wgs84") -> int:
     """Write ``path`` (.geojson or .gpkg, by extension) with one feature per
     object of the label mask ``z``; return the number of features.
 
@@ -259,12 +281,22 @@ def write_vector(z, path: str, *, class_names=(), transform=None, crs: str | Non
     y = row) to X = a*x + b*y + c, Y = d*x + e*y + f; None keeps pixel
     coordinates. ``crs`` is a WKT string (or anything rasterio's
     ``CRS.from_user_input`` reads). Feature ids are 1..N in emission order.
+
+    GeoJSON follows RFC 7946: coordinates in ``crs`` are reprojected to
+    WGS 84 longitude/latitude, unless ``vector_crs="native"`` keeps them
+    (with the legacy ``crs`` member). A GeoPackage always keeps ``crs``.
+    Without a CRS the coordinates are pixels, marked by :data:`PIXEL_CRS`.
     """
     path = os.fspath(path)
-    writer = _WRITERS.get(os.path.splitext(path)[1].lower())
+    ext = os.path.splitext(path)[1].lower()
+    writer = _WRITERS.get(ext)
     if writer is None:
         raise OutputError(f"{path}: unsupported vector format; use a .geojson or .gpkg path")
+    if vector_crs not in VECTOR_CRS:
+        raise OutputError(f"--vector-crs {vector_crs!r}: use one of {', '.join(VECTOR_CRS)}")
     to_output = _transformer(transform)
+    if crs and ext == ".geojson" and vector_crs == "wgs84":
+        to_crs, to_output, crs = _to_wgs84(crs), (lambda g, f=to_output: to_crs(f(g))), "EPSG:4326"
     objects = ((k, to_output(g)) for k, g in iter_objects(z, chunk=chunk))
     try:
         return writer(objects, path, tuple(class_names), crs)

@@ -130,19 +130,34 @@ def upsample_into(src, dst, probabilities: bool, *, parallel: Parallel = serial)
 
 
 def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes: int, class_names=(),
-                 pixel_size: tuple[float, float] | None = None, unit: str | None = None, name: str = "mask") -> dict:
+                 pixel_size: tuple[float, float] | None = None, unit: str | None = None, name: str = "mask",
+                 origin: tuple[float, float] = (0.0, 0.0), band_names=()) -> dict:
     """The ``ome`` attribute of an OME-Zarr 0.5 multiscale label image.
 
     ``pixel_size`` is level 0's (y, x) size in ``unit`` (a UDUNITS name such
-    as ``micrometer`` or ``meter``); without it the scale is 1 pixel."""
+    as ``micrometer`` or ``meter``); without it the scale is 1 pixel.
+    ``origin`` (y, x, same unit) is the input's origin, written as each
+    level's ``translation``, so a georeferenced result lands on its input in
+    napari. Mean-reduced levels (probabilities) add half their extra pixel
+    size: pixel 0 of level k averages level 0's pixels 0..2^k-1, so its
+    centre sits (2^k - 1) / 2 level-0 pixels further in; nearest-reduced
+    levels (labels) keep level 0's pixel 0 and its position."""
     sy, sx = pixel_size or (1.0, 1.0)
+    oy, ox = (float(v) for v in origin)
     space = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
     lead = [1.0] if probabilities else []
+    shift = (lambda k: (2 ** k - 1) / 2) if probabilities else (lambda k: 0.0)
     datasets = [{"path": str(k), "coordinateTransformations": [
-        {"type": "scale", "scale": lead + [sy * 2 ** k, sx * 2 ** k]}]} for k in range(len(shapes))]
+        {"type": "scale", "scale": lead + [sy * 2 ** k, sx * 2 ** k]},
+        {"type": "translation", "translation": [0.0] * len(lead) + [oy + sy * shift(k), ox + sx * shift(k)]}]}
+        for k in range(len(shapes))]
     multiscale = {"name": name, "axes": ([{"name": "c", "type": "channel"}] if probabilities else []) + space,
                   "datasets": datasets, "type": "mean" if probabilities else "nearest"}
     ome = {"version": "0.5", "multiscales": [multiscale]}
+    if probabilities and band_names:
+        ome["omero"] = {"channels": [{"label": str(n), "active": True, "color": "FFFFFF",
+                                      "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
+                                     for n in band_names]}
     if not probabilities:
         names = [class_names[k] if k < len(class_names) else f"class {k}" for k in range(max(classes, 2))]
         ome["image-label"] = {
@@ -152,6 +167,14 @@ def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes:
             "properties": [{"label-value": k, "class": n} for k, n in enumerate(names)]
             + [{"label-value": LABEL_NODATA, "class": "nodata"}]}
     return ome
+
+
+def physical_origin(meta) -> tuple[float, float]:
+    """Level 0's origin (y, x) in the unit of :func:`physical_pixel`: the
+    transform's (f, c) for georeferenced inputs, else 0."""
+    if meta.transform is not None and meta.georeferenced and not meta.mpp:
+        return float(meta.transform[5]), float(meta.transform[2])
+    return 0.0, 0.0
 
 
 def physical_pixel(meta) -> tuple[tuple[float, float] | None, str | None]:

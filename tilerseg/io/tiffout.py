@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .base import LABEL_NODATA, ImageMeta
+from .base import LABEL_NODATA, ImageMeta, probability_bytes
 
 TILE = 256
 
@@ -34,14 +34,16 @@ def _windows(z, tile: int):
             yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
 
 
-def _tiles(z, fill):
+def _tiles(z, fill, convert=None):
     """Every ``TILE`` x ``TILE`` tile of ``z`` in TIFF order (plane, row,
-    column), padded with ``fill`` at the right and bottom edges."""
+    column), padded with ``fill`` at the right and bottom edges; each
+    block passed through ``convert`` (e.g. to uint8) when given."""
     planes = range(z.shape[0]) if z.ndim == 3 else [None]
     for k in planes:
         for _, _, block in _windows(z if k is None else _Plane(z, k), TILE):
+            block = convert(block) if convert else block
             for x in range(0, block.shape[1], TILE):
-                tile = np.full((TILE, TILE), fill, z.dtype)
+                tile = np.full((TILE, TILE), fill, block.dtype)
                 part = block[:, x:x + TILE]
                 tile[:part.shape[0], :part.shape[1]] = part
                 yield tile
@@ -89,11 +91,13 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
 
     z0 = levels[0]
     probabilities = kind["kind"] == "probabilities"
-    fill = np.nan if probabilities else LABEL_NODATA
-    nbytes = sum(np.prod(z.shape) * z.dtype.itemsize for z in levels)
+    as_bytes = probabilities and kind.get("dtype") == "uint8"
+    fill = np.nan if probabilities and not as_bytes else LABEL_NODATA
+    dtype = np.dtype(np.uint8) if as_bytes else z0.dtype
+    nbytes = sum(np.prod(z.shape) * dtype.itemsize for z in levels)
     description = json.dumps({"tilerseg": kind})
     K = z0.shape[0] if z0.ndim == 3 else 1
-    common = dict(tile=(TILE, TILE), compression="zlib", metadata=None, dtype=z0.dtype,
+    common = dict(tile=(TILE, TILE), compression="zlib", metadata=None, dtype=dtype,
                   planarconfig="separate" if K > 1 else None)
     if probabilities:
         common["photometric"] = "minisblack"
@@ -108,11 +112,12 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
 
     def put(tw, k, **kw):
         z = levels[k]
-        tw.write(_tiles(z, fill), shape=z.shape if K > 1 else z.shape[-2:], **common, **res(k), **kw)
+        tw.write(_tiles(z, fill, probability_bytes if as_bytes else None), shape=z.shape if K > 1 else z.shape[-2:],
+                 **common, **res(k), **kw)
 
     with tifffile.TiffWriter(path, bigtiff=nbytes * (2 if ome else 1) > 2**31 - 2**26) as tw:
         if ome:
-            xml = _ome_xml(z0.shape, z0.dtype, meta, probabilities, kind["class_names"] if probabilities else (),
+            xml = _ome_xml(z0.shape, dtype, meta, probabilities, kind["band_names"] if probabilities else (),
                            description, uid)
             put(tw, 0, description=xml, subifds=len(levels) - 1)
             for k in range(1, len(levels)):
@@ -134,21 +139,24 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
     from rasterio.windows import Window
 
     probabilities = kind["kind"] == "probabilities"
+    as_bytes = probabilities and kind.get("dtype") == "uint8"
     K = z.shape[0] if z.ndim == 3 else 1
     H, W = z.shape[-2:]
     staging = path + ".staging.tif"
-    profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if probabilities else "uint8",
-                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if probabilities else LABEL_NODATA,
+    floats = probabilities and not as_bytes
+    profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if floats else "uint8",
+                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if floats else LABEL_NODATA,
                    tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
     try:
         with rasterio.Env(GDAL_CACHEMAX=64):
             with rasterio.open(staging, "w", **profile) as dst:
                 for r0, c0, block in _windows(z, 512):
                     block = block if block.ndim == 3 else block[None]
+                    block = probability_bytes(block) if as_bytes else block
                     dst.write(block, window=Window(c0, r0, block.shape[-1], block.shape[-2]))
                 dst.update_tags(TILERSEG=json.dumps(kind))
                 if probabilities:
-                    for k, name in enumerate(kind["class_names"][:K]):
+                    for k, name in enumerate(kind["band_names"][:K]):
                         dst.set_band_description(k + 1, name)
                 else:
                     from .pyramid import palette

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OutputError
-from .base import LABEL_NODATA, ImageMeta
+from .base import LABEL_NODATA, PROBABILITY_SCALE, ImageMeta
 from .lock import OutputLock
 from .marks import ChunkMarks
 from .pyramid import Parallel, serial
@@ -51,6 +51,8 @@ class OutputInfo:
     source: str = ""
     model: str = ""
     target: ImageMeta | None = None
+    probability_dtype: str = "float32"  # or uint8: 0..254 = probability x 254, 255 = nodata (8-bit viewers)
+    vector_crs: str = "wgs84"           # GeoJSON coordinates: RFC 7946 lon/lat, or the input's CRS (native)
 
     @property
     def out_meta(self) -> ImageMeta:
@@ -60,9 +62,24 @@ class OutputInfo:
     def volume(self) -> bool:
         return len(self.meta.shape) == 3
 
+    def band_names(self) -> list[str]:
+        """The name of each probability band: the classes', and for a binary
+        model (one band, P(foreground)) the foreground class's."""
+        names = list(self.class_names)
+        if self.classes == 1:
+            return [names[1] if len(names) > 1 else "foreground"]
+        return [names[k] if k < len(names) else f"class {k}" for k in range(self.classes)]
+
     def kind(self) -> dict:
         """What the file holds, for `tilerseg info` and readers of the output."""
         m = self.out_meta
+        if self.probabilities and not self.volume:
+            uint8 = self.probability_dtype == "uint8"
+            return {"kind": "probabilities", "classes": self.classes, "class_names": list(self.class_names),
+                    "band_names": self.band_names(), "dtype": self.probability_dtype,
+                    "scale": PROBABILITY_SCALE if uint8 else 1, "nodata": LABEL_NODATA if uint8 else None,
+                    "mpp": m.mpp, "crs": m.crs, "transform": list(m.transform) if m.transform else None,
+                    "source": self.source, "model": self.model}
         if self.volume:
             return {"kind": "probabilities" if self.probabilities else "labels", "classes": self.classes,
                     "class_names": list(self.class_names), "nodata": None if self.probabilities else LABEL_NODATA,
@@ -88,9 +105,12 @@ def is_url(path) -> bool:
     return "://" in os.fspath(path)
 
 
-def check_output(path: str, overwrite: bool, probabilities: bool = False) -> None:
+def check_output(path: str, overwrite: bool, probabilities: bool | str = False) -> None:
     """Fail before any work when the output cannot be written or cannot hold the result."""
     fmt = output_format(path)
+    if probabilities == "uint8" and fmt == "zarr":
+        raise OutputError(f"{path}: zarr keeps float32 probabilities (napari and zarr read them); "
+                          "--probabilities uint8 is for TIFF outputs that 8-bit viewers read: name it .ome.tif or .tif")
     if probabilities and fmt in LABELS_ONLY:
         raise OutputError(f"{path}: {LABELS_ONLY[fmt]} hold label masks only; write probabilities to .tif "
                           "or .zarr, or drop --probabilities")
@@ -318,7 +338,7 @@ class Writer:
     def _convert(self, group, info: OutputInfo, fingerprint: dict) -> str:
         """Turn level 0 of the finished group into the requested format, at
         a temporary path; returns it."""
-        from .pyramid import build_levels, ome_metadata, physical_pixel
+        from .pyramid import build_levels, ome_metadata, physical_origin, physical_pixel
         from .tiffout import write_cog, write_pyramid_tiff
 
         m, z0 = info.out_meta, group["0"]
@@ -330,7 +350,8 @@ class Writer:
             from .polygons import write_vector
 
             transform, crs = vector_transform(m)
-            n = write_vector(z0, self._tmp_file, class_names=info.class_names, transform=transform, crs=crs)
+            n = write_vector(z0, self._tmp_file, class_names=info.class_names, transform=transform, crs=crs,
+                             vector_crs=info.vector_crs)
             log.info("%s: %d polygons", self.path, n)
             return self._tmp_file
         if self.format == "png":
@@ -344,7 +365,8 @@ class Writer:
             size, unit = physical_pixel(m)
             group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
                                                 classes=info.classes, class_names=info.class_names,
-                                                pixel_size=size, unit=unit),
+                                                pixel_size=size, unit=unit, origin=physical_origin(m),
+                                                band_names=info.band_names() if info.probabilities else ()),
                                tilerseg=info.kind())
             return self._tmp_zarr
         write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff",
