@@ -9,7 +9,7 @@ import time
 
 
 def tiny_model_dir(path: str) -> str:
-    """The issue's tiny model: smp Unet-resnet18, depth 3, seeded, saved with save_pretrained."""
+    """The benchmarks' tiny model: smp Unet-resnet18, depth 3, seeded, saved with save_pretrained."""
     import segmentation_models_pytorch as smp
     import torch
 

@@ -4,7 +4,7 @@ Usage: python scripts/bench_gpu.py [--size 20000] [--tile 1024] [--halo 64]
        [--batch-size 8] [--precisions fp16,bf16] [--device auto] [--json]
 CPU sanity check: --size 2048 --tile 512 --device cpu --precisions bf16
 
-Setup (issue 6):
+Setup:
 - input: a synthetic --size² JPEG-compressed pyramidal slide, made by
   scripts/make_slide.py in --workdir (kept and reused between runs);
 - model: smp Unet++ with a resnet34 encoder, random weights, eval mode,

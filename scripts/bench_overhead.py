@@ -3,7 +3,7 @@
 Usage: python scripts/bench_overhead.py [--size 4096] [--reps 2] [--json]
 Needs MONAI for the comparison: pip install -e ".[bench]".
 
-Setup (issue 2): a 4096x4096 RGB tiled TIFF, smp Unet-resnet18 (random
+Setup: a 4096x4096 RGB tiled TIFF, smp Unet-resnet18 (random
 weights, eval), tile 512, halo 64, batch 4, on this machine's CPU.
 - model-only: the same forward passes (same batch sizes) on ready tensors,
   the physical floor, in channels-last memory as tilerseg uses (the NCHW

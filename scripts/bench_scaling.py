@@ -3,7 +3,7 @@ tilerseg's default threads, measured side by side in one run.
 
 Usage: python scripts/bench_scaling.py [--size 3072] [--reps 2] [--json]
 
-Setup (issue 6): a synthetic --size² JPEG slide (scripts/make_slide.py),
+Setup: a synthetic --size² JPEG slide (scripts/make_slide.py),
 the shipped demo model (a small U-Net), tile 512 and its halo, batch 4.
 Every run is a `tilerseg run` command in its own process, as a user runs
 it; its throughput (compute time, model loading excluded) is read from the

@@ -1,6 +1,6 @@
 """Where a default unet3d run's time goes, before and after the one tiling decision.
 
-The case of the issue: `tilerseg run vol.tif --model unet3d -o vol.zarr` on a
+The case measured: `tilerseg run vol.tif --model unet3d -o vol.zarr` on a
 40x200x210 random uint8 volume, the paper-sized unet3d (19 M parameters,
 features 32, depth 3), untrained, fp32, on this machine's cores.
 

@@ -23,7 +23,7 @@ def data(rel: str) -> str:
 
 
 def tiny_unet(seed: int = 0, classes: int = 1, in_channels: int = 3):
-    """The issue's seam-test model: smp Unet-resnet18, depth 3, stride 8,
+    """The seam-test model: smp Unet-resnet18, depth 3, stride 8,
     receptive-field radius 65 px (so seam-exact tests use halo >= 72)."""
     import segmentation_models_pytorch as smp
     import torch

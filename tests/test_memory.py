@@ -1,6 +1,6 @@
 """Out of core: peak memory of the whole process tree does not grow with the image.
 
-Runs scripts/bench_memory.py (the issue's benchmark) at sizes that fit the
+Runs scripts/bench_memory.py (the memory benchmark) at sizes that fit the
 suite's time; the closing figures at 2,000 vs 12,000 px come from the script
 run by hand."""
 import json

@@ -31,7 +31,7 @@ def _write(path, arr, meta, *, probabilities=False, classes=3, names=("backgroun
 
 
 def test_ome_tiff_opens_in_openslide_with_levels_and_mpp(tmp_path):
-    """The issue's check: a 10,000 x 8,000 result as .ome.tif."""
+    """A 10,000 x 8,000 result as .ome.tif."""
     import openslide
     import tifffile
 

@@ -1,4 +1,4 @@
-"""Tiled output equals whole-image inference (the issue's seam check)."""
+"""Tiled output equals whole-image inference (the seam check)."""
 import numpy as np
 import pytest
 import tifffile

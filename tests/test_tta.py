@@ -36,7 +36,7 @@ def test_predictor_averages_the_views_mapped_back(tta, views):
 
 
 def test_tiled_tta_flips_equals_mean_of_four_flipped_runs():
-    """The issue's check, through the tiled engine. The image is a whole
+    """Through the tiled engine. The image is a whole
     number of crops, so the flipped image's windows are the flipped windows."""
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (224, 336, 3), dtype=np.uint8)  # crop 112: 2 x 3 windows

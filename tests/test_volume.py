@@ -318,7 +318,7 @@ def test_volume_outputs_use_nodata_255_and_refuse_what_they_cannot_honour(tmp_pa
 
 
 def test_default_unet3d_tiling_covers_a_small_volume_in_few_windows(tmp_path):
-    """Where the issue's 20 minutes went: a gradient probe on 128^3-256^3
+    """Where a 20-minute run's time went: a gradient probe on 128^3-256^3
     cubes of the full-size unet3d, then 2*halo + 32 windows (a 32^3 crop of
     every 128^3 window: 98 windows on 40x200x210). Now the receptive field
     comes from the module graph at once and windows grow to the volume."""

@@ -33,10 +33,22 @@ class Job:
 
 
 def default_output(input: str, folder: str = "", fmt: str = DEFAULT_FORMAT) -> str:
-    """``<folder>/<input name without extensions>.mask.<fmt>``."""
-    stem = os.path.basename(os.fspath(input).rstrip("/")).split(".")[0] or "input"
+    """``<folder>/<input name without its extension>.mask.<fmt>``: inner dots
+    stay (``RGB.byte.tif`` -> ``RGB.byte.mask.zarr``); compound extensions
+    such as ``.ome.tif`` go whole."""
+    stem = _stem(os.path.basename(os.fspath(input).rstrip("/"))) or "input"
     name = f"{stem}.mask.{fmt.lstrip('.')}"
     return f"{folder.rstrip('/')}/{name}" if "://" in folder else os.path.join(folder, name)
+
+
+def _stem(name: str) -> str:
+    from .io.open import GEO_EXT, IMAGE_EXT, SLIDE_EXT, TIFF_EXT
+
+    low = name.lower()
+    for ext in sorted({*SLIDE_EXT, *TIFF_EXT, *IMAGE_EXT, *GEO_EXT, ".zarr", ".ome.zarr"}, key=len, reverse=True):
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[:-len(ext)]
+    return os.path.splitext(name)[0]
 
 
 def _ledger_beside(path: str) -> str:

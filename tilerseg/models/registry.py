@@ -174,7 +174,11 @@ def build(spec: ModelSpec):
             "with internet (then copy ~/.cache/huggingface), pass trained --weights, or use "
             "--encoder-weights none") from err
     except KeyError as err:
-        raise ModelError(f"encoder {spec.encoder!r} is not known to segmentation-models-pytorch: "
+        import difflib
+
+        near = difflib.get_close_matches(spec.encoder, smp.encoders.get_encoder_names(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ModelError(f"encoder {spec.encoder!r} is not known to segmentation-models-pytorch: {hint}"
                          "see `python -c 'import segmentation_models_pytorch as s; print(s.encoders.get_encoder_names())'`") from err
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise ModelError(f"cannot build {arch_name} with encoder {spec.encoder}: {err}") from err
