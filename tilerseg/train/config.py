@@ -123,14 +123,20 @@ def load_train_config(path=None, overrides: dict | None = None) -> TrainConfig:
             else:
                 raw[key] = value
         base = os.path.dirname(os.path.abspath(path))
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():  # --set data.images=... names a section like the YAML
+        section, dot, name = str(key).partition(".")
+        if value is not None:
+            raw[name if dot and section in SECTIONS else key] = value
     valid = set(options())
     cfg = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in valid:
             where = f"{path}: " if path else ""
-            raise InputError(f"{where}unknown training option {key!r}; valid: {', '.join(sorted(valid))}")
+            from ..config import nearest
+
+            raise InputError(f"{where}unknown training option {key!r}{nearest(name, valid)}; valid: "
+                             f"{', '.join(sorted(valid))}")
         cfg[name] = value
     c = TrainConfig(**cfg)
     for key in ("images", "masks", "val_images", "val_masks", "init_weights"):
