@@ -344,16 +344,15 @@ def _progress(quiet: bool):
     bar = Progress(TextColumn("windows"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    transient=False)
-    task = bar.add_task("run", total=None, rate="", start=False)  # the clock starts with the first windows
+    task = bar.add_task("run", total=None, rate="", start=False)  # the clock starts when computing does
     first = []
 
     def update(done: int, total: int) -> None:
-        if not first:  # the engine's first call gives the total and what an earlier run finished
+        if not first:  # the engine's first call: the total, what an earlier run finished; the clock starts
             first.append(done)
+            bar.start_task(task)
             bar.update(task, completed=done, total=total)
             return
-        if not bar.tasks[0].started:
-            bar.start_task(task)
         t = bar.tasks[0]
         rate = (done - first[0]) / t.elapsed if t.elapsed else 0.0
         bar.update(task, completed=done, total=total, rate=f"{rate:.2f} win/s")
