@@ -41,10 +41,10 @@ class ImageScore:
 
     def challenge(self, threshold: float | None) -> dict:
         """The challenge's scores at ``threshold`` (cached; empty without a canvas)."""
-        if self.canvas is None:
-            return {}
         key = 0.5 if threshold is None else float(threshold)
         if key not in self._challenge:
+            if self.canvas is None:
+                return {}
             c = self.canvas
             self._challenge[key] = challenge_scores(c.truth == 1, c.prob, key, keep=c.truth != IGNORE)
         return self._challenge[key]
@@ -153,7 +153,10 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
                      sweep: bool = False, threshold: float = 0.5, workers: int | None = None,
                      challenge: bool = False) -> Evaluation:
     """Score ``sources``; with ``challenge``, two-class 2-D images small
-    enough also get the challenge's object scores in :meth:`Evaluation.report`."""
+    enough also get the challenge's object scores in :meth:`Evaluation.report`
+    (at one threshold they are computed image by image, so only one image is
+    held at a time; a sweep keeps every image's probabilities until the
+    threshold is chosen)."""
     import time
 
     thresholds = (SWEEP if sweep else (threshold,)) if out_channels == 1 else (None,)
@@ -165,7 +168,11 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
         canvas = Canvas.wanted(src, len(class_names)) if challenge else None
         m = score_source(src, predictor, tiles, merge, len(class_names), out_channels,
                          thresholds if out_channels == 1 else (0.5,), workers, canvas)
-        ev.images.append(ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas))
+        score = ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas)
+        if canvas is not None and len(thresholds) == 1:  # the only threshold: score now, free the image
+            score.challenge(thresholds[0])
+            score.canvas = None
+        ev.images.append(score)
     return ev
 
 
