@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import cli
 
 from tilerseg.errors import InputError
+from tilerseg.train.challenge import rand_and_vi
 from tilerseg.train.data import CropDataset, LabelMap, Pair, Source, find_pairs, split
 from tilerseg.train.metrics import IGNORE, confusion, scores
 
@@ -197,7 +198,7 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
     root, _ = discs
     ckpt = os.path.join(out, "best.pt")
     inter = union = wrong = total = 0
-    per_image = {}
+    per_image, rand = {}, {}
     for i in range(6):
         mask_out = str(tmp_path / f"s{i}.png")
         r = cli("run", f"{root}/images/s{i}.png", "--weights", ckpt, "-o", mask_out, "--quiet")
@@ -205,6 +206,7 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
         pred = np.array(Image.open(mask_out)) == 1
         truth = np.array(Image.open(f"{root}/masks/s{i}.png")) == 255
         per_image[f"s{i}"] = (pred != truth).mean()
+        rand[f"s{i}"] = rand_and_vi(truth, pred)["adapted_rand_error"]
         inter += (pred & truth).sum()
         union += (pred | truth).sum()
         wrong += (pred != truth).sum()
@@ -215,6 +217,11 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
     assert rep["overall"]["iou"] == pytest.approx(inter / union)
     assert rep["overall"]["pixel_error"] == pytest.approx(wrong / total)
     assert {d["image"]: d["pixel_error"] for d in rep["images"]} == pytest.approx(per_image)
+    # the challenge's scores, per image and overall (the mean over images, as the challenge averaged slices)
+    assert {d["image"]: d["adapted_rand_error"] for d in rep["images"]} == pytest.approx(rand)
+    assert rep["overall"]["adapted_rand_error"] == pytest.approx(np.mean(list(rand.values())))
+    for d in rep["images"] + [rep["overall"]]:
+        assert 0 <= d["warping_error"] <= d["pixel_error"] and d["vi_split"] >= 0 and d["vi_merge"] >= 0
     # the sweep reports the threshold with the best overall IoU among those it scored
     r = cli("eval", "--weights", ckpt, f"{root}/images", f"{root}/masks", "--json", "--sweep-threshold")
     swept = json.loads(r.stdout)

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mask-suffix", default="", help="mask names are image names plus this, e.g. _mask")
     v.add_argument("--device", default="auto")
     v.add_argument("--workers", type=int)
-    v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}')
+    v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}; two-class 2-D images also get the ISBI challenge scores (adapted_rand_error, vi_split, vi_merge, warping_error, splits, mergers)')
 
     p.subcommands = dict(sub.choices)
     d = sub.add_parser("demo", help="segment a synthetic slide with the shipped demo model (no download)")
@@ -470,8 +470,9 @@ def cmd_train(a) -> int:
               f"pixel error {b['pixel_error']:.4f}")
     if res.final:
         f = res.final["scores"]
+        rand = f", adapted Rand error {f['adapted_rand_error']:.4f}" if "adapted_rand_error" in f else ""
         print(f"best.pt with tta {res.final['tta']}, threshold {res.final['threshold']:g}: validation IoU "
-              f"{f['iou']:.4f}, Dice {f['dice']:.4f}, pixel error {f['pixel_error']:.4f}")
+              f"{f['iou']:.4f}, Dice {f['dice']:.4f}, pixel error {f['pixel_error']:.4f}{rand}")
     print(f"wrote {res.best} (run it: tilerseg run IMAGE --weights {res.best} -o mask.ome.tif), {res.last}, "
           f"history.csv, curves.png")
     return 0
@@ -490,11 +491,14 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(rep))
         return 0
-    print(f"{'image':<24}{'IoU':>8}{'Dice':>8}{'pixel error':>13}")
-    for r in rep["images"]:
-        print(f"{r['image'][:23]:<24}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixel_error']:>13.4f}")
+    extra = "adapted_rand_error" in rep["overall"]
+    print(f"{'image':<24}{'IoU':>8}{'Dice':>8}{'pixel error':>13}"
+          + (f"{'Rand error':>12}{'warping error':>15}{'splits':>8}{'mergers':>8}" if extra else ""))
+    for r in rep["images"] + [{"image": "overall", **rep["overall"]}]:
+        print(f"{r['image'][:23]:<24}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixel_error']:>13.4f}"
+              + (f"{r['adapted_rand_error']:>12.4f}{r['warping_error']:>15.6f}{r['splits']:>8}{r['mergers']:>8}"
+                 if extra else ""))
     o = rep["overall"]
-    print(f"{'overall':<24}{o['iou']:>8.4f}{o['dice']:>8.4f}{o['pixel_error']:>13.4f}")
     print("per class: " + ", ".join(f"{n} IoU {c['iou']:.4f} Dice {c['dice']:.4f}" for n, c in o["per_class"].items()))
     if "threshold" in rep:
         print(f"threshold {rep['threshold']:g}" + (" (best of the sweep)" if a.sweep_threshold else ""))

@@ -6,6 +6,8 @@
 * :mod:`.loop`: the training loop, logs and checkpoints.
 * :mod:`.evaluate`: scores through the tiled engine.
 * :mod:`.metrics`: IoU, Dice and pixel error from confusion matrices.
+* :mod:`.challenge`: the ISBI 2012 challenge's adapted Rand error, variation
+  of information and warping error (whole images).
 """
 from .config import TrainConfig, load_train_config
 from .evaluate import evaluate

@@ -6,7 +6,13 @@ Probabilities come from the engine's plan with the tiling a run would choose
 matching window of the mask as soon as it is computed
 (:func:`tilerseg.engine.reduce_blocks`), so the image and its mask are never
 held whole. For one output channel the block is scored at
-every threshold of a sweep at once (``>=``, as the engine labels)."""
+every threshold of a sweep at once (``>=``, as the engine labels).
+
+For two classes, 2-D images up to :data:`.challenge.MAX_PIXELS` can also get
+the ISBI challenge's object scores (:mod:`.challenge`: adapted Rand error,
+variation of information, warping error), which need the whole image: the
+blocks' object-class probabilities are then copied into one image-sized
+array as they pass."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +24,7 @@ import numpy as np
 from ..engine import Output, TileSpec, reduce_blocks, segment_plan, volume_plan
 from ..errors import InputError
 from .data import LabelMap, Source, VolumeSource, find_pairs
+from .challenge import MAX_PIXELS, challenge_scores
 from .metrics import IGNORE, confusion, scores
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,38 @@ class ImageScore:
     name: str
     matrices: np.ndarray          # (thresholds, classes, classes)
     seconds: float = 0.0
+    canvas: "Canvas | None" = None  # whole-image probabilities for the challenge scores
+    _challenge: dict = field(default_factory=dict, repr=False)
+
+    def challenge(self, threshold: float | None) -> dict:
+        """The challenge's scores at ``threshold`` (cached; empty without a canvas)."""
+        key = 0.5 if threshold is None else float(threshold)
+        if key not in self._challenge:
+            if self.canvas is None:
+                return {}
+            c = self.canvas
+            self._challenge[key] = challenge_scores(c.truth == 1, c.prob, key, keep=c.truth != IGNORE)
+        return self._challenge[key]
+
+
+@dataclass
+class Canvas:
+    """An image's object-class probability and class labels, whole."""
+
+    prob: np.ndarray
+    truth: np.ndarray
+
+    @classmethod
+    def wanted(cls, source, classes: int) -> "Canvas | None":
+        shape = tuple(source.shape)
+        if classes != 2 or len(shape) != 2 or shape[0] * shape[1] > MAX_PIXELS:
+            return None
+        return cls(np.zeros(shape, np.float32), np.full(shape, IGNORE, np.uint8))
+
+    def put(self, probs: np.ndarray, index, truth: np.ndarray) -> None:
+        sl = tuple(index[1:])
+        self.prob[sl] = np.nan_to_num(probs[0] if probs.shape[0] == 1 else probs[1])
+        self.truth[sl] = truth
 
 
 @dataclass
@@ -53,11 +92,22 @@ class Evaluation:
         """``{"images": [...], "overall": {...}}`` at ``threshold`` (for one
         output channel; the only matrix otherwise)."""
         i = self._index(threshold)
-        out = {"images": [{"image": s.name, **scores(s.matrices[i], self.class_names)} for s in self.images],
-               "overall": scores(self.total()[i], self.class_names)}
+        th = self.thresholds[i]
+        out = {"images": [{"image": s.name, **scores(s.matrices[i], self.class_names), **s.challenge(th)}
+                          for s in self.images],
+               "overall": {**scores(self.total()[i], self.class_names), **self._mean_challenge(th)}}
         if len(self.thresholds) > 1 or self.thresholds[0] is not None:
             out["threshold"] = self.thresholds[i]
         return out
+
+    def _mean_challenge(self, threshold) -> dict:
+        """The challenge's scores averaged over the images (as it averaged
+        its slices); event counts summed."""
+        per = [s.challenge(threshold) for s in self.images]
+        if not per or not all(per):
+            return {}
+        return {k: (int(sum(p[k] for p in per)) if isinstance(per[0][k], int) else
+                    float(np.nanmean([p[k] for p in per]))) for k in per[0]}
 
     def _index(self, threshold):
         if threshold is None or len(self.thresholds) == 1:
@@ -66,11 +116,13 @@ class Evaluation:
         return best
 
 
-def _block_confusion(probs: np.ndarray, index, source, thresholds, classes: int) -> np.ndarray:
+def _block_confusion(probs: np.ndarray, index, source, thresholds, classes: int, canvas=None) -> np.ndarray:
     ranges = [(int(sl.start), int(sl.stop)) for sl in index[1:]]  # index: (classes, *spatial slices)
     truth = source.truth(ranges)
     nodata = np.isnan(probs).any(axis=0)
     truth = np.where(nodata, IGNORE, truth)
+    if canvas is not None:
+        canvas.put(probs, index, truth)
     if probs.shape[0] == 1:
         p = np.nan_to_num(probs[0])
         return np.stack([confusion(truth, (p >= t).astype(np.uint8), classes) for t in thresholds])
@@ -79,9 +131,10 @@ def _block_confusion(probs: np.ndarray, index, source, thresholds, classes: int)
 
 
 def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, out_channels: int,
-                 thresholds, workers: int | None = None) -> np.ndarray:
+                 thresholds, workers: int | None = None, canvas: Canvas | None = None) -> np.ndarray:
     """Confusion matrices ``(len(thresholds), classes, classes)`` of one
-    image, computed block by block by the tiled engine."""
+    image, computed block by block by the tiled engine (the blocks also
+    fill ``canvas`` when given)."""
     from ..geometry import Grid3, as_triple
 
     out = Output(probabilities=True, merge=merge)
@@ -91,13 +144,19 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
     else:
         plan = segment_plan(source.image, predictor, tiles.grid(source.shape, predictor.stride), tiles, out,
                             out_channels)
-    parts = reduce_blocks(plan, lambda probs, index: _block_confusion(probs, index, source, thresholds, classes),
-                          workers=workers)
+    parts = reduce_blocks(plan, lambda probs, index: _block_confusion(probs, index, source, thresholds, classes,
+                                                                      canvas), workers=workers)
     return np.sum(parts, axis=0)
 
 
 def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: str, class_names, out_channels: int,
-                     sweep: bool = False, threshold: float = 0.5, workers: int | None = None) -> Evaluation:
+                     sweep: bool = False, threshold: float = 0.5, workers: int | None = None,
+                     challenge: bool = False) -> Evaluation:
+    """Score ``sources``; with ``challenge``, two-class 2-D images small
+    enough also get the challenge's object scores in :meth:`Evaluation.report`
+    (at one threshold they are computed image by image, so only one image is
+    held at a time; a sweep keeps every image's probabilities until the
+    threshold is chosen)."""
     import time
 
     thresholds = (SWEEP if sweep else (threshold,)) if out_channels == 1 else (None,)
@@ -106,9 +165,14 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
     ev = Evaluation(class_names=tuple(class_names), thresholds=thresholds)
     for src in sources:
         t0 = time.perf_counter()
+        canvas = Canvas.wanted(src, len(class_names)) if challenge else None
         m = score_source(src, predictor, tiles, merge, len(class_names), out_channels,
-                         thresholds if out_channels == 1 else (0.5,), workers)
-        ev.images.append(ImageScore(src.pair.name, m, time.perf_counter() - t0))
+                         thresholds if out_channels == 1 else (0.5,), workers, canvas)
+        score = ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas)
+        if canvas is not None and len(thresholds) == 1:  # the only threshold: score now, free the image
+            score.challenge(thresholds[0])
+            score.canvas = None
+        ev.images.append(score)
     return ev
 
 
@@ -151,7 +215,7 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
         tiles = tiling.tilespec()
         th = info.binary_threshold(threshold)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
-                              threshold=th, workers=workers)
+                              threshold=th, workers=workers, challenge=True)
     finally:
         for s in sources:
             s.close()

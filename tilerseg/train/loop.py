@@ -466,18 +466,26 @@ def _sweep(best_path, model, info, val_src, tiles, merge, cfg, device, workers) 
     n = info.normalization
     predictor = Predictor(model, mean=n.mean, std=n.std, scale=n.scale, device=device, tta=cfg.tta)
     ev = evaluate_sources(val_src, predictor, tiles, merge, cfg.class_names, cfg.out_channels,
-                          sweep=cfg.sweep_threshold and cfg.binary, threshold=cfg.threshold, workers=workers)
+                          sweep=cfg.sweep_threshold and cfg.binary, threshold=cfg.threshold, workers=workers,
+                          challenge=True)
     th = ev.best_threshold(cfg.monitor) if cfg.sweep_threshold and cfg.binary else cfg.threshold
     rep, base = ev.report(th)["overall"], ev.report(cfg.threshold)["overall"]
-    log.info("best model on validation with tta %s: IoU %.4f, Dice %.4f, pixel error %.4f at threshold %g "
-             "(%s %.4f at %g)", cfg.tta, rep["iou"], rep["dice"], rep["pixel_error"], th, cfg.monitor,
-             base[cfg.monitor], cfg.threshold)
+    log.info("best model on validation with tta %s: IoU %.4f, Dice %.4f, pixel error %.4f%s at threshold %g "
+             "(%s %.4f at %g)", cfg.tta, rep["iou"], rep["dice"], rep["pixel_error"], _challenge_text(rep), th,
+             cfg.monitor, base[cfg.monitor], cfg.threshold)
     summary = dict(state.get("training_summary") or {})
     summary["final"] = {"tta": cfg.tta, "threshold": th, "scores": _plain(rep),
                         "images": _plain(ev.report(th)["images"])}
     save_checkpoint(best_path, model, replace(info, threshold=th if cfg.binary else None),
                     training_summary=summary)
     return th, summary["final"]
+
+
+def _challenge_text(sc: dict) -> str:
+    if "adapted_rand_error" not in sc:
+        return ""
+    return (f", adapted Rand error {sc['adapted_rand_error']:.4f}, warping error {sc['warping_error']:.6f} "
+            f"({sc['splits']} splits, {sc['mergers']} mergers)")
 
 
 def _weight_fn(cfg: TrainConfig):
