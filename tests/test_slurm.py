@@ -1,8 +1,8 @@
 """Batch runs on a real one-node SLURM (the ``slurm`` fixture, tests/slurm.py):
 ``--cluster slurm`` submits worker jobs through dask-jobqueue, nothing
 mocked, and its outputs equal a local threaded run byte for byte, also when
-a worker job is cancelled or reaches its walltime mid-run, or the client
-itself is terminated and resumed."""
+a worker job is cancelled mid-run, or the client itself is terminated and
+resumed."""
 from __future__ import annotations
 
 import json
@@ -156,3 +156,4 @@ def test_the_printed_cluster_script_runs_a_worker_that_connects(tmp_path, slurm)
         finally:
             slurm.cmd("scancel", job)
     assert slurm.wait_empty(JOB) == []
+

@@ -124,7 +124,9 @@ def connect(scheduler=None, cluster: str | None = None, cluster_config: str | No
     kind, cfg = load_cluster_config(cluster_config, cluster)
     jobs = int(cfg.get("jobs") or 1)
     with make_cluster(kind, cfg) as cl:
-        cl.scale(jobs=jobs)
+        # adapt, not scale: a job that ends (walltime, --lifetime, scancel) is
+        # replaced, so the run goes on with `jobs` jobs to its end
+        cl.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
         log.info("%s cluster: %d job(s) submitted; tasks start as workers join (scheduler %s)", kind, jobs,
                  cl.scheduler_address)
         with Client(cl) as client:
