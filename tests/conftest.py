@@ -149,7 +149,7 @@ def pytest_sessionfinish(session, exitstatus):
              for k in ("passed", "skipped", "failed", "error")}
     required = os.environ.get("TILERSEG_REQUIRE_SLURM") == "1"
     if any(count.values()) or required:
-        reporter.ensure_newline()
+        reporter.write("\n")
         reporter.write_line("SLURM tests (real one-node SLURM): " + ", ".join(f"{v} {k}" for k, v in count.items()))
     if required and (count["skipped"] or not count["passed"]):
         reporter.write_line("TILERSEG_REQUIRE_SLURM=1: the SLURM tests must run here, not skip", red=True)
