@@ -109,3 +109,48 @@ def cli_process(*args: str, cwd=None, **kw) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, "-m", "tilerseg.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env=env, **kw)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM for this session (tests/slurm.py), stopped after.
+    Skips with the reason where it cannot start; with TILERSEG_REQUIRE_SLURM=1
+    (CI) that is a failure instead."""
+    import slurm as slurm_mod
+
+    try:
+        cluster = slurm_mod.start(str(tmp_path_factory.mktemp("slurm")))
+    except slurm_mod.Unavailable as err:
+        if os.environ.get("TILERSEG_REQUIRE_SLURM") == "1":
+            pytest.fail(f"no SLURM, and TILERSEG_REQUIRE_SLURM=1: {err}", pytrace=False)
+        pytest.skip(f"no SLURM here: {err}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.conf  # sbatch/squeue/scancel, also those dask-jobqueue calls
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Say how many SLURM tests ran; with TILERSEG_REQUIRE_SLURM=1 (CI), a
+    run in which none passed, or one was skipped, fails."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller counts
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    count = {k: sum("test_slurm.py" in getattr(r, "nodeid", "") and getattr(r, "when", "call") in ("call", "setup")
+                    and (k != "passed" or r.when == "call") for r in reporter.stats.get(k, []))
+             for k in ("passed", "skipped", "failed", "error")}
+    required = os.environ.get("TILERSEG_REQUIRE_SLURM") == "1"
+    if any(count.values()) or required:
+        reporter.write("\n")
+        reporter.write_line("SLURM tests (real one-node SLURM): " + ", ".join(f"{v} {k}" for k, v in count.items()))
+    if required and (count["skipped"] or not count["passed"]):
+        reporter.write_line("TILERSEG_REQUIRE_SLURM=1: the SLURM tests must run here, not skip", red=True)
+        session.exitstatus = 1

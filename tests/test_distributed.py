@@ -1,8 +1,17 @@
-"""`--scheduler` on a dask cluster of worker processes equals the local run."""
+"""`--scheduler` on a dask cluster of worker processes equals the local run:
+a LocalCluster, and a scheduler and workers started with the `dask`
+commands, as a user would, one of them killed mid-run."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
-from conftest import cli, data
+from conftest import cli, cli_process, data, textured_tiff
 
 
 @pytest.mark.slow
@@ -20,3 +29,58 @@ def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir):
     a = zarr.open_array(str(tmp_path / "d.zarr" / "0"), mode="r")[...]
     b = zarr.open_array(str(tmp_path / "l.zarr" / "0"), mode="r")[...]
     assert np.array_equal(a, b) and (a == 255).any()
+
+
+def _dask(*args, cwd) -> subprocess.Popen:
+    """`dask ARGS` in its own session (so a kill takes its nanny and worker)."""
+    dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
+    return subprocess.Popen([dask, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_dask_commands_scheduler_and_workers_with_one_killed(tmp_path, tiny_model_dir):
+    """`dask scheduler` and two `dask worker` processes (run in another
+    folder: they open the input by its path); one is killed with SIGKILL
+    mid-run, its tasks rerun on the other: the bytes of the local run."""
+    from distributed import Client
+
+    src = str(tmp_path / "in.tif")
+    textured_tiff(src, (800, 800), seed=5, periods=(31.0, 47.0), noise=25)
+    args = ["--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--batch-size", "1", "--quiet"]
+    r = cli("run", src, "-o", str(tmp_path / "local.ome.tif"), *args)
+    assert r.returncode == 0, r.stderr
+    elsewhere = tmp_path / "workers"
+    elsewhere.mkdir()
+    sched_file = str(tmp_path / "scheduler.json")
+    procs = [_dask("scheduler", "--scheduler-file", sched_file, "--port", "0", "--dashboard-address", ":0",
+                   cwd=elsewhere)]
+    try:
+        for _ in range(2):
+            procs.append(_dask("worker", "--scheduler-file", sched_file, "--nthreads", "1", "--nworkers", "1",
+                               cwd=elsewhere))
+        t0 = time.monotonic()
+        while not os.path.exists(sched_file) and time.monotonic() - t0 < 60:
+            time.sleep(0.2)
+        with Client(scheduler_file=sched_file, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+            out = tmp_path / "dist.ome.tif"
+            proc = cli_process("run", src, "-o", str(out), "--scheduler", client.scheduler.address, *args)
+            marks = tmp_path / ".dist.ome.tif.tilerseg" / "done"
+            while not (marks.is_dir() and len(os.listdir(marks)) >= 4):
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.05)
+            _stop(procs[1], signal.SIGKILL)  # a worker lost: its tasks rerun on the other
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr
+            assert len(client.scheduler_info()["workers"]) == 1
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+    assert out.read_bytes() == (tmp_path / "local.ome.tif").read_bytes()

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cluster-script", help="print the batch job script --cluster would submit")
     c.add_argument("cluster_config", metavar="CONFIG", help="cluster YAML, e.g. pipelines/cluster-slurm-gpu.yaml")
     c.add_argument("--cluster", choices=("slurm", "pbs", "lsf"), help="override the config's `cluster:` kind")
+    c.add_argument("--scheduler", help="the address its worker connects to (e.g. of `dask scheduler`: "
+                   "tcp://host:8786); without it the script has a placeholder to replace")
 
     h = sub.add_parser("halo", help="measure a model's receptive-field radius and recommend a halo")
     h.add_argument("--model", default="unet")
@@ -421,7 +423,7 @@ def cmd_models(a) -> int:
 def cmd_cluster_script(a) -> int:
     from .cluster import cluster_script
 
-    print(cluster_script(a.cluster_config, a.cluster), end="")
+    print(cluster_script(a.cluster_config, a.cluster, a.scheduler), end="")
     return 0
 
 

@@ -66,24 +66,32 @@ def jobqueue_kwargs(kind: str, cfg: dict) -> dict:
     return kw
 
 
-def make_cluster(kind: str, cfg: dict):
-    """The dask-jobqueue cluster object (its scheduler runs in this process)."""
+def _cluster_class(kind: str):
     try:
         import dask_jobqueue
     except ImportError:  # pragma: no cover - a dependency
         raise InputError("--cluster needs dask-jobqueue: pip install dask-jobqueue") from None
-    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster, "lsf": dask_jobqueue.LSFCluster}[kind]
-    return cls(scheduler_options={"dashboard_address": ":0"}, **jobqueue_kwargs(kind, cfg))
+    return {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster, "lsf": dask_jobqueue.LSFCluster}[kind]
 
 
-def cluster_script(path: str, kind: str | None = None) -> str:
-    """The batch job script ``--cluster`` would submit for the config at ``path``."""
+def make_cluster(kind: str, cfg: dict):
+    """The dask-jobqueue cluster object (its scheduler runs in this process)."""
+    return _cluster_class(kind)(scheduler_options={"dashboard_address": ":0"}, **jobqueue_kwargs(kind, cfg))
+
+
+PLACEHOLDER = "tcp://SCHEDULER-HOST:8786"
+
+
+def cluster_script(path: str, kind: str | None = None, scheduler: str | None = None) -> str:
+    """The batch job script ``--cluster`` would submit for the config at
+    ``path``, its worker connecting to ``scheduler`` (a placeholder address
+    without one). Submitted by hand (``sbatch``), it adds a worker to a
+    scheduler started elsewhere (``dask scheduler``); its worker name is
+    made unique per job by the shell, so several submissions can join."""
     kind, cfg = load_cluster_config(path, kind)
-    cluster = make_cluster(kind, cfg)
-    try:
-        return cluster.job_script()
-    finally:
-        cluster.close()
+    cls = _cluster_class(kind)
+    name = "tilerseg-$(hostname)-$$"
+    return cls.job_cls(scheduler or PLACEHOLDER, name=name, **jobqueue_kwargs(kind, cfg)).job_script()
 
 
 @contextlib.contextmanager
@@ -116,7 +124,9 @@ def connect(scheduler=None, cluster: str | None = None, cluster_config: str | No
     kind, cfg = load_cluster_config(cluster_config, cluster)
     jobs = int(cfg.get("jobs") or 1)
     with make_cluster(kind, cfg) as cl:
-        cl.scale(jobs=jobs)
+        # adapt, not scale: a job that ends (walltime, --lifetime, scancel) is
+        # replaced, so the run goes on with `jobs` jobs to its end
+        cl.adapt(minimum_jobs=jobs, maximum_jobs=jobs)
         log.info("%s cluster: %d job(s) submitted; tasks start as workers join (scheduler %s)", kind, jobs,
                  cl.scheduler_address)
         with Client(cl) as client:

@@ -519,6 +519,27 @@ def _execute_distributed(dsk, keys, landed, scheduler) -> None:
             client.close()
 
 
+def warm_workers(scheduler, ref) -> None:
+    """Build the predictor behind ``ref`` (see :class:`tilerseg.api.PredictorRef`)
+    on every worker of a distributed ``scheduler`` now, one task per worker,
+    so that model loading is done before the run's clock starts, as it is
+    for a local run; a worker that joins later builds it on its first task.
+    Anything but a ``distributed.Client`` is left alone."""
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - a dependency
+        return
+    if not isinstance(scheduler, Client):
+        return
+    workers = list(scheduler.scheduler_info().get("workers", {}))
+    futures = [scheduler.submit(_warm, ref, workers=[w], allow_other_workers=False, pure=False) for w in workers]
+    scheduler.gather(futures, errors="skip")  # a worker lost meanwhile builds nothing: not an error
+
+
+def _warm(ref) -> None:
+    ref.get()
+
+
 def _image_part(read, part: str):
     data, valid = read
     if part == "image":
