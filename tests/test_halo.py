@@ -65,7 +65,7 @@ def test_analytic_receptive_field_equals_the_gradient_probe():
         took = time.perf_counter() - t0
         g, _ = gradient_radius(model, in_channels=bands, stride=s, size=64 if dims == 3 else 256)
         assert a == g, (name, a, g)
-        assert took < 0.5, (name, took)
+        assert took < 2.0, (name, took)  # 0.01-0.2 s unloaded; the probe takes seconds to minutes
 
 
 def test_analytic_receptive_field_refuses_what_is_not_a_window():

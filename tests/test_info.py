@@ -22,7 +22,7 @@ def test_info_counts_classes_of_outputs(tmp_path, tiny_model_dir, src, name):
     expected = {int(k): int(n) for k, n in zip(*np.unique(mask, return_counts=True))}
     assert counts == expected and counts
     if "RGB" in src:
-        assert 255 in counts and " m²" in text  # nodata listed; area from the transform, in metres (UTM)
+        assert 255 in counts and " km²" in text  # nodata listed; area from the transform (UTM), in readable units
 
 
 def test_info_on_an_input_lists_no_classes():

@@ -109,8 +109,9 @@ def test_cli_geojson_polygons_rasterize_back_to_the_geotiff_mask(tmp_path, tiny_
 
     src = data("rasterio/RGB.byte.tif")
     tif, gj = tmp_path / "m.tif", tmp_path / "m.geojson"
-    for out in (tif, gj):
-        r = cli("run", src, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "-o", str(out), "--quiet")
+    for out in (tif, gj):  # GeoJSON in the input's CRS (the default is RFC 7946 lon/lat)
+        r = cli("run", src, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "-o", str(out), "--quiet",
+                "--vector-crs", "native")
         assert r.returncode == 0, r.stderr
     with rasterio.open(tif) as ds:
         mask, transform, crs = ds.read(1), ds.transform, ds.crs
@@ -166,7 +167,7 @@ def test_cli_ome_tiff_and_info_on_it(tmp_path, tiny_model_dir):
         assert tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["PhysicalSizeX"] == pytest.approx(0.499)
     r = cli("info", str(out))
     assert r.returncode == 0, r.stderr
-    assert "classes:" in r.stdout and "mm²" in r.stdout
+    assert "classes:" in r.stdout and "µm²" in r.stdout  # 256 px of 0.499 µm: 63.7 µm², in readable units
 
 
 def test_probabilities_refused_for_polygons(tmp_path, tiny_model_dir):

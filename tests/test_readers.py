@@ -65,14 +65,18 @@ def test_tiff_pyramid_levels_window_equals_tifffile():
     assert np.array_equal(r.read((10, 40), (5, 60))[0], level2[10:40, 5:60])
 
 
-def test_mpp_picks_level_or_resamples():
+def test_mpp_picks_level_or_resamples(tmp_path):
     assert pick_level((0.25, 0.5, 1.0, 2.0), 0.51) == (1, 1.0)
     lvl, scale = pick_level((0.25, 0.5, 1.0, 2.0), 0.75)
     assert lvl == 1 and scale == pytest.approx(1.5)
     with pytest.raises(InputError, match="--level"):
         pick_level((None,), 0.5)
-    r = open_reader(data("openslide/boxes.tiff"), mpp=352.77 * 3)  # between levels 1 and 2: resampled
-    assert isinstance(r, ResampledReader) and "resampled" in r.meta.note and r.meta.shape == (83, 100)
+    from tilerseg import synthetic
+
+    slide = tmp_path / "slide.tif"
+    synthetic.write_tiff(slide, (400, 500), levels=3, mpp=0.5, compression="zlib")  # 0.5, 1 and 2 µm/px
+    r = open_reader(slide, mpp=1.5)  # between levels 1 and 2: level 1 resampled by 1.5
+    assert isinstance(r, ResampledReader) and "resampled" in r.meta.note and r.meta.shape == (133, 167)
 
 
 def test_resampled_windows_are_seamless(tmp_path):

@@ -171,7 +171,7 @@ def test_manifest_with_a_corrupt_input_writes_the_others_and_exits_nonzero(tmp_p
             "--tile", "256", "--halo", "72", "--quiet")
     assert r.returncode == 1
     assert "unreadable.svs" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["RGB.mask.zarr", "tilerseg-ledger.jsonl"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["RGB.byte.mask.zarr", "tilerseg-ledger.jsonl"]
     assert (tmp_path / "named.zarr").is_dir()  # a manifest's relative output is beside the manifest
     entries = _ledger(tmp_path / "out")
     assert [e["status"] for e in entries] == ["done", "failed", "done"]
@@ -193,7 +193,7 @@ def test_several_inputs_to_a_folder(tmp_path, tiny_model_dir):
     r = cli("run", data("rasterio/RGB.byte.tif"), data("rasterio/cogeo.tif"), "-o", str(tmp_path) + "/",
             "--format", "tif", "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(tmp_path)) == ["RGB.mask.tif", "cogeo.mask.tif", "tilerseg-ledger.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["RGB.byte.mask.tif", "cogeo.mask.tif", "tilerseg-ledger.jsonl"]
     assert "2 done, 0 failed" in r.stdout
 
 
