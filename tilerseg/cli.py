@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 
-from .config import MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
+from .config import BACKENDS, MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
 
 log = logging.getLogger("tilerseg")
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model arithmetic: fp16/bf16 autocast is faster on GPUs (default fp32, exact)")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster batches)")
+    e.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="forward pass on torch (default), ONNX Runtime or OpenVINO (exported once, cached beside "
+                   "the weights; pip install tilerseg[cpu-fast]), or auto: the fastest on a short probe")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
                    "(default: sized to the machine, 2 to 8)")
     e.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://host:8786")

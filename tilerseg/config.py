@@ -22,6 +22,7 @@ MERGE_MODES = ("crop", "gaussian")
 TTA_MODES = ("none", "flips", "d4")
 PRECISIONS = ("fp32", "fp16", "bf16")
 READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 DEFAULT_BATCH = 4
 
 
@@ -81,7 +82,8 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Where and how blocks are computed."""
+    """Where and how blocks are computed: ``backend`` runs the forward pass
+    on torch, ONNX Runtime or OpenVINO, or the fastest found (``auto``)."""
 
     workers: int | None = None
     scheduler: Any = None
@@ -89,14 +91,16 @@ class EngineOptions:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     compile: bool = False
     resume: bool = False
+    backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"
 
 
 SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
             "engine": EngineOptions}
 CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MODES, "precision": PRECISIONS,
-           "reader": READERS}
-# settings that change where or how fast a run goes, not its bytes: left out of the resume fingerprint
-NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview"}
+           "reader": READERS, "backend": BACKENDS}
+# settings that change where or how fast a run goes, not its bytes (a backend or device changes
+# probabilities by 1e-4 at most): left out of the resume fingerprint
+NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend"}
 
 
 def option_names() -> dict[str, str]:
