@@ -132,10 +132,12 @@ def weights_key(model, in_channels: int, dims: int) -> str:
 
 def cache_dirs(weights: str | None) -> list[str]:
     """Where exports are kept, in order of preference: beside the
-    checkpoint (in ``.tilerseg-cache``), then the user cache folder."""
+    checkpoint (in ``.tilerseg-cache``), then the user cache folder (also
+    for the demo model shipped inside the package)."""
     user = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                         "tilerseg", "exports")
-    if weights and os.path.exists(weights):
+    package = os.path.dirname(os.path.abspath(__file__))
+    if weights and os.path.exists(weights) and not os.path.abspath(weights).startswith(package + os.sep):
         base = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
         return [os.path.join(base, ".tilerseg-cache"), user]
     return [user]

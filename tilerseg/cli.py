@@ -52,6 +52,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def _tile(text: str):
+    if text == "auto":
+        return text
     vals = _ints(text)
     if len(vals) == 1:
         return vals[0]
@@ -106,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
     t = r.add_argument_group("tiling")
-    t.add_argument("--tile", type=_tile, help="window side in px (default: the checkpoint's, else 512 or "
-                   "what the halo needs); z,y,x for volumetric models")
+    t.add_argument("--tile", type=_tile, help="window side in px; z,y,x for volumetric models; default auto: "
+                   "the largest window whose batch fits --memory-budget (fewer context pixels per output pixel)")
+    t.add_argument("--memory-budget", help="memory one batch of windows may use for --tile auto, e.g. 2G "
+                   "(default: a quarter of free RAM, half of free GPU memory)")
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
                    "receptive field (default: the checkpoint's, else the receptive field, so tiles are exact)")
     t.add_argument("--batch-size", type=int, help="windows per forward pass (default 4; volumes run one)")

@@ -58,11 +58,13 @@ class ModelOptions:
 class TilingOptions:
     """What the user asked of the tiling; :mod:`tilerseg.tiling` turns it
     and the model into the grid. None means: the checkpoint's, else the
-    receptive field (halo) or a size that fits it (tile)."""
+    receptive field (halo); for the tile, ``auto``: the largest window whose
+    batch fits ``memory_budget`` bytes (default: a share of free memory)."""
 
-    tile: int | tuple[int, ...] | None = None
+    tile: int | tuple[int, ...] | str | None = None
     halo: int | tuple[int, ...] | str | None = None
     batch_size: int | None = None
+    memory_budget: int | None = None
     pad_mode: Literal["reflect", "symmetric", "constant", "edge"] = "reflect"
     merge: Literal["auto", "crop", "gaussian"] = "auto"
     tta: Literal["none", "flips", "d4"] | None = None
@@ -100,7 +102,28 @@ CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MO
            "reader": READERS, "backend": BACKENDS}
 # settings that change where or how fast a run goes, not its bytes (a backend or device changes
 # probabilities by 1e-4 at most): left out of the resume fingerprint
-NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend"}
+# (memory_budget only sizes the tile, and the tiling chosen is in the fingerprint)
+NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
+                      "memory_budget"}
+UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
+         "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
+
+
+def parse_size(value) -> int:
+    """Bytes from ``2G``, ``512MiB``, ``1.5 GB`` or a number of bytes (binary units)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        try:
+            n = float(num) * UNITS[unit]
+        except (ValueError, KeyError):
+            raise InputError(f"--memory-budget {value!r}: give a size such as 2G, 512M or 1.5GiB") from None
+    if n < 2 ** 20:
+        raise InputError(f"--memory-budget {value!r}: give at least 1M (sizes without a unit are bytes)")
+    return int(n)
 
 
 def option_names() -> dict[str, str]:
@@ -152,6 +175,8 @@ class RunConfig:
                 value = _tuple(value)
             elif name == "weights":
                 value = os.fspath(value)
+            elif name == "memory_budget":
+                value = parse_size(value)
             parts[names[name]][name] = value
         cfg = cls(**{s: SECTIONS[s](**kw) for s, kw in parts.items()})
         cfg.check()
@@ -159,6 +184,8 @@ class RunConfig:
 
     def check(self) -> None:
         t = self.tiling
+        if isinstance(t.tile, str) and t.tile != "auto":
+            raise InputError(f"--tile {t.tile!r}: give a side in px, z,y,x, or auto")
         if t.batch_size is not None and t.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1 (got {t.batch_size})")
         if self.input.level is not None and self.input.mpp is not None:
