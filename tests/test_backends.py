@@ -10,7 +10,6 @@ from conftest import cli, reference, tiny_unet
 from tilerseg.backends import choose, export_onnx
 from tilerseg.infer import Predictor
 
-pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 IMNET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=255.0, device="cpu")
 
@@ -21,18 +20,26 @@ def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("classes", [1, 3])
-def test_onnxruntime_probabilities_equal_torch(classes):
+@pytest.fixture(autouse=True)
+def onnxruntime_installed(request):
+    if "openvino" not in request.node.name:
+        pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.parametrize("backend,classes", [("onnxruntime", 1), ("onnxruntime", 3), ("openvino", 2)])
+def test_runtime_probabilities_equal_torch(backend, classes):
+    pytest.importorskip(backend)
     model = tiny_unet(seed=7, classes=classes)
     x = np.random.default_rng(0).integers(0, 256, (3, 192, 256, 3), dtype=np.uint8)
     ref = Predictor(model, **IMNET)(x)
-    ort = Predictor(model, **IMNET, backend="onnxruntime")
-    assert ort.backend == "onnxruntime", ort.backend_note
-    got = ort(x)
+    run = Predictor(model, **IMNET, backend=backend)
+    assert run.backend == backend, run.backend_note
+    got = run(x)
     assert got.shape == ref.shape == (3, classes, 192, 256)
     assert np.abs(got - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_seams_stay_exact_through_onnxruntime():
     """Tiled through ONNX Runtime equals whole-image inference in torch."""
     rng = np.random.default_rng(3)
@@ -43,6 +50,7 @@ def test_seams_stay_exact_through_onnxruntime():
     assert np.abs(got - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_backend_writes_the_same_probabilities(tmp_path, rgb_tiff, tiny_model_dir):
     path, img = rgb_tiff
     out = tmp_path / "probs.tif"
@@ -93,6 +101,7 @@ def test_a_model_that_does_not_export_runs_on_torch_and_says_why():
     assert p(x).shape == (1, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_auto_picks_a_runtime_after_a_probe_and_torch_elsewhere():
     model = tiny_unet(seed=5)
     p = Predictor(model, **IMNET, backend="auto")
