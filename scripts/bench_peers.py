@@ -6,8 +6,9 @@ Needs MONAI and ONNX Runtime: pip install -e ".[bench]".
 On the same RGB image (synthetic tissue, the demo model's domain) and the
 same network, each run is timed ``--reps`` times, interleaved, best kept:
 - tilerseg default: ``tilerseg.run`` TIFF -> zarr probabilities with
-  ``--tile auto`` and the default halo (the checkpoint's, else the
-  receptive field), torch;
+  ``--tile auto`` (its default memory budget, taken once for both tilerseg
+  runs) and the default halo (the checkpoint's, else the receptive field),
+  torch;
 - tilerseg ``--backend auto``: the same, forward pass on the fastest runtime;
 - MONAI: ``sliding_window_inference`` as usually called (roi 512, overlap
   0.25, gaussian blending, sw_batch_size 4, NCHW) on the image read into
@@ -116,11 +117,17 @@ def main() -> int:
     if not os.path.exists(src):
         synthetic.write_tiff(src, (a.size, a.size), compression="zlib")
     weights, model, norm = _model(a.model, work)
+    # --tile auto's default budget, decided once: free RAM changes as runs load runtimes, and both
+    # tilerseg runs must get the same tiling for their times to compare
+    from tilerseg.tiling import memory_budget
+
+    budget, why = memory_budget(model, None)
     outs = {"tilerseg": os.path.join(work, "torch.zarr"), "tilerseg_backend": os.path.join(work, "backend.zarr")}
     result = {}
 
     def run_tilerseg(name, **kw):
-        rep = tilerseg.run(src, outs[name], weights=weights, device="cpu", probabilities=True, overwrite=True, **kw)
+        rep = tilerseg.run(src, outs[name], weights=weights, device="cpu", probabilities=True, overwrite=True,
+                           memory_budget=budget, **kw)
         result[name] = rep.tiling
 
     def run_monai():
