@@ -212,3 +212,53 @@ def test_cog_from_an_overview_level_keeps_the_extent(tmp_path, tiny_model_dir):
         assert (rb.shape, rb.transform, rb.crs) == (s.shape, s.transform, s.crs)
         assert ra.crs == s.crs and ra.bounds == pytest.approx(s.bounds, abs=abs(s.transform.a) * 2)
         assert ra.width < s.width and rb.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_tiff_tiles_compressed_in_parallel_are_the_bytes_tifffile_writes(tmp_path, probabilities):
+    """The pyramid TIFF's tiles are read and compressed on the engine's
+    threads and written in order: the file is byte for byte the one
+    tifffile writes when it compresses the same tiles itself, serially."""
+    import tifffile
+    import zarr
+
+    from tilerseg.engine import thread_map
+    from tilerseg.io.tiffout import TILE, write_pyramid_tiff
+
+    lab = _labels(700, 900)
+    arr = np.stack([lab / 2.0, 1 - lab / 2.0]).astype(np.float32) if probabilities else lab
+    z = zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_array(
+        "0", shape=arr.shape, chunks=arr.shape[:-2] + (512, 512), dtype=arr.dtype)
+    z[...] = arr
+    meta = ImageMeta(shape=(700, 900), bands=1, dtype="uint8", format="test", mpp=0.5)
+    kind = {"kind": "probabilities" if probabilities else "labels", "classes": 2, "class_names": ("a", "b")}
+    serial, threaded = tmp_path / "serial.tif", tmp_path / "threaded.tif"
+    write_pyramid_tiff([z], str(serial), meta, kind, ome=False, uid="x")
+    write_pyramid_tiff([z], str(threaded), meta, kind, ome=False, uid="x", imap=thread_map(3).imap)
+    assert serial.read_bytes() == threaded.read_bytes()
+    np.testing.assert_array_equal(tifffile.imread(threaded), arr)
+    # the oracle: tifffile compressing the padded tiles itself
+    fill = np.nan if probabilities else 255
+    planes = arr if probabilities else arr[None]
+    tiles = []
+    for plane in planes:
+        for r in range(0, 700, TILE):
+            for c in range(0, 900, TILE):
+                t = np.full((TILE, TILE), fill, arr.dtype)
+                part = plane[r:r + TILE, c:c + TILE]
+                t[:part.shape[0], :part.shape[1]] = part
+                tiles.append(t)
+    with tifffile.TiffWriter(tmp_path / "ref.tif") as tw:
+        tw.write(iter(tiles), shape=arr.shape, dtype=arr.dtype, tile=(TILE, TILE), compression="zlib",
+                 maxworkers=1, photometric="minisblack", planarconfig="separate" if probabilities else None)
+
+    def segments(path):
+        with tifffile.TiffFile(path) as t:
+            page, fh = t.pages.first, t.filehandle
+            out = []
+            for offset, n in zip(page.dataoffsets, page.databytecounts):
+                fh.seek(offset)
+                out.append(fh.read(n))
+            return out
+
+    assert segments(threaded) == segments(tmp_path / "ref.tif")

@@ -50,12 +50,13 @@ class PredictorRef:
     tta: str = "none"
     precision: str = "fp32"
     compile: bool = False
+    backend: str = "torch"
 
     def get(self):
         from .infer import cached_predictor
 
         return cached_predictor(self.info, self.bands, self.dtype, self.device, self.tta, self.precision,
-                                self.compile)
+                                self.compile, self.backend)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _predictor(info: ModelInfo, meta, cfg: RunConfig, tta: str = "none"):
                       "--weights for real results", UntrainedModelWarning, stacklevel=4)
     e = cfg.engine
     ref = PredictorRef(info, meta.bands, np.dtype(meta.dtype).str, pick_device(e.device), tta, e.precision,
-                       e.compile)
+                       e.compile, e.backend)
     return ref, ref.get()  # built and validated once here; local tasks reuse this same instance
 
 
@@ -386,7 +387,7 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
 def segment(array, model, *, tile: int | None = None, halo: int | str | None = None, batch_size: int = 4,
             pad_mode: str = "reflect", probabilities: bool = True, threshold: float = 0.5, valid=None,
             classes: int | None = None, mean=None, std=None, scale=None, device: str = "auto", tta: str = "none",
-            merge: str = "crop", bands=None):
+            merge: str = "crop", bands=None, backend: str = "torch"):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
@@ -397,7 +398,9 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     for a run (the halo: the checkpoint's, else the receptive field). The
     result is ``(classes, H, W)`` float32 probabilities (NaN where ``valid``
     is False), or ``(H, W)`` uint8 labels with ``probabilities=False``;
-    compute it, or store it with ``dask.array.to_zarr``, chunk by chunk."""
+    compute it, or store it with ``dask.array.to_zarr``, chunk by chunk.
+    ``backend`` runs the forward pass on another runtime (see
+    :mod:`tilerseg.backends`)."""
     from .infer import Predictor, resolve_normalization
 
     from .io.open import BandSelect
@@ -408,7 +411,7 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     bands, dtype = src.meta.bands, src.meta.dtype
     if hasattr(model, "forward"):
         m, s, sc = resolve_normalization(Normalization(_t(mean), _t(std), scale), bands, dtype)
-        predictor = Predictor(model, mean=m, std=s, scale=sc, device=device, tta=tta)
+        predictor = Predictor(model, mean=m, std=s, scale=sc, device=device, tta=tta, backend=backend)
         info = ModelInfo(spec=ModelSpec(in_channels=bands))
         n_classes = classes or _probe_classes(predictor, bands)
     else:
@@ -417,7 +420,7 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
             path if os.path.exists(path) else None)
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
-        predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta).get()
+        predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta, backend=backend).get()
         n_classes = info.spec.classes
     opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode, merge=merge)
     tiling = choose_tiling(opts, info, predictor, src.meta.shape)

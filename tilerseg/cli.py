@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 
-from .config import MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
+from .config import BACKENDS, MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
 
 log = logging.getLogger("tilerseg")
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
@@ -57,6 +57,8 @@ def _model_arg(text: str) -> tuple[str, object]:
 
 
 def _tile(text: str):
+    if text == "auto":
+        return text
     vals = _ints(text)
     if len(vals) == 1:
         return vals[0]
@@ -139,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")
     t = r.add_argument_group("tiling")
-    t.add_argument("--tile", type=_tile, help="window side in px (default: the checkpoint's, else 512 or "
-                   "what the halo needs); z,y,x for volumetric models")
+    t.add_argument("--tile", type=_tile, help="window side in px; z,y,x for volumetric models; default auto: "
+                   "the largest window whose batch fits --memory-budget (fewer context pixels per output pixel)")
+    t.add_argument("--memory-budget", help="memory one batch of windows may use for --tile auto, e.g. 2G "
+                   "(default: a quarter of the RAM, half of the GPU memory, rounded down to a power of two)")
     t.add_argument("--halo", type=_halo, help="context on each side in px, or `auto` to measure the model's "
                    "receptive field (default: the checkpoint's, else the receptive field, so tiles are exact)")
     t.add_argument("--batch-size", type=int, help="windows per forward pass (default 4; volumes run one)")
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model arithmetic: fp16/bf16 autocast is faster on GPUs (default fp32, exact)")
     e.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster batches)")
+    e.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="forward pass on torch (default), ONNX Runtime or OpenVINO (exported once, cached beside "
+                   "the weights; pip install tilerseg[cpu-fast]), or auto: the fastest on a short probe")
     e.add_argument("--workers", type=int, help="dask worker threads reading, running and writing blocks "
                    "(default: sized to the machine, 2 to 8)")
     e.add_argument("--scheduler", help="address of a running dask scheduler, e.g. tcp://host:8786")

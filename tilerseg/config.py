@@ -22,6 +22,7 @@ MERGE_MODES = ("crop", "gaussian")
 TTA_MODES = ("none", "flips", "d4")
 PRECISIONS = ("fp32", "fp16", "bf16")
 READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
+BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 DEFAULT_BATCH = 4
 
 
@@ -64,11 +65,13 @@ class ModelOptions:
 class TilingOptions:
     """What the user asked of the tiling; :mod:`tilerseg.tiling` turns it
     and the model into the grid. None means: the checkpoint's, else the
-    receptive field (halo) or a size that fits it (tile)."""
+    receptive field (halo); for the tile, ``auto``: the largest window whose
+    batch fits ``memory_budget`` bytes (default: a share of free memory)."""
 
-    tile: int | tuple[int, ...] | None = None
+    tile: int | tuple[int, ...] | str | None = None
     halo: int | tuple[int, ...] | str | None = None
     batch_size: int | None = None
+    memory_budget: int | None = None
     pad_mode: Literal["reflect", "symmetric", "constant", "edge"] = "reflect"
     merge: Literal["auto", "crop", "gaussian"] = "auto"
     tta: Literal["none", "flips", "d4"] | None = None
@@ -93,7 +96,8 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Where and how blocks are computed."""
+    """Where and how blocks are computed: ``backend`` runs the forward pass
+    on torch, ONNX Runtime or OpenVINO, or the fastest found (``auto``)."""
 
     workers: int | None = None
     scheduler: Any = None
@@ -101,15 +105,38 @@ class EngineOptions:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     compile: bool = False
     resume: bool = False
+    backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"
 
 
 SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
             "engine": EngineOptions}
 CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MODES, "precision": PRECISIONS,
            "reader": READERS, "missing_chunks": ("refuse", "nodata", "fill"), "vector_crs": ("wgs84", "native"),
-           "probabilities": (False, "float32", "uint8")}
-# settings that change where or how fast a run goes, not its bytes: left out of the resume fingerprint
-NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "force_resample"}
+           "probabilities": (False, "float32", "uint8"), "backend": BACKENDS}
+# settings that change where or how fast a run goes, not its bytes (a backend or device changes
+# probabilities by 1e-4 at most): left out of the resume fingerprint
+# (memory_budget only sizes the tile, and the tiling chosen is in the fingerprint)
+NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
+                      "memory_budget", "force_resample"}
+UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
+         "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
+
+
+def parse_size(value) -> int:
+    """Bytes from ``2G``, ``512MiB``, ``1.5 GB`` or a number of bytes (binary units)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        try:
+            n = float(num) * UNITS[unit]
+        except (ValueError, KeyError):
+            raise InputError(f"--memory-budget {value!r}: give a size such as 2G, 512M or 1.5GiB") from None
+    if n < 2 ** 20:
+        raise InputError(f"--memory-budget {value!r}: give at least 1M (sizes without a unit are bytes)")
+    return int(n)
 
 
 def option_names() -> dict[str, str]:
@@ -163,6 +190,8 @@ class RunConfig:
                 value = _tuple(value)
             elif name == "weights":
                 value = os.fspath(value)
+            elif name == "memory_budget":
+                value = parse_size(value)
             parts[names[name]][name] = value
         cfg = cls(**{s: SECTIONS[s](**kw) for s, kw in parts.items()})
         cfg.check()
@@ -170,6 +199,8 @@ class RunConfig:
 
     def check(self) -> None:
         t = self.tiling
+        if isinstance(t.tile, str) and t.tile != "auto":
+            raise InputError(f"--tile {t.tile!r}: give a side in px, z,y,x, or auto")
         for name in ("tile", "halo"):
             value = getattr(t, name)
             sides = value if isinstance(value, tuple) else (value,)

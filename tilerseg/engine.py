@@ -383,12 +383,29 @@ def local_pool(workers: int | None = None, name: str = "tilerseg"):
 
 def thread_map(workers: int | None = None):
     """A ``parallel(fn, items)`` running ``fn`` on ``workers`` threads, for
-    the writer's chunk loops (resampling, pyramid levels); errors raise."""
+    the writer's chunk loops (resampling, pyramid levels); errors raise.
+    Its ``imap(fn, items)`` yields the results in order as they finish, a
+    few items ahead of the consumer (TIFF tiles compressed in parallel and
+    written in file order), so memory stays at a few items."""
     def parallel(fn, items) -> None:
         with local_pool(workers, "tilerseg-write") as pool:
             for _ in pool.map(fn, items):
                 pass
 
+    def imap(fn, items):
+        import collections
+
+        with local_pool(workers, "tilerseg-write") as pool:
+            ahead = 2 * max(1, workers or default_workers())
+            pending = collections.deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    parallel.imap = imap
     return parallel
 
 

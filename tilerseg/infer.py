@@ -133,13 +133,19 @@ class Predictor:
 
     ``precision`` ``fp16``/``bf16`` runs the model under autocast (output
     probabilities stay float32); ``compile`` wraps it in ``torch.compile``.
+    ``backend`` runs the forward pass on torch, ONNX Runtime or OpenVINO, or
+    picks the fastest (``auto``; see :mod:`tilerseg.backends`); the export
+    is cached beside ``weights``.
     On a GPU, windows are copied from pinned memory without blocking, and
     a batch that runs out of GPU memory is split in halves and retried,
     once said, and later batches keep to the size that fitted."""
 
     def __init__(self, model, *, mean, std, scale: float, device: str = "cpu", tta: str = "none",
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, backend: str = "torch",
+                 weights: str | None = None):
         import torch
+
+        from .backends import choose
 
         if precision not in PRECISIONS:
             raise ModelError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -156,7 +162,15 @@ class Predictor:
         # faster in it on CPU (oneDNN) and on tensor-core GPUs
         self.model = model.eval().to(self.device, memory_format=self._format)
         self.stride = output_stride(model)
-        self._net = torch.compile(self.model) if compile else self.model
+        net = torch.compile(self.model) if compile else self.model
+        # the forward pass only: normalisation, TTA and probabilities stay here, whatever runs it
+        self._net, self.backend_note = choose(backend, net, self.model, device=self.device,
+                                              in_channels=len(np.atleast_1d(mean)), dims=self.dims,
+                                              stride=self.stride, weights=weights, precision=precision,
+                                              compile=compile)
+        self.backend = self._net.name
+        if backend != "torch":
+            log.info("backend: %s", self.backend_note)
         self.max_batch: int | None = None  # lowered when a batch runs out of GPU memory
         self._mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device).view(1, -1, 1, 1)
         self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
@@ -211,7 +225,7 @@ class Predictor:
 
 @functools.lru_cache(maxsize=4)
 def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: str = "none",
-                     precision: str = "fp32", compile: bool = False) -> Predictor:
+                     precision: str = "fp32", compile: bool = False, backend: str = "torch") -> Predictor:
     """One predictor per model, band count, device, TTA mode and precision
     in each process (worker): the model is built once per worker."""
     _worker_threads()
@@ -220,4 +234,4 @@ def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: 
     mean, std, scale = resolve_normalization(info.normalization, bands, dtype)
     log.debug("built %s/%s on %s", info.spec.arch, info.spec.encoder, device)
     return Predictor(model, mean=mean, std=std, scale=scale, device=device, tta=tta, precision=precision,
-                     compile=compile)
+                     compile=compile, backend=backend, weights=info.weights)

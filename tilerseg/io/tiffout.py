@@ -34,19 +34,35 @@ def _windows(z, tile: int):
             yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
 
 
-def _tiles(z, fill, convert=None):
+def _tiles(z, fill, imap=map, convert=None):
     """Every ``TILE`` x ``TILE`` tile of ``z`` in TIFF order (plane, row,
-    column), padded with ``fill`` at the right and bottom edges; each
-    block passed through ``convert`` (e.g. to uint8) when given."""
+    column), padded with ``fill`` at the right and bottom edges, passed
+    through ``convert`` (e.g. probabilities to uint8) when given, and
+    zlib-compressed as tifffile would (same bytes). ``imap`` reads and
+    compresses strips of tiles in parallel and yields them in order (the
+    engine's :func:`~tilerseg.engine.thread_map`); the default is serial."""
     planes = range(z.shape[0]) if z.ndim == 3 else [None]
-    for k in planes:
-        for _, _, block in _windows(z if k is None else _Plane(z, k), TILE):
-            block = convert(block) if convert else block
-            for x in range(0, block.shape[1], TILE):
-                tile = np.full((TILE, TILE), fill, block.dtype)
-                part = block[:, x:x + TILE]
-                tile[:part.shape[0], :part.shape[1]] = part
-                yield tile
+    H, W = z.shape[-2:]
+    step = max(1, z.chunks[-1] // TILE) * TILE
+    strips = [(k, r0, c0) for k in planes for r0 in range(0, H, TILE) for c0 in range(0, W, step)]
+    for tiles in imap(lambda strip: _encoded_strip(z, fill, step, convert, *strip), strips):
+        yield from tiles
+
+
+def _encoded_strip(z, fill, step: int, convert, k, r0: int, c0: int) -> list[bytes]:
+    """The compressed tiles of one strip, one tile high and ``step`` wide."""
+    import tifffile
+
+    encode = tifffile.TIFF.COMPRESSORS[8]  # tifffile's own deflate encoder: the bytes it would write
+    block = np.asarray((z if k is None else _Plane(z, k))[..., r0:r0 + TILE, c0:c0 + step])
+    block = convert(block) if convert else block
+    out = []
+    for x in range(0, block.shape[1], TILE):
+        tile = np.full((TILE, TILE), fill, block.dtype)
+        part = block[:, x:x + TILE]
+        tile[:part.shape[0], :part.shape[1]] = part
+        out.append(encode(tile))
+    return out
 
 
 class _Plane:
@@ -83,10 +99,12 @@ def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, 
 
 
 def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, ome: bool,
-                       uid: str | None = None) -> None:
+                       uid: str | None = None, imap=map) -> None:
     """Write ``levels`` (zarr arrays, finest first) as a tiled pyramidal TIFF.
     ``uid``: the OME UUID (random if None; tilerseg derives it from the
-    run's settings, so that a resumed run writes the same bytes)."""
+    run's settings, so that a resumed run writes the same bytes). ``imap``:
+    how tiles are read and compressed (see :func:`_tiles`); tifffile
+    writes the compressed tiles in order as they come."""
     import tifffile
 
     z0 = levels[0]
@@ -112,8 +130,8 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
 
     def put(tw, k, **kw):
         z = levels[k]
-        tw.write(_tiles(z, fill, probability_bytes if as_bytes else None), shape=z.shape if K > 1 else z.shape[-2:],
-                 **common, **res(k), **kw)
+        tw.write(_tiles(z, fill, imap, probability_bytes if as_bytes else None),
+                 shape=z.shape if K > 1 else z.shape[-2:], **common, **res(k), **kw)
 
     with tifffile.TiffWriter(path, bigtiff=nbytes * (2 if ome else 1) > 2**31 - 2**26) as tw:
         if ome:
@@ -128,7 +146,7 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
             put(tw, k, subfiletype=1)
 
 
-def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
+def write_cog(z, path: str, meta: ImageMeta, kind: dict, *, threads: str = "ALL_CPUS") -> None:
     """Write ``z`` (labels (H, W) or probabilities (K, H, W)) as a COG with
     the input's CRS and transform; nodata is 255 for labels, NaN for
     probabilities. GDAL builds the overviews (nearest for labels, average
@@ -162,7 +180,7 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict) -> None:
                     from .pyramid import palette
 
                     dst.write_colormap(1, {k: (*map(int, rgb), 255) for k, rgb in enumerate(palette(kind["classes"]))})
-            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
+            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512, NUM_THREADS=threads,
                                  OVERVIEWS="IGNORE_EXISTING", BIGTIFF="IF_SAFER",
                                  RESAMPLING="AVERAGE" if probabilities else "NEAREST")
     finally:

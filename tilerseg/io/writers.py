@@ -370,7 +370,7 @@ class Writer:
                                tilerseg=info.kind())
             return self._tmp_zarr
         write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff",
-                           uid=_uid(fingerprint))
+                           uid=_uid(fingerprint), imap=getattr(self.parallel, "imap", map))
         return self._tmp_file
 
     def _convert_volume(self, group, info: OutputInfo, uid: str | None) -> str:

@@ -1,0 +1,81 @@
+"""--tile auto: the largest stride-aligned window whose batch fits the memory budget."""
+import math
+
+import numpy as np
+import pytest
+
+import tilerseg
+from conftest import cli, reference, tiny_unet
+from tilerseg.config import RunConfig, TilingOptions
+from tilerseg.errors import InputError
+from tilerseg.models import ModelInfo, ModelSpec
+from tilerseg.tiling import MAX_AUTO_TILE, activation_bytes, auto_tile, resolve
+
+GiB = 2 ** 30
+
+
+def work(tile, halo, shape):
+    crop = tile - 2 * halo
+    return math.prod(math.ceil(n / crop) for n in shape) * tile ** 2
+
+
+def test_the_batch_fits_the_budget_and_larger_budgets_give_larger_windows():
+    shape, halo, stride, per_px = (20000, 20000), 96, 8, 600.0
+    last = 0
+    for budget in (GiB // 4, GiB, 4 * GiB):
+        (tile, _), batch, note = auto_tile(halo, stride, shape, per_px, budget, None)
+        assert tile % stride == 0 and (tile - 2 * halo) % stride == 0 and tile - 2 * halo > 0
+        assert batch * tile * tile * per_px <= budget and 1 <= batch <= 4
+        assert tile >= last and "auto:" in note
+        last = tile
+    assert last <= MAX_AUTO_TILE
+    # the same budget held by a given batch of 4: each window gets a quarter of it
+    (t4, _), b4, _ = auto_tile(halo, stride, shape, per_px, GiB, 4)
+    (t1, _), _, _ = auto_tile(halo, stride, shape, per_px, GiB // 4, 1)
+    assert b4 == 4 and t4 == t1
+
+
+def test_fewer_pixels_are_computed_than_with_512_windows():
+    shape, halo = (4096, 4096), 96
+    (tile, _), _, _ = auto_tile(halo, 8, shape, 600.0, 4 * GiB, None)
+    assert work(tile, halo, shape) < 0.75 * work(512, halo, shape)
+
+
+def test_tiny_images_keep_a_window_of_image_plus_halo():
+    (tile, _), batch, _ = auto_tile(72, 8, (100, 60), 600.0, 4 * GiB, None)
+    assert tile == 2 * 72 + 104 and batch == 1  # 100 rounded up to the stride, plus the halo
+
+
+def test_resolve_defaults_to_auto_and_stays_seam_exact():
+    model = tiny_unet(seed=2)
+    info = ModelInfo(spec=ModelSpec(in_channels=3))
+    t = resolve(TilingOptions(halo=72, memory_budget=64 * 2 ** 20), model=model, info=info, stride=8, dims=2,
+                bands=3, shape=(600, 700))
+    assert "auto" in t.why and "64 MiB" in t.why
+    assert t.batch_size * t.tile[0] ** 2 * activation_bytes(model, 3, 8) <= 64 * 2 ** 20
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    got = tilerseg.segment(img, model, halo=72, device="cpu").compute()  # no tile: auto
+    assert np.abs(got - reference(model, img, halo=72, stride=8)).max() <= 1e-4
+
+
+def test_activation_bytes_grow_with_the_network():
+    import segmentation_models_pytorch as smp
+
+    small = activation_bytes(tiny_unet(), 3, 8)
+    big = activation_bytes(smp.Unet("resnet18", encoder_weights=None).eval(), 3, 32)
+    assert 50 < small < big < 4000  # bytes per input pixel
+
+
+def test_memory_budget_option(tmp_path, rgb_tiff, tiny_model_dir):
+    assert RunConfig.from_options(memory_budget="1.5G").tiling.memory_budget == int(1.5 * GiB)
+    assert RunConfig.from_options(memory_budget="512MiB").tiling.memory_budget == 512 * 2 ** 20
+    with pytest.raises(InputError, match="give a size such as 2G"):
+        RunConfig.from_options(memory_budget="lots")
+    with pytest.raises(InputError, match="give a side in px"):
+        RunConfig.from_options(tile="big")
+    path, _ = rgb_tiff
+    r = cli("run", path, "--weights", tiny_model_dir, "--halo", "72", "--memory-budget", "256M", "-o",
+            str(tmp_path / "m.tif"))
+    assert r.returncode == 0, r.stderr
+    assert "tiling: tile" in r.stderr and "(auto:" in r.stderr and "budget --memory-budget 256 MiB" in r.stderr
