@@ -45,3 +45,16 @@ def run_with_peak_rss(cmd: list[str], interval: float = 0.05) -> tuple[float, fl
     if proc.returncode:
         sys.stderr.write(err.decode())
     return time.perf_counter() - t0, peak[0] / 2**20, proc.returncode
+
+
+def best_of(runs: dict, reps: int) -> dict:
+    """Time each of ``runs`` (name -> callable) ``reps`` times, interleaved
+    (one of each, then again), so load changes hit all alike; the best
+    seconds of each."""
+    best = {k: float("inf") for k in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -98,12 +97,10 @@ def main() -> int:
     warnings.simplefilter("ignore")
     with torch.inference_mode():  # warm-up: allocator, kernels, imports
         model(ready[4])
-    best = {k: float("inf") for k in runs}
-    for _ in range(a.reps):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import best_of
+
+    best = best_of(runs, a.reps)
     res = {"size": a.size, "windows": grid.total_windows, "forward_passes": len(batches),
            "seconds": {k: round(v, 2) for k, v in best.items()},
            "tilerseg_over_model": round(best["tilerseg"] / best["model_only"], 3)}

@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -141,12 +140,10 @@ def main() -> int:
     runs = {"tilerseg": lambda: run_tilerseg("tilerseg"),
             "tilerseg_backend": lambda: run_tilerseg("tilerseg_backend", backend="auto"),
             "monai": run_monai}
-    best = {k: float("inf") for k in runs}
-    for _ in range(a.reps):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import best_of
+
+    best = best_of(runs, a.reps)
     img = tifffile.imread(src)
     ref = whole_image(model, img, norm)
     probs = {k: zarr.open_array(v + "/0", mode="r")[...] for k, v in outs.items()}
