@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ModelOptions, RunConfig, TilingOptions
-from .engine import Output, StoreStats, compute_into, lazy_image, segment_plan, store_plan, thread_map, \
-    volume_plan, warm_workers
+from .engine import (Output, StoreStats, compute_into, lazy_array, lazy_image, segment_plan, store_plan,
+                     thread_map, volume_plan, warm_workers)
 from .errors import InputError, ModelError
 from .io import open_reader
 from .io.arrays import ArrayReader
@@ -426,8 +426,8 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     tiling = choose_tiling(opts, info, predictor, src.meta.shape)
     tiles = tiling.tilespec()
     grid = tiling.grid(src.meta.shape)
-    return segment_plan(src, predictor, grid, tiles, Output(probabilities, threshold, tiling.merge),
-                        n_classes).array()
+    return lazy_array(segment_plan(src, predictor, grid, tiles, Output(probabilities, threshold, tiling.merge),
+                                   n_classes))
 
 
 def _device(device: str) -> str:
