@@ -335,7 +335,7 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
         return
     dtype = np.dtype(meta.dtype).name
     if info.input_dtype and dtype != info.input_dtype:
-        lo, hi = info.input_range or (0, "its maximum")
+        lo, hi = info.input_range or (0.0, _dtype_max(info.input_dtype))
         raise InputError(f"{path}: the image is {dtype}, but the weights were trained on {info.input_dtype} images "
                          f"(values {lo:g} to {hi:g} mapped to 0..1): pass --scale with the value your data's "
                          f"{hi:g} corresponds to (e.g. --scale {_dtype_max(dtype):g} for the full {dtype} range), "
