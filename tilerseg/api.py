@@ -26,7 +26,7 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, Writer
-from .models import ModelInfo, ModelSpec, Normalization, arch, demo_weights, describe, is_volumetric
+from .models import ModelInfo, ModelSpec, Normalization, arch, demo_weights, describe, dtype_scale, is_volumetric
 
 log = logging.getLogger(__name__)
 
@@ -335,21 +335,16 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
         return
     dtype = np.dtype(meta.dtype).name
     if info.input_dtype and dtype != info.input_dtype:
-        lo, hi = info.input_range or (0.0, _dtype_max(info.input_dtype))
+        lo, hi = info.input_range or (0.0, dtype_scale(info.input_dtype))
         raise InputError(f"{path}: the image is {dtype}, but the weights were trained on {info.input_dtype} images "
                          f"(values {lo:g} to {hi:g} mapped to 0..1): pass --scale with the value your data's "
-                         f"{hi:g} corresponds to (e.g. --scale {_dtype_max(dtype):g} for the full {dtype} range), "
+                         f"{hi:g} corresponds to (e.g. --scale {dtype_scale(dtype):g} for the full {dtype} range), "
                          "or --mean/--std, or convert the image to " + info.input_dtype)
     if not info.input_dtype and dtype != "uint8":
         warnings.warn(f"{info.weights}: the weights do not record the pixel values they were trained on, and "
-                      f"{path} is {dtype}: it is divided by {info.normalization.scale or _dtype_max(dtype):g}; if "
+                      f"{path} is {dtype}: it is divided by {info.normalization.scale or dtype_scale(dtype):g}; if "
                       "the model saw other values, pass --scale (or --mean/--std) to match", InputRangeWarning,
                       stacklevel=5)
-
-
-def _dtype_max(dtype: str) -> float:
-    dt = np.dtype(dtype)
-    return float(np.iinfo(dt).max) if dt.kind in "ui" else 1.0
 
 
 def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:

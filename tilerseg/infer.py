@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from .errors import InputError, ModelError
-from .models import ModelInfo, Normalization, instantiate
+from .models import ModelInfo, Normalization, dtype_scale, instantiate
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def resolve_normalization(norm: Normalization, bands: int, dtype) -> tuple[np.nd
     Defaults: ImageNet mean/std for 3 bands, their average for any other
     band count; the divisor is the integer dtype's maximum, 1 for floats."""
     dtype = np.dtype(dtype)
-    scale = norm.scale if norm.scale else (float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0)
+    scale = norm.scale if norm.scale else dtype_scale(dtype)
     mean = norm.mean or (IMAGENET_MEAN if bands == 3 else (GRAY_MEAN,) * bands)
     std = norm.std or (IMAGENET_STD if bands == 3 else (GRAY_STD,) * bands)
     if len(mean) == 1:

@@ -33,6 +33,15 @@ class Normalization:
     scale: float | None = None
 
 
+def dtype_scale(dtype) -> float:
+    """What ``Normalization.scale`` None means: the integer dtype's maximum
+    (255 for uint8, 65535 for uint16), 1 for floats."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    return float(np.iinfo(dt).max) if dt.kind in "ui" else 1.0
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A model's rebuildable description plus what a checkpoint tells about it."""

@@ -24,7 +24,7 @@ from ..engine import TileSpec
 from ..errors import InputError, ModelError
 from ..infer import IMAGENET_MEAN, IMAGENET_STD, Predictor, output_stride, pick_device
 from ..losses import instance_weights, make_loss
-from ..models import ModelInfo, arch, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
+from ..models import ModelInfo, arch, dtype_scale, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
 from .augment import build_augment
 from .config import TrainConfig
 from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, sample_stats, split
@@ -46,11 +46,6 @@ class TrainResult:
     stopped: str
     threshold: float
     final: dict | None = None   # validation of best.pt with the recommended TTA and threshold
-
-
-def _dtype_scale(dtype) -> float:
-    dt = np.dtype(dtype)
-    return float(np.iinfo(dt).max) if dt.kind in "ui" else 1.0
 
 
 def _open_sources(cfg: TrainConfig) -> tuple[list[Source], list[Source], LabelMap]:
@@ -86,7 +81,7 @@ def _open_sources(cfg: TrainConfig) -> tuple[list[Source], list[Source], LabelMa
 
 
 def _normalization(cfg: TrainConfig, train: list[Source], bands: int) -> Normalization:
-    scale = cfg.scale or _dtype_scale(train[0].image.meta.dtype)
+    scale = cfg.scale or dtype_scale(train[0].image.meta.dtype)
     if cfg.normalization == "imagenet":
         if bands != 3:
             raise InputError(f"normalization imagenet needs 3 bands, the images have {bands}: use auto")
