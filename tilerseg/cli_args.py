@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import BACKENDS, MERGE_MODES, PAD_MODES, PRECISIONS, READERS, TTA_MODES
+from .config import BACKENDS, MERGE_MODES, MISSING_CHUNKS, PAD_MODES, PRECISIONS, READERS, TTA_MODES, VECTOR_CRS
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -68,7 +68,7 @@ def _input_args(p: argparse.ArgumentParser, resample: bool = True) -> None:
     g.add_argument("--bands", type=_ints, help="1-based bands to use, e.g. 1,2,3 (default: all but alpha)")
     g.add_argument("--reader", default="auto", choices=READERS,
                    help="force a backend (default: by file type)")
-    g.add_argument("--missing-chunks", default="refuse", choices=("refuse", "nodata", "fill"),
+    g.add_argument("--missing-chunks", default="refuse", choices=MISSING_CHUNKS,
                    help="zarr inputs with chunks not stored: refuse (default), mask them as nodata, or read "
                    "the array's fill value")
     if resample:
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threshold", type=float,
                    help="binary threshold (default: the one the checkpoint records, else 0.5)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    o.add_argument("--vector-crs", choices=("wgs84", "native"), help="GeoJSON coordinates of a georeferenced "
+    o.add_argument("--vector-crs", choices=VECTOR_CRS, help="GeoJSON coordinates of a georeferenced "
                    "input: wgs84 longitude/latitude as RFC 7946 says (default), or native: the input's CRS "
                    "(GeoPackage always keeps it)")
     o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")

@@ -22,6 +22,8 @@ MERGE_MODES = ("crop", "gaussian")
 TTA_MODES = ("none", "flips", "d4")
 PRECISIONS = ("fp32", "fp16", "bf16")
 READERS = ("auto", "openslide", "tifffile", "rasterio", "pillow", "zarr")
+MISSING_CHUNKS = ("refuse", "nodata", "fill")  # zarr inputs with chunks not stored
+VECTOR_CRS = ("wgs84", "native")               # GeoJSON coordinates
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 DEFAULT_BATCH = 4
 
@@ -66,7 +68,7 @@ class TilingOptions:
     """What the user asked of the tiling; :mod:`tilerseg.tiling` turns it
     and the model into the grid. None means: the checkpoint's, else the
     receptive field (halo); for the tile, ``auto``: the largest window whose
-    batch fits ``memory_budget`` bytes (default: a share of free memory)."""
+    batch fits ``memory_budget`` bytes (default: a share of the device's total memory)."""
 
     tile: int | tuple[int, ...] | str | None = None
     halo: int | tuple[int, ...] | str | None = None
@@ -111,7 +113,7 @@ class EngineOptions:
 SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
             "engine": EngineOptions}
 CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MODES, "precision": PRECISIONS,
-           "reader": READERS, "missing_chunks": ("refuse", "nodata", "fill"), "vector_crs": ("wgs84", "native"),
+           "reader": READERS, "missing_chunks": MISSING_CHUNKS, "vector_crs": VECTOR_CRS,
            "probabilities": (False, "float32", "uint8"), "backend": BACKENDS}
 # settings that change where or how fast a run goes, not its bytes (a backend or device changes
 # probabilities by 1e-4 at most): left out of the resume fingerprint

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..config import MISSING_CHUNKS
 from ..errors import FormatError, InputError
 from .base import ImageMeta, Reader, scale_transform, reopen
 
@@ -94,9 +95,6 @@ class ZarrReader(ArrayReader):
 
     def __reduce__(self):
         return (reopen, (ZarrReader, self._path, self.level, self._missing_mode))
-
-
-MISSING_CHUNKS = ("refuse", "nodata", "fill")
 
 
 def _missing_chunks(node, path: str, mode: str):

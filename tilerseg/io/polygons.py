@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..config import VECTOR_CRS
 from ..errors import InputError, OutputError
 from .base import LABEL_NODATA
 
@@ -179,7 +180,6 @@ def _class_style(k: int, class_names: tuple[str, ...]) -> tuple[str, tuple[int, 
 # from the legacy ``crs`` member instead of assuming degrees; QuPath ignores it.
 PIXEL_CRS = ('LOCAL_CS["image pixels (x = column, y = row, level 0)",LOCAL_DATUM["image",0],UNIT["pixel",1],'
              'AXIS["x",EAST],AXIS["y",SOUTH]]')
-VECTOR_CRS = ("wgs84", "native")
 
 
 def _crs_member(crs: str | None) -> dict | None:
