@@ -192,14 +192,17 @@ def _name(info: ModelInfo) -> str:
     return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 
-def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, stacklevel: int = 4):
-    """The run's tiling (see :func:`tilerseg.tiling.resolve`), said once."""
+def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, scheduler=None, stacklevel: int = 4):
+    """The run's tiling (see :func:`tilerseg.tiling.resolve`), said once;
+    sized for the workers of a distributed ``scheduler`` where there is one."""
+    from .cluster import worker_memory
     from .models import global_context
     from .tiling import resolve
 
     parts = global_context(predictor.model)
     tiling = resolve(opts, model=predictor.model, info=info, stride=predictor.stride, dims=len(shape),
-                     bands=info.spec.in_channels, shape=shape, global_parts=parts)
+                     bands=info.spec.in_channels, shape=shape, global_parts=parts,
+                     worker_memory=worker_memory(scheduler))
     if parts:
         warnings.warn(f"{_name(info)} has global context ({', '.join(parts[:4])}): tiled "
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
@@ -215,7 +218,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     check_mpp(info, src.meta, os.fspath(input))
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
-    tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, stacklevel=5)
+    tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5)
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
@@ -257,7 +260,7 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
     try:
         info = fit_bands(info, src.meta.bands)
         ref, predictor = _predictor(info, src.meta, cfg)
-        tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, stacklevel=5)
+        tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5)
         grid = tiling.grid(src.meta.shape)
         threshold = info.binary_threshold(o.threshold)
         plan = volume_plan(src, ref, grid, Output(probabilities=bool(o.probabilities), threshold=threshold),

@@ -66,6 +66,27 @@ def jobqueue_kwargs(kind: str, cfg: dict) -> dict:
     return kw
 
 
+def worker_memory(scheduler) -> int | None:
+    """The memory limit of the smallest worker of a distributed
+    ``scheduler`` (a ``distributed.Client``), in bytes: of the workers
+    connected, else, for a jobqueue cluster whose jobs have not started
+    yet, its jobs' ``memory`` over their ``processes``. None for threads
+    here, or where no limit is known (workers started without one)."""
+    info = getattr(scheduler, "scheduler_info", None)
+    if info is None:
+        return None
+    limits = [w.get("memory_limit") or 0 for w in info().get("workers", {}).values()]
+    if any(limits):
+        return min(v for v in limits if v)
+    spec = getattr(getattr(scheduler, "cluster", None), "new_spec", None)
+    options = spec.get("options", {}) if isinstance(spec, dict) else {}
+    if options.get("memory"):
+        from dask.utils import parse_bytes
+
+        return int(parse_bytes(options["memory"]) / max(1, int(options.get("processes") or 1)))
+    return None
+
+
 def _cluster_class(kind: str):
     try:
         import dask_jobqueue

@@ -90,12 +90,15 @@ def _up(v: int, step: int) -> int:
 
 
 def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: int, shape,
-            global_parts: list[str] = ()) -> Tiling:
+            global_parts: list[str] = (), worker_memory: int | None = None) -> Tiling:
     """Tile, halo, merge and batch for ``model`` on an image of ``shape``.
 
     ``info`` is the model's :class:`~tilerseg.models.ModelInfo` (its
     checkpoint may recommend a tile and halo); ``global_parts`` names the
-    model's modules with global context (none: the model is local)."""
+    model's modules with global context (none: the model is local);
+    ``worker_memory``: the memory of the processes that will run the
+    batches, where that is not this one (dask workers; see
+    :func:`memory_budget`)."""
     why = []
     if opts.batch_size is not None and opts.batch_size != 1 and dims == 3:
         raise InputError(f"--batch-size {opts.batch_size}: volumes run one window per forward pass (a 3-D window "
@@ -127,7 +130,7 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
     elif info.tile is not None and (global_parts or dims == 3):
         tile, tnote = _axes(info.tile, dims, "tile"), "the checkpoint's"
     elif dims == 2 and not global_parts:
-        budget, bnote = memory_budget(model, opts.memory_budget)
+        budget, bnote = memory_budget(model, opts.memory_budget, worker_memory)
         tile, batch, tnote = auto_tile(halo[0], stride, shape, activation_bytes(model, bands, stride), budget,
                                        opts.batch_size)
         tnote += f"; budget {bnote}"
@@ -182,16 +185,23 @@ def activation_bytes(model, bands: int, stride: int) -> float:
     return max(total[0] * LIVE_SHARE / side ** 2, 4.0 * bands)
 
 
-def memory_budget(model, given: int | None) -> tuple[int, str]:
+def memory_budget(model, given: int | None, worker_memory: int | None = None) -> tuple[int, str]:
     """Bytes one batch of windows may use, and how that was decided:
     ``--memory-budget``, else a share (:data:`BUDGET_SHARE`) of the *total*
     memory of the model's device, rounded down to a power of two. Total, not
     free: the tile must not change between a run and its ``--resume`` (the
     tiling is part of what a resume checks), and free memory moves with
-    whatever else the machine runs."""
+    whatever else the machine runs. On CPU workers of a distributed run
+    (``worker_memory``: the smallest worker's memory limit) the share is of
+    that limit, not of this machine's RAM: a login node with 256 GB must not
+    size the batches of 16 GB workers (each worker runs one batch at a time)."""
     if given:
         return int(given), f"--memory-budget {_gib(given)}"
     param = next(iter(model.parameters()), None)
+    if worker_memory and (param is None or param.device.type != "cuda"):
+        share = BUDGET_SHARE["cpu"]
+        budget = 2 ** int(math.log2(max(worker_memory * share, 2 ** 26)))
+        return budget, f"{_gib(budget)}, {share:.0%} of a dask worker's memory limit ({_gib(worker_memory)})"
     if param is not None and param.device.type == "cuda":
         import torch
 
