@@ -84,3 +84,45 @@ def test_dask_commands_scheduler_and_workers_with_one_killed(tmp_path, tiny_mode
         for p in reversed(procs):
             _stop(p)
     assert out.read_bytes() == (tmp_path / "local.ome.tif").read_bytes()
+
+
+@pytest.mark.slow
+def test_manifest_inputs_run_together_on_a_scheduler(tmp_path, tiny_model_dir):
+    """A manifest's inputs on a scheduler start together (all three begin
+    before any is written), and each output equals the local run's; the
+    ledger has a `done` line per input."""
+    import json
+
+    import zarr
+    from distributed import LocalCluster
+
+    inputs = []
+    for k in range(3):
+        path = tmp_path / f"in{k}.tif"
+        textured_tiff(str(path), (300 + 40 * k, 360), seed=k, periods=(23.0 + k, 41.0), noise=20)
+        inputs.append(str(path))
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(inputs) + "\n")
+    args = ["--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet", "--manifest", str(manifest)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="4GiB") as cluster:
+        r = cli("run", "-o", str(tmp_path / "dist") + "/", "--scheduler", cluster.scheduler_address, *args)
+        # without --tile, windows are sized for the workers' memory, not this machine's
+        auto = cli("run", inputs[0], "-o", str(tmp_path / "auto.zarr"), "--weights", tiny_model_dir,
+                   "--scheduler", cluster.scheduler_address, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert auto.returncode == 0 and "1.00 GiB, 25% of a dask worker's memory limit (4.00 GiB)" in auto.stderr, \
+        auto.stderr
+    lines = r.stdout.splitlines()
+    starts = [n for n, line in enumerate(lines) if line.startswith("[")]
+    wrote = [n for n, line in enumerate(lines) if line.startswith("wrote ")]
+    assert len(starts) == 3 and len(wrote) == 3 and max(starts) < min(wrote), r.stdout
+    r = cli("run", "-o", str(tmp_path / "local") + "/", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index("[2/3]") > r.stdout.index("wrote "), "a local run takes one input at a time"
+    for k in range(3):
+        a = zarr.open_array(str(tmp_path / "dist" / f"in{k}.mask.zarr" / "0"), mode="r")[...]
+        b = zarr.open_array(str(tmp_path / "local" / f"in{k}.mask.zarr" / "0"), mode="r")[...]
+        assert a.shape == (300 + 40 * k, 360) and np.array_equal(a, b)
+    ledger = [json.loads(x) for x in (tmp_path / "dist" / "tilerseg-ledger.jsonl").read_text().splitlines()]
+    assert sorted(e["input"] for e in ledger if e["status"] == "done") == sorted(inputs)

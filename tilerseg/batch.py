@@ -173,35 +173,41 @@ def _key(job: Job) -> tuple[str, str]:
 
 
 def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = False,
-             on_done: Callable | None = None, reraise: bool = False) -> list[dict]:
+             on_done: Callable | None = None, reraise: bool = False, at_once: int = 1) -> list[dict]:
     """Run ``run(input, output)`` (returning a :class:`~tilerseg.api.RunReport`)
     for each job, appending a ledger entry per job; errors are recorded,
     not raised (except an interrupt). ``on_done(job, entry, report)`` is
     called after each job (``reraise``: a failure is recorded, then raised).
-    Returns the entries of this run, skipped jobs left out."""
+
+    ``at_once`` jobs run together, on threads of this process (for a
+    distributed scheduler, whose workers then take the tasks of several
+    inputs at a time instead of waiting for one input's last block and its
+    conversion). An interrupt (Ctrl-C, SIGTERM) records every unfinished
+    job as failed, then propagates. Returns the entries of this run,
+    skipped jobs left out, in the order they finished."""
     before = read_ledger(ledger) if resume else {}
-    entries = []
+    todo = []
     for job in jobs:
         prev = before.get(_key(job))
         if resume and prev and prev.get("status") == "done" and os.path.exists(job.output):
             log.info("%s: done in the ledger (%s), skipped", job.input, job.output)
             continue
+        todo.append(job)
+    entries: list[dict] = []
+
+    def record(job, entry, report) -> None:
+        entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        append_ledger(ledger, entry)
+        entries.append(entry)
+        if on_done is not None:
+            on_done(job, entry, report)
+
+    def attempt(job):
         t0 = time.perf_counter()
         entry = {"input": _key(job)[0], "output": _key(job)[1]}
-        report = None
         try:
             report = run(job.input, job.output)
-            entry.update(status="done", windows_computed=report.windows_run, windows_total=report.windows,
-                         seconds=round(time.perf_counter() - t0, 3),
-                         throughput=round(report.megapixels_per_second, 4), error=None)
-        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: recorded, then the run stops
-            what = "terminated by SIGTERM (walltime or scancel)" if isinstance(err, Terminated) else \
-                "interrupted (Ctrl-C)"
-            entry.update(status="failed", windows_computed=None, windows_total=None,
-                         seconds=round(time.perf_counter() - t0, 3), throughput=None,
-                         error=f"{job.input}: {what}; rerun the same command with --resume to continue")
-            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            append_ledger(ledger, entry)
+        except KeyboardInterrupt:
             raise
         except Exception as err:  # recorded; the next input goes on
             if isinstance(err, TilersegError):
@@ -212,14 +218,61 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
                 log.debug("%s failed", job.input, exc_info=True)
             entry.update(status="failed", windows_computed=None, windows_total=None,
                          seconds=round(time.perf_counter() - t0, 3), throughput=None, error=text)
-            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            append_ledger(ledger, entry)
-            if reraise:
+            return entry, None, err
+        entry.update(status="done", windows_computed=report.windows_run, windows_total=report.windows,
+                     seconds=round(time.perf_counter() - t0, 3),
+                     throughput=round(report.megapixels_per_second, 4), error=None)
+        return entry, report, None
+
+    def stopped(job, err, t0) -> dict:
+        what = "terminated by SIGTERM (walltime or scancel)" if isinstance(err, Terminated) else \
+            "interrupted (Ctrl-C)"
+        return {"input": _key(job)[0], "output": _key(job)[1], "status": "failed", "windows_computed": None,
+                "windows_total": None, "seconds": round(time.perf_counter() - t0, 3), "throughput": None,
+                "error": f"{job.input}: {what}; rerun the same command with --resume to continue"}
+
+    if at_once <= 1 or len(todo) <= 1:
+        for job in todo:
+            t0 = time.perf_counter()
+            try:
+                entry, report, err = attempt(job)
+            except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: recorded, then the run stops
+                append_ledger(ledger, {**stopped(job, stop, t0), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 raise
-        else:
-            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            append_ledger(ledger, entry)
-        entries.append(entry)
-        if on_done is not None:
-            on_done(job, entry, report)
+            record(job, entry, report)
+            if err is not None and reraise:
+                raise err
+        return entries
+    _run_together(todo, attempt, record, stopped, at_once, reraise, ledger)
     return entries
+
+
+def _run_together(todo, attempt, record, stopped, at_once: int, reraise: bool, ledger: str) -> None:
+    """:func:`run_jobs` with ``at_once`` jobs on threads. The main thread
+    waits and writes the ledger, so an interrupt lands there; the jobs in
+    flight are then written as failed and left to stop with the client."""
+    import concurrent.futures as cf
+
+    pool = cf.ThreadPoolExecutor(min(at_once, len(todo)), thread_name_prefix="tilerseg-input")
+    started, futures, recorded = {}, {}, set()
+    try:
+        for job in todo:
+            started[job] = time.perf_counter()
+            futures[pool.submit(attempt, job)] = job
+        for fut in cf.as_completed(futures):
+            job = futures[fut]
+            entry, report, err = fut.result()
+            record(job, entry, report)
+            recorded.add(job)
+            if err is not None and reraise:
+                raise err
+    except KeyboardInterrupt as stop:
+        for fut, job in futures.items():
+            if job not in recorded:
+                fut.cancel()
+                append_ledger(ledger, {**stopped(job, stop, started[job]),
+                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        raise
+    finally:
+        # jobs still running (an interrupt, --debug) end when the caller closes their client; do not wait here
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -47,11 +47,14 @@ def cmd_run(a) -> int:
 
     with connect(a.scheduler, a.cluster, a.cluster_config) as scheduler:
         job_cfg = cfg if scheduler is None else cfg.replace(scheduler=scheduler)
+        at_once = job_cfg.engine.inputs_at_once(len(jobs))
+        if at_once > 1:
+            log.info("%d inputs at a time on the scheduler (--concurrent)", at_once)
 
         def one(input, output):
             if many:
                 print(f"[{number[input, output]}/{len(jobs)}] {input} -> {output}", flush=True)
-            progress, bar = _progress(a.quiet)
+            progress, bar = _progress(a.quiet or at_once > 1)  # no bars from inputs running together
             with bar:
                 return execute(input, output, job_cfg, progress=progress)
 
@@ -61,7 +64,7 @@ def cmd_run(a) -> int:
             else:
                 _print_report(a, report)
 
-        entries = run_jobs(jobs, ledger, one, resume=a.resume, on_done=done, reraise=a.debug)
+        entries = run_jobs(jobs, ledger, one, resume=a.resume, on_done=done, reraise=a.debug, at_once=at_once)
     failed = [e for e in entries if e["status"] == "failed"]
     if many or a.manifest:
         print(f"{len(entries) - len(failed)} done, {len(failed)} failed, {len(jobs) - len(entries)} skipped "
@@ -253,16 +256,18 @@ def cmd_eval(a) -> int:
         print(json.dumps(rep))
         return 0
     extra = "adapted_rand_error" in rep["overall"]
-    print(f"{'image':<24}{'IoU':>8}{'Dice':>8}{'pixel error':>13}"
+    print(f"{'image':<24}{'IoU':>8}{'Dice':>8}{'pixel error':>13}{'misclassified':>15}"
           + (f"{'Rand error':>12}{'warping error':>15}{'splits':>8}{'mergers':>8}" if extra else ""))
     for r in rep["images"] + [{"image": "overall", **rep["overall"]}]:
-        print(f"{r['image'][:23]:<24}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixel_error']:>13.4f}"
+        print(f"{r['image'][:23]:<24}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixel_error']:>13.4f}{r['misclassified']:>15.4f}"
               + (f"{r['adapted_rand_error']:>12.4f}{r['warping_error']:>15.6f}{r['splits']:>8}{r['mergers']:>8}"
                  if extra else ""))
     o = rep["overall"]
     print("per class: " + ", ".join(f"{n} IoU {c['iou']:.4f} Dice {c['dice']:.4f}" for n, c in o["per_class"].items()))
     if "threshold" in rep:
         print(f"threshold {rep['threshold']:g}" + (" (best of the sweep)" if a.sweep_threshold else ""))
+    print("pixel error as the ISBI challenge counts it: 1 - F-score of class 1 for two classes; misclassified: the "
+          "fraction of pixels wrong")
     return 0
 
 

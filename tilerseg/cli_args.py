@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dask-jobqueue for this run (with --cluster-config)")
     e.add_argument("--cluster-config", help="cluster YAML: queue, cores, memory, gpus, walltime, jobs "
                    "(see pipelines/cluster-slurm-gpu.yaml)")
+    e.add_argument("--concurrent", type=int, help="inputs of a batch run at once with --scheduler/--cluster "
+                   "(default 4; without them one at a time, the model already uses every core)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("info", help="print size, levels, mpp, CRS, bands and dtype")

@@ -99,7 +99,9 @@ class OutputOptions:
 @dataclass(frozen=True)
 class EngineOptions:
     """Where and how blocks are computed: ``backend`` runs the forward pass
-    on torch, ONNX Runtime or OpenVINO, or the fastest found (``auto``)."""
+    on torch, ONNX Runtime or OpenVINO, or the fastest found (``auto``).
+    ``concurrent``: inputs of a batch run at once on a distributed
+    scheduler (see :meth:`inputs_at_once`)."""
 
     workers: int | None = None
     scheduler: Any = None
@@ -108,6 +110,17 @@ class EngineOptions:
     compile: bool = False
     resume: bool = False
     backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"
+    concurrent: int | None = None
+
+    def inputs_at_once(self, n_inputs: int) -> int:
+        """How many of ``n_inputs`` run together: one at a time here on
+        threads (the one model already uses every core); on a distributed
+        scheduler ``concurrent`` (default 4), so that the workers take
+        several inputs' tasks at once instead of idling through one small
+        input's last block and conversion."""
+        if self.scheduler is None:
+            return 1
+        return max(1, min(n_inputs, self.concurrent or 4))
 
 
 SECTIONS = {"input": InputOptions, "model": ModelOptions, "tiling": TilingOptions, "output": OutputOptions,
@@ -119,7 +132,7 @@ CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MO
 # probabilities by 1e-4 at most): left out of the resume fingerprint
 # (memory_budget only sizes the tile, and the tiling chosen is in the fingerprint)
 NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
-                      "memory_budget", "force_resample"}
+                      "memory_budget", "force_resample", "concurrent"}
 UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
          "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
 
@@ -216,8 +229,10 @@ class RunConfig:
             raise InputError("give --level or --mpp, not both")
         if self.output.threshold is not None and not 0 <= self.output.threshold <= 1:  # NaN fails too
             raise InputError(f"--threshold {self.output.threshold}: give a value between 0 and 1")
-        if self.engine.workers is not None and self.engine.workers < 1:
-            raise InputError(f"--workers must be at least 1 (got {self.engine.workers})")
+        for name in ("workers", "concurrent"):
+            value = getattr(self.engine, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name} must be at least 1 (got {value})")
 
     def options(self) -> dict[str, Any]:
         """The flat options, as :meth:`from_options` takes them."""
