@@ -169,8 +169,12 @@ def test_metrics_from_confusion():
     assert cm.tolist() == [[2, 1], [1, 3]]
     s = scores(cm, ["bg", "fg"])
     assert s["iou"] == pytest.approx(3 / 5) and s["dice"] == pytest.approx(6 / 8)
-    assert s["pixel_error"] == pytest.approx(2 / 7)
+    assert s["misclassified"] == pytest.approx(2 / 7)
+    # the ISBI challenge's pixel error: 1 - F-score of class 1 (3 true, 1 false positive, 1 missed)
+    assert s["pixel_error"] == pytest.approx(1 - 2 * 3 / (2 * 3 + 1 + 1))
     assert s["per_class"]["bg"]["iou"] == pytest.approx(2 / 4)
+    three = scores(confusion(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3))
+    assert three["pixel_error"] == three["misclassified"] == pytest.approx(1 / 4)  # no F-score beyond 2 classes
 
 
 def test_train_writes_run_folder_and_self_describing_checkpoint(trained):
@@ -197,8 +201,8 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
     out, _ = trained
     root, _ = discs
     ckpt = os.path.join(out, "best.pt")
-    inter = union = wrong = total = 0
-    per_image, rand = {}, {}
+    inter = union = wrong = total = tp = fp = fn = 0
+    per_image, per_image_f, rand = {}, {}, {}
     for i in range(6):
         mask_out = str(tmp_path / f"s{i}.png")
         r = cli("run", f"{root}/images/s{i}.png", "--weights", ckpt, "-o", mask_out, "--quiet")
@@ -206,6 +210,8 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
         pred = np.array(Image.open(mask_out)) == 1
         truth = np.array(Image.open(f"{root}/masks/s{i}.png")) == 255
         per_image[f"s{i}"] = (pred != truth).mean()
+        per_image_f[f"s{i}"] = 1 - 2 * (pred & truth).sum() / (2 * (pred & truth).sum() + (pred != truth).sum())
+        tp, fp, fn = tp + (pred & truth).sum(), fp + (pred & ~truth).sum(), fn + (~pred & truth).sum()
         rand[f"s{i}"] = rand_and_vi(truth, pred)["adapted_rand_error"]
         inter += (pred & truth).sum()
         union += (pred | truth).sum()
@@ -215,13 +221,16 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["overall"]["iou"] == pytest.approx(inter / union)
-    assert rep["overall"]["pixel_error"] == pytest.approx(wrong / total)
-    assert {d["image"]: d["pixel_error"] for d in rep["images"]} == pytest.approx(per_image)
+    assert rep["overall"]["misclassified"] == pytest.approx(wrong / total)
+    assert {d["image"]: d["misclassified"] for d in rep["images"]} == pytest.approx(per_image)
+    # pixel error as the challenge (and the U-Net paper) counts it: 1 - F-score, pooled over the images
+    assert rep["overall"]["pixel_error"] == pytest.approx(1 - 2 * tp / (2 * tp + fp + fn))
+    assert {d["image"]: d["pixel_error"] for d in rep["images"]} == pytest.approx(per_image_f)
     # the challenge's scores, per image and overall (the mean over images, as the challenge averaged slices)
     assert {d["image"]: d["adapted_rand_error"] for d in rep["images"]} == pytest.approx(rand)
     assert rep["overall"]["adapted_rand_error"] == pytest.approx(np.mean(list(rand.values())))
     for d in rep["images"] + [rep["overall"]]:
-        assert 0 <= d["warping_error"] <= d["pixel_error"] and d["vi_split"] >= 0 and d["vi_merge"] >= 0
+        assert 0 <= d["warping_error"] <= d["misclassified"] and d["vi_split"] >= 0 and d["vi_merge"] >= 0
     # the sweep reports the threshold with the best overall IoU among those it scored
     r = cli("eval", "--weights", ckpt, f"{root}/images", f"{root}/masks", "--json", "--sweep-threshold")
     swept = json.loads(r.stdout)

@@ -402,7 +402,7 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
                 sched.step(sc[cfg.monitor])
             row = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "iou": sc["iou"], "dice": sc["dice"], "pixel_error": sc["pixel_error"],
-                   "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - t0 -
+                   "misclassified": sc["misclassified"], "train_seconds": round(train_seconds, 2), "val_seconds": round(time.perf_counter() - t0 -
                                                                                   train_seconds, 2),
                    "elapsed": round(time.perf_counter() - t_start, 2), "per_class": sc["per_class"]}
             improved = _is_better(cfg.monitor, sc[cfg.monitor], best)
