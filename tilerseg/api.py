@@ -188,7 +188,10 @@ def _predictor(info: ModelInfo, meta, cfg: RunConfig, tta: str = "none"):
 
 
 def _name(info: ModelInfo) -> str:
-    """``unet/resnet34``; tilerseg's own architectures have no --encoder."""
+    """``unet/resnet34``; tilerseg's own architectures have no --encoder; an
+    ONNX model is its file."""
+    if info.spec.arch == "onnx":
+        return os.path.basename(info.weights or "") or "the ONNX model"
     return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 

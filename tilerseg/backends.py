@@ -16,6 +16,10 @@ folder is not writable, in the user cache folder. A model that does not
 export, or whose export disagrees with torch by more than
 :data:`TOLERANCE` on probabilities, runs on torch with one line saying why.
 
+A model that is an ONNX file already (``--weights model.onnx``) is not
+exported: its own graph runs on ONNX Runtime whatever the backend
+(:func:`graph_runner`), or on OpenVINO when asked for and it agrees.
+
 The runtimes are an optional extra (``pip install tilerseg[cpu-fast]``),
 imported only when asked for."""
 from __future__ import annotations
@@ -52,9 +56,26 @@ class TorchRunner:
         return self.net(x)
 
 
+class GraphRunner:
+    """A model that is an ONNX file already (:class:`tilerseg.models.onnx.OnnxModel`):
+    it runs its graph on its own runtime, with nothing to export."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.model.runtime
+
+    def __call__(self, x):
+        return self.model(x)
+
+
 class OnnxRuntimeRunner:
-    """An ONNX Runtime session on the exported model; one session is
-    shared by the predictor's threads (``run`` is thread-safe)."""
+    """An ONNX Runtime session on the exported model (or a user's ONNX
+    file); one session is shared by the predictor's threads (``run`` is
+    thread-safe). Windows are handed over in the element type the graph's
+    input declares."""
 
     name = "onnxruntime"
 
@@ -68,12 +89,13 @@ class OnnxRuntimeRunner:
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(path, opts, providers=providers)
-        self.input = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input, self.dtype = first.name, ORT_TYPES.get(first.type, np.float32)
 
     def __call__(self, x):
         import torch
 
-        out = self.session.run(None, {self.input: _numpy(x)})[0]
+        out = self.session.run(None, {self.input: _numpy(x, self.dtype)})[0]
         return torch.from_numpy(out).to(x.device)
 
 
@@ -89,21 +111,30 @@ class OpenVinoRunner:
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(path), "CPU",
                                            {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+        try:
+            self.dtype = np.dtype(self.compiled.inputs[0].element_type.to_dtype())
+        except (AttributeError, TypeError, RuntimeError):
+            self.dtype = np.dtype(np.float32)
 
     def __call__(self, x):
         import torch
 
-        out = self.compiled.create_infer_request().infer([_numpy(x)])
+        out = self.compiled.create_infer_request().infer([_numpy(x, self.dtype)])
         return torch.from_numpy(np.asarray(next(iter(out.values())))).to(x.device)
 
 
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}
 MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+             "tensor(int16)": np.int16}
 
 
-def _numpy(x) -> np.ndarray:
-    """A C-contiguous float32 NCHW (NCDHW) array of a torch tensor."""
-    return np.ascontiguousarray(x.detach().float().cpu().contiguous().numpy())
+def _numpy(x, dtype=np.float32) -> np.ndarray:
+    """A C-contiguous array of a torch tensor (NCHW, NCDHW, or as given), in
+    ``dtype`` (integer types get values the caller has rounded and clipped)."""
+    a = np.ascontiguousarray(x.detach().float().cpu().contiguous().numpy())
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def available(name: str) -> bool:
@@ -246,6 +277,9 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
 
     if backend not in BACKENDS:
         raise InputError(f"unknown --backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if getattr(model, "onnx_path", None):
+        return graph_runner(backend, model, device=device, in_channels=in_channels, stride=stride,
+                            precision=precision)
     torch_runner = TorchRunner(net)
     if backend == "torch":
         return torch_runner, "torch"
@@ -274,3 +308,43 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
     best = min(runners, key=lambda r: times[r.name])
     probe = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
     return best, f"{best.name} (auto: fastest on a {x.shape[-1]}-px probe window: {probe})"
+
+
+def graph_runner(backend: str, model, *, device: str, in_channels: int, stride: int, precision: str = "fp32"):
+    """The runner of a model that is an ONNX file, and one line saying what
+    runs: its ONNX Runtime session for ``torch``, ``onnxruntime`` and
+    ``auto`` (there is no torch module to run, and nothing is exported);
+    OpenVINO on the same file for ``openvino`` when it is installed and
+    agrees with ONNX Runtime within :data:`TOLERANCE` on probabilities on a
+    seeded window, else ONNX Runtime with the reason."""
+    import torch
+
+    path = model.onnx_path
+    if precision != "fp32":
+        raise InputError(f"--precision {precision}: {path} is an ONNX graph and runs in the precision it was "
+                         "exported in; drop --precision")
+    model.use("onnxruntime")
+    runner = GraphRunner(model)
+    if backend != "openvino":
+        return runner, "onnxruntime (the model is an ONNX file)"
+    if not available("openvino"):
+        return runner, f"onnxruntime: openvino is not installed ({INSTALL})"
+    side = (getattr(model, "input_size", None) or (4 * stride,))[0]
+    x = _probe_input(in_channels, 2, stride, side, device)
+
+    def probs(t):
+        return t.float() if model.returns_probabilities else _probabilities(t)
+
+    try:
+        with torch.inference_mode():
+            ref = probs(model(x))
+            model.use("openvino")
+            diff = float((probs(model(x)) - ref).abs().max())
+    except Exception as err:  # the runtimes raise many types; any of them means: stay on ONNX Runtime
+        model.use("onnxruntime")
+        text = " ".join(str(err).split())[:200] or type(err).__name__
+        return runner, f"onnxruntime: openvino cannot run {path} ({type(err).__name__}: {text})"
+    if not diff <= TOLERANCE:
+        model.use("onnxruntime")
+        return runner, f"onnxruntime: openvino differs from it by {diff:.1e} on probabilities (more than {TOLERANCE:g})"
+    return runner, f"openvino (on the ONNX file, checked against onnxruntime: max difference {diff:.1e})"

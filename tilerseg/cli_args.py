@@ -119,14 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     m = r.add_argument_group("model")
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
     m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
-                   "or `demo` for the shipped nuclei model")
+                   "an .onnx file (your own model: bands, classes and metadata read from it), or `demo` for the "
+                   "shipped nuclei model")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
     m.add_argument("--encoder-weights", type=_none_or_str, default=None,
                    help="pretrained encoder weights for an untrained model, e.g. imagenet (default none)")
     m.add_argument("--model-arg", type=_model_arg, action="append", metavar="KEY=VALUE",
                    help="extra model argument, repeatable: encoder_depth=3, decoder_attention_type=scse, "
-                   "num_filters=16 (TernausNet)")
+                   "num_filters=16 (TernausNet); for an .onnx file: stride=N, output=logits|probabilities, "
+                   "layout=NCHW|NHWC")
     m.add_argument("--mean", type=_floats, help="normalisation mean per band, in [0, 1] units (default ImageNet)")
     m.add_argument("--std", type=_floats, help="normalisation std per band (default ImageNet)")
     m.add_argument("--scale", type=float, help="divide pixels by this first (default: dtype maximum)")

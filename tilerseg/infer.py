@@ -135,7 +135,10 @@ class Predictor:
     probabilities stay float32); ``compile`` wraps it in ``torch.compile``.
     ``backend`` runs the forward pass on torch, ONNX Runtime or OpenVINO, or
     picks the fastest (``auto``; see :mod:`tilerseg.backends`); the export
-    is cached beside ``weights``.
+    is cached beside ``weights``. A model that is an ONNX file runs its
+    graph on ONNX Runtime (or OpenVINO), through the same normalisation,
+    batching and TTA; one whose graph ends in a sigmoid/softmax
+    (``returns_probabilities``) is not activated twice.
     On a GPU, windows are copied from pinned memory without blocking, and
     a batch that runs out of GPU memory is split in halves and retried,
     once said, and later batches keep to the size that fitted."""
@@ -162,6 +165,10 @@ class Predictor:
         # faster in it on CPU (oneDNN) and on tensor-core GPUs
         self.model = model.eval().to(self.device, memory_format=self._format)
         self.stride = output_stride(model)
+        if compile and getattr(model, "runs_outside_torch", False):
+            log.info("--compile does not apply to %s: its graph runs on ONNX Runtime; ignored",
+                     getattr(model, "onnx_path", "this model"))
+            compile = False
         net = torch.compile(self.model) if compile else self.model
         # the forward pass only: normalisation, TTA and probabilities stay here, whatever runs it
         self._net, self.backend_note = choose(backend, net, self.model, device=self.device,
@@ -169,8 +176,10 @@ class Predictor:
                                               stride=self.stride, weights=weights, precision=precision,
                                               compile=compile)
         self.backend = self._net.name
-        if backend != "torch":
+        if backend != "torch" or self.backend != "torch":
             log.info("backend: %s", self.backend_note)
+        # a model that ends in its own sigmoid/softmax (an ONNX file may) gives probabilities already
+        self._activate = not getattr(model, "returns_probabilities", False)
         self.max_batch: int | None = None  # lowered when a batch runs out of GPU memory
         self._mean = torch.as_tensor(np.asarray(mean, np.float32), device=self.device).view(1, -1, 1, 1)
         self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
@@ -216,7 +225,10 @@ class Predictor:
             contextlib.nullcontext()
         with self._lock, torch.inference_mode(), amp:
             logits = self._net(x).float()
-            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+            if not self._activate:
+                probs = logits
+            else:
+                probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
             if len(self._views) > 1:
                 probs = sum(_view(probs[i * n:(i + 1) * n], v, inverse=True) for i, v in enumerate(self._views))
                 probs = probs / len(self._views)

@@ -4,7 +4,10 @@ Tiled output equals whole-image inference only when the halo is at least
 the radius of the input region an output pixel depends on. Guessing it from
 the architecture is error-prone (DESIGN.md), so it is measured: the support
 of the input gradient of single output pixels, on a random input, for a few
-positions within one stride period (the radius can depend on the phase)."""
+positions within one stride period (the radius can depend on the phase).
+Models without gradients (ONNX graphs) are measured by perturbation: the
+output pixels a changed input pixel moves. The module graph gives it
+exactly where it can be read (:func:`analytic_radius`)."""
 from __future__ import annotations
 
 import logging
@@ -69,6 +72,140 @@ def gradient_radius(model, *, in_channels: int, stride: int, size: int = 256, ma
         size *= 2
 
 
+def perturbation_radius(model, *, in_channels: int, stride: int, size: int = 256, max_size: int = 2048,
+                        seed: int = 0, trials: int = 2) -> tuple[int, int]:
+    """Return ``(radius, size)`` as :func:`gradient_radius` does, for a
+    model without gradients (an ONNX graph): measured by perturbation.
+
+    On a random ``size`` px input the model runs once; then one input pixel
+    near the centre (all bands) is replaced by distant random values, at
+    the phases 0, ``stride // 2`` and ``stride - 1`` within a stride period,
+    and the output pixels that changed (by more than two runs of the same
+    input differ: nothing, for a deterministic runtime) are its reach.
+    ``trials`` fresh random inputs and values per position are united,
+    because one perturbation can miss output pixels it happens not to move
+    (a ReLU that stays off, an influence below float rounding): the reach
+    is a lower bound that the union tightens, where the gradient's support
+    is exact. The input grows, up to ``max_size``, until the reach stays
+    clear of its border; a graph with a fixed input size (``input_size``)
+    is measured at that size only.
+
+    The radius follows :func:`gradient_radius`'s rule seen from the input
+    side: an input pixel whose reach covers the first pixel of a crop
+    starting on a grid line ``g`` after it needs a halo of its distance to
+    ``g``, and one reaching back to the last pixel of a crop ending on a
+    grid line before it, its distance to that pixel; the radius is the
+    largest such distance over both axes. The three phases give it to
+    within ``stride - 1`` px (and give the halo exactly when each output
+    pixel's support moves forward with the pixel, as in convolutional
+    nets); the pixel farthest from the grid line that still reaches it is
+    then found by bisection within one stride period, ``log2(stride)``
+    perturbations of one input per side, so that the radius is exact too."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    fixed = getattr(model, "input_size", None)
+    if fixed is not None:
+        size = max_size = int(fixed[0])
+    size = int(math.ceil(size / stride) * stride)
+    lo, hi = getattr(model, "input_range", None) or (None, None)
+
+    def sample(shape):
+        if lo is None:
+            return rng.standard_normal(shape).astype(np.float32)
+        return rng.integers(int(lo), int(hi) + 1, shape).astype(np.float32)
+
+    def run(x):
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).float().cpu().numpy()[0]
+
+    def changed(y, x, bases, outs, noise):
+        """The bounding box ``(first, last)`` per axis of the output pixels
+        that move when input pixel (y, x) does, or None."""
+        moved = np.zeros((size, size), bool)
+        for base_in, base_out in zip(bases, outs):
+            xp = base_in.copy()
+            if lo is None:  # far from the input's values, either sign
+                xp[0, :, y, x] = np.sign(rng.standard_normal(in_channels)) * rng.uniform(4, 8, in_channels)
+            else:           # the far end of the range
+                xp[0, :, y, x] = np.where(xp[0, :, y, x] < (lo + hi) / 2, hi, lo)
+            moved |= (np.abs(run(xp) - base_out) > noise).any(axis=0)
+        support = np.argwhere(moved)
+        return (support.min(axis=0), support.max(axis=0)) if len(support) else None
+
+    while True:
+        c = (size // 2 // stride) * stride
+        bases = [sample((1, in_channels, size, size)) for _ in range(trials)]
+        outs = [run(x) for x in bases]
+        noise = float(np.abs(run(bases[0]) - outs[0]).max())  # a runtime that is not deterministic
+        radius, reach, seen = 0, 0, {}
+        for p in sorted({0, stride // 2, stride - 1}):
+            i = c + p
+            box = changed(i, i, bases, outs, noise)
+            if box is None:
+                continue
+            seen[p] = box
+            for first, last in zip(*box):
+                starts = (last // stride) * stride   # the last grid line the pixel reaches: a crop starting there
+                ends = (first // stride + 1) * stride  # the first grid line after its first pixel: a crop ending there
+                radius = max(radius, int(starts - i) if starts > i else 0, int(i - ends + 1) if ends <= i else 0)
+            reach = max(reach, int(max((box[1] - i).max(), (i - box[0]).max())))
+        if not seen:  # nothing moved: no reach at all
+            return 0, size
+        if reach >= size // 2 - stride and size < max_size:
+            size *= 2
+            continue
+        if reach >= size // 2 - stride:
+            log.warning("the perturbation reaches the border of a %d-px input: the receptive field may be wider "
+                        "than measured", size)
+        if 0 in seen and stride > 1:  # one input per step: the phases above already fix the halo
+            radius = max(radius, _bisect(changed, seen[0], c, stride, bases[:1], outs[:1], noise))
+        return radius, size
+
+
+def _bisect(changed, box, c: int, stride: int, bases, outs, noise) -> int:
+    """The radius from the input pixels farthest from a grid line that still
+    reach across it: the first pixel ``i`` in ``(c - stride, c]`` whose
+    reach ends at or past ``g`` (the last grid line pixel ``c`` reaches),
+    and the last ``i`` in ``[c, c + stride)`` whose reach starts before
+    ``g'`` (the first grid line after pixel ``c``'s first). Both axes at
+    once: pixel (y, x) moves each axis's search by its own bounds."""
+    first, last = box
+    g = (last // stride) * stride            # per axis
+    g2 = (first // stride + 1) * stride
+    a_lo, a_hi = np.full(2, c - stride), np.full(2, c)  # reaches g: no at a_lo, yes at a_hi
+    b_lo, b_hi = np.full(2, c), np.full(2, c + stride)  # reaches back before g2: yes at b_lo, no at b_hi
+    while (a_hi - a_lo > 1).any() or (b_hi - b_lo > 1).any():
+        if (a_hi - a_lo > 1).any():
+            mid = (a_lo + a_hi) // 2
+            got = changed(int(mid[0]), int(mid[1]), bases, outs, noise)
+            yes = got[1] >= g if got is not None else np.zeros(2, bool)
+            a_hi, a_lo = np.where((a_hi - a_lo > 1) & yes, mid, a_hi), np.where((a_hi - a_lo > 1) & ~yes, mid, a_lo)
+        if (b_hi - b_lo > 1).any():
+            mid = (b_lo + b_hi) // 2
+            got = changed(int(mid[0]), int(mid[1]), bases, outs, noise)
+            yes = got[0] < g2 if got is not None else np.zeros(2, bool)
+            b_lo, b_hi = np.where((b_hi - b_lo > 1) & yes, mid, b_lo), np.where((b_hi - b_lo > 1) & ~yes, mid, b_hi)
+    return int(max((g - a_hi).max(), (b_lo - g2 + 1).max(), 0))
+
+
+def probe_radius(model, *, in_channels: int, stride: int, **kwargs) -> tuple[int, int, str]:
+    """``(radius, size, how)``: by input gradients for torch modules, by
+    perturbation for a model that runs outside torch (``runs_outside_torch``:
+    an ONNX graph has no gradients to follow)."""
+    if getattr(model, "runs_outside_torch", False):
+        import time
+
+        t0 = time.perf_counter()
+        radius, size = perturbation_radius(model, in_channels=in_channels, stride=stride, **kwargs)
+        halo = recommend_halo(radius, stride)
+        log.info("receptive field measured by perturbation on a %d-px input in %.1f s (to skip it: --halo %d, or "
+                 "halo %d in the model's metadata)", size, time.perf_counter() - t0, halo, halo)
+        return radius, size, "measured by perturbation"
+    radius, size = gradient_radius(model, in_channels=in_channels, stride=stride, **kwargs)
+    return radius, size, "measured by input gradients"
+
+
 def recommend_halo(radius: int, stride: int) -> int:
     """The smallest halo >= ``radius`` that is a multiple of the stride, so
     that any tile that is a multiple of the stride keeps its crop on the grid."""
@@ -76,8 +213,9 @@ def recommend_halo(radius: int, stride: int) -> int:
 
 
 def measure_halo(model, *, in_channels: int, stride: int, **kwargs) -> HaloReport:
-    radius, size = gradient_radius(model, in_channels=in_channels, stride=stride, **kwargs)
-    return HaloReport(radius=radius, stride=stride, halo=recommend_halo(radius, stride), size=size)
+    """The measured halo (see :func:`probe_radius`) and how it was found."""
+    radius, size, how = probe_radius(model, in_channels=in_channels, stride=stride, **kwargs)
+    return HaloReport(radius=radius, stride=stride, halo=recommend_halo(radius, stride), size=size, how=how)
 
 
 # ---- the analytic receptive field: read from the module graph ----------------------------------------------
@@ -252,8 +390,12 @@ def analytic_radius(model, *, in_channels: int, stride: int, dims: int = 2) -> i
     exactly, phase by phase. Instant where the probe takes seconds to
     minutes. Returns None when the model does something whose reach is not
     a window (global pooling, attention, reshapes, size-dependent
-    resampling): measure it instead."""
+    resampling), or that runs outside torch (an ONNX graph): measure it
+    instead."""
     import torch
+
+    if getattr(model, "runs_outside_torch", False):
+        return None
 
     side = max(2 * stride, 16)
     device = next(model.parameters()).device

@@ -4,8 +4,9 @@
 (``--halo N``, or ``--halo auto`` to measure), else the checkpoint's, else
 the model's receptive field, computed from its module graph
 (:func:`tilerseg.receptive.analytic_radius`; the gradient probe where the
-graph cannot be read). With that halo, tiled output equals whole-image
-inference for local models. Models with global context cannot be
+graph cannot be read, a perturbation probe for ONNX graphs). With that
+halo, tiled output equals whole-image inference for local models. A graph
+with a fixed input size runs with that tile only. Models with global context cannot be
 seam-exact; they get the gaussian merge with half-window overlap. The
 decision says why it chose each value (:attr:`Tiling.why`), and the run
 prints it."""
@@ -20,7 +21,7 @@ from .config import DEFAULT_BATCH, MERGE_MODES, TilingOptions
 from .engine import TileSpec
 from .errors import InputError, TileError
 from .geometry import Grid, Grid3, block_layout, validate_tile
-from .receptive import analytic_radius, gradient_radius, recommend_halo
+from .receptive import analytic_radius, probe_radius, recommend_halo
 
 log = logging.getLogger(__name__)
 DEFAULT_TILE = 512           # 2-D window side when nothing else decides it (volumes, models with global context)
@@ -29,6 +30,7 @@ LIVE_SHARE = 0.5             # of all module outputs, the share counted as live 
 BUDGET_SHARE = {"cpu": 0.25, "cuda": 0.5}  # default --memory-budget: this share of the RAM / GPU memory
 VOLUME_VOXELS = 160 ** 3     # default 3-D windows grow up to about this many voxels (memory)
 NON_LOCAL_HALO = 64          # starting halo for models with global context (the gaussian merge widens it)
+UNKNOWN_BYTES = 4096         # activation bytes per input pixel assumed where a graph's shapes cannot be inferred
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def receptive_radius(model, bands: int, stride: int, dims: int) -> tuple[int, st
     r = analytic_radius(model, in_channels=bands, stride=stride, dims=dims)
     if r is not None:
         return r, f"receptive field {r} px, computed from the module graph"
-    r, _ = gradient_radius(model, in_channels=bands, stride=stride)
-    return r, f"receptive field {r} px, measured by input gradients"
+    r, _, how = probe_radius(model, in_channels=bands, stride=stride)
+    return r, f"receptive field {r} px, {how}"
 
 
 def _axes(v, dims: int, name: str) -> tuple[int, ...]:
@@ -108,6 +110,13 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
                          "exact); drop --merge")
     if opts.tta not in (None, "none") and dims == 3:
         raise InputError("--tta works on 2-D models only")
+    # a graph with a fixed input size (an ONNX file) takes windows of that size only
+    fixed = getattr(model, "input_size", None)
+    where = getattr(model, "onnx_path", "the model")
+    if fixed is not None and opts.tile not in (None, "auto") and _axes(opts.tile, dims, "tile") != (fixed[0],) * dims:
+        raise InputError(f"--tile {_text(_axes(opts.tile, dims, 'tile'))}: {where} takes fixed {fixed[0]}x{fixed[0]} "
+                         "windows (its graph's input shape); drop --tile, or export the model with dynamic height "
+                         "and width")
     # the halo: the user's, else the checkpoint's, else the receptive field
     if opts.halo == "auto":
         radius, how = receptive_radius(model, bands, stride, dims)
@@ -123,9 +132,17 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
         halo, note = recommend_halo(radius, stride), how
     halo = _axes(halo, dims, "halo")
     # the tile: the user's, else the largest that fits memory (local 2-D models; a model with global
-    # context keeps the checkpoint's, as its output depends on the window), else sized to the halo
+    # context keeps the checkpoint's, as its output depends on the window), else sized to the halo;
+    # a fixed input size wins
     batch = opts.batch_size
-    if opts.tile not in (None, "auto"):
+    if fixed is not None:
+        side = int(fixed[0])
+        if side - 2 * halo[0] <= 0:
+            raise TileError(f"{where} takes fixed {side}-px windows, too small for the halo {halo[0]} px ({note}): "
+                            "give a smaller --halo to trade exactness for speed, or export the model with "
+                            "dynamic height and width")
+        tile, tnote = (side,) * dims, "fixed by the model's input shape"
+    elif opts.tile not in (None, "auto"):
         tile, tnote = _axes(opts.tile, dims, "tile"), "--tile"
     elif info.tile is not None and (global_parts or dims == 3):
         tile, tnote = _axes(info.tile, dims, "tile"), "the checkpoint's"
@@ -166,6 +183,14 @@ def activation_bytes(model, bands: int, stride: int) -> float:
     import torch
 
     side = 4 * stride
+    own = getattr(model, "tensor_bytes_per_pixel", None)  # a graph outside torch (ONNX) sums its own tensors
+    if callable(own):
+        per_pixel = own(side)
+        if per_pixel is not None:
+            return max(per_pixel * LIVE_SHARE, 4.0 * bands)
+        log.info("the model's tensor sizes cannot be inferred: --tile auto assumes %d bytes per pixel",
+                 UNKNOWN_BYTES)
+        return float(UNKNOWN_BYTES)
     param = next(iter(model.parameters()), None)
     x = torch.zeros((1, bands, side, side), device=param.device if param is not None else "cpu")
     total = [0]

@@ -68,6 +68,8 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
     _own("transunet", "TransUNet", "transunet:transunet", "a vision transformer on the 1/16 feature map"),
     _own("unet2d", "UNet", "unet:unet2d"),
     _own("unet3d", "UNet", "unet:unet3d", dims=3),
+    # an ONNX file given as --weights: its graph is the architecture (built from the file, never here)
+    _own("onnx", "OnnxModel", "onnx:not_buildable"),
 )}
 ALIASES = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
 
@@ -117,10 +119,11 @@ def global_context(model) -> list[str]:
     tiled output differ from whole-image inference. Checked on the built
     module, so encoders with SE blocks (EfficientNet, SE-ResNet...) and
     ``decoder_attention_type="scse"`` are caught too; wrappers holding only
-    ``nn.Identity`` (smp's disabled attention) are not."""
+    ``nn.Identity`` (smp's disabled attention) are not. A module that runs
+    an ONNX graph lists the graph's operators in ``global_parts``."""
     import torch.nn as nn
 
-    found = set()
+    found = set(getattr(model, "global_parts", ()))  # a model that runs outside torch names them itself
     for m in model.modules():
         name = type(m).__name__
         if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MultiheadAttention)):

@@ -1,5 +1,6 @@
 """Loading weights: smp ``save_pretrained`` folders, bare state dicts
-(``.safetensors``/``.pt``) and self-describing tilerseg checkpoints."""
+(``.safetensors``/``.pt``), self-describing tilerseg checkpoints and ONNX
+files (:mod:`tilerseg.models.onnx`)."""
 from __future__ import annotations
 
 import functools
@@ -71,11 +72,20 @@ class ModelInfo:
         return self.threshold if self.threshold is not None else 0.5
 
 
+def is_onnx(weights: str | None, spec: ModelSpec | None = None) -> bool:
+    """Whether ``weights`` is an ONNX file: named ``.onnx``, or any file
+    given with ``--model onnx``."""
+    if weights is None or os.path.isdir(weights):
+        return False
+    return os.fspath(weights).lower().endswith(".onnx") or (spec is not None and spec.arch.lower() == "onnx")
+
+
 def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
     """Resolve the model config: from the weights where they carry it
-    (smp folder, tilerseg checkpoint), else from ``spec`` (the flags)."""
+    (smp folder, tilerseg checkpoint, ONNX file), else from ``spec`` (the flags)."""
     if weights is None:
-        canonical(spec.arch)
+        if canonical(spec.arch) == "onnx":
+            raise ModelError("--model onnx runs an ONNX file: give it as --weights model.onnx")
         return ModelInfo(spec=spec)
     weights = os.fspath(weights)
     if not os.path.exists(weights):
@@ -83,6 +93,12 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
 
         near = " (did you mean 'demo', the shipped model?)" if difflib.get_close_matches(weights, ["demo"]) else ""
         raise ModelError(f"{weights}: weights not found{near}; check the --weights path")
+    if is_onnx(weights, spec):
+        from .onnx import describe_onnx
+
+        fields = describe_onnx(weights, spec)
+        mean, std, scale = fields.pop("normalization")
+        return ModelInfo(weights=weights, normalization=Normalization(mean=mean, std=std, scale=scale), **fields)
     if os.path.isdir(weights):
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.exists(cfg_path):
@@ -120,7 +136,12 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
 
 
 def instantiate(info: ModelInfo):
-    """Build the module of ``info`` and load its weights, in eval mode."""
+    """Build the module of ``info`` and load its weights, in eval mode (an
+    ONNX file: the module that runs its graph)."""
+    if info.spec.arch == "onnx":
+        from .onnx import build_onnx
+
+        return build_onnx(info)
     spec = info.spec if info.weights is None else replace(info.spec, encoder_weights=None)
     model = build(spec)
     if info.weights is not None:
