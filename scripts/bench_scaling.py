@@ -14,7 +14,8 @@ ledger it writes.
   processes, the cores split between them (each worker's torch uses its
   threads). Each worker builds the model once, on its first task. The
   workers run with the environment dask's nanny gives them
-  (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536); tilerseg sets each
+  (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536) plus the allocator settings
+  tilerseg's job scripts export (tilerseg.allocator.WORKER_ENV); tilerseg sets each
   worker's torch threads to its dask threads. The workers build the model
   before the clock starts, as the threaded run does.
 For the distributed runs it also reports the tasks' overhead (worker
@@ -70,6 +71,8 @@ def main() -> int:
 
     from make_slide import make_slide
 
+    from tilerseg.allocator import WORKER_ENV  # the environment tilerseg's job scripts give workers
+
     cores = os.cpu_count() or 2
     os.makedirs(a.workdir, exist_ok=True)
     slide = os.path.join(a.workdir, f"slide-{a.size}.tif")
@@ -85,7 +88,7 @@ def main() -> int:
         for n in (1, 2):
             key = "1 worker" if n == 1 else "2 workers"
             with LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
-                              dashboard_address=":0") as cluster:
+                              dashboard_address=":0", env=WORKER_ENV) as cluster:
                 mpx, info = run_distributed(cluster, slide, out)
             if mpx > best[key]:
                 best[key], extra[key] = mpx, info

@@ -293,6 +293,9 @@ def _parse(argv) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from .allocator import keep_heap
+
+    keep_heap()  # before any thread starts: activations stay in the heap (see tilerseg.allocator)
     try:
         args = _parse(argv)
     except Exception as err:  # a bad --config file

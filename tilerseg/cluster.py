@@ -47,8 +47,14 @@ def load_cluster_config(path: str, kind: str | None = None) -> tuple[str, dict]:
 def jobqueue_kwargs(kind: str, cfg: dict) -> dict:
     """dask-jobqueue cluster arguments for ``cfg``: one worker process per
     GPU (with the scheduler's GPU request), else ``processes``."""
+    from .allocator import WORKER_ENV
+
     kw = {k: cfg[k] for k in PASSED if cfg.get(k) is not None}
     kw.setdefault("job_name", "tilerseg")
+    # the workers' allocator keeps activations in its heap (tilerseg.allocator); the user's lines come after
+    prologue = kw.get("job_script_prologue") or []
+    kw["job_script_prologue"] = [f"export {k}={v}" for k, v in WORKER_ENV.items()] + (
+        [prologue] if isinstance(prologue, str) else list(prologue))
     gpus = int(cfg.get("gpus") or 0)
     if gpus:
         kw["processes"] = gpus

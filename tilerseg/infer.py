@@ -240,6 +240,9 @@ def cached_predictor(info: ModelInfo, bands: int, dtype: str, device: str, tta: 
                      precision: str = "fp32", compile: bool = False, backend: str = "torch") -> Predictor:
     """One predictor per model, band count, device, TTA mode and precision
     in each process (worker): the model is built once per worker."""
+    from .allocator import keep_heap
+
+    keep_heap()  # on a worker: undo the nanny's 64 KiB trim threshold (see tilerseg.allocator)
     _worker_threads()
     device = worker_device(device)
     model = instantiate(info)
