@@ -148,3 +148,32 @@ def test_a_missing_input_answers_in_well_under_two_seconds(tmp_path):
     took = time.perf_counter() - t0
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.tif" in r.stderr
     assert took < 3.0, took  # 0.2-0.4 s measured on 2 cores; the bound leaves room for a loaded CI machine
+
+
+def test_the_allocator_keeps_blocks_in_the_heap_in_a_fresh_process():
+    """``tilerseg`` sets glibc to serve large blocks from its heap (no mmap):
+    a fresh process that calls keep_heap() and then allocates 256 MiB in a
+    new thread maps no new region of that size; without it, one appears."""
+    import subprocess
+    import sys
+
+    code = r'''
+import os, sys, threading
+if sys.argv[1] == "heap":
+    from tilerseg.allocator import keep_heap
+    assert keep_heap()
+def maps():  # anonymous mappings (the heap, [heap], is named)
+    with open("/proc/self/maps") as f:
+        return {ln.split()[0] for ln in f if len(ln.split()) == 5}
+big = []
+def grab():
+    before = maps()
+    buf = bytearray(256 * 2 ** 20)
+    after = maps()
+    big.append(any(int(r.split("-")[1], 16) - int(r.split("-")[0], 16) >= 256 * 2 ** 20 for r in after - before))
+t = threading.Thread(target=grab); t.start(); t.join()
+print(big[0])
+'''
+    out = {m: subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True) for m in ("heap", "glibc")}
+    assert out["glibc"].stdout.strip() == "True", out["glibc"].stderr  # glibc maps a 256 MiB block afresh
+    assert out["heap"].stdout.strip() == "False", out["heap"].stderr  # tilerseg's setting: from the heap

@@ -207,6 +207,10 @@ def test_cluster_script_prints_a_valid_slurm_script():
     for want in ("-p gpu", "--cpus-per-task=16", "-t 12:00:00", "--gres=gpu:2", "-J tilerseg"):
         assert any(want in d for d in directives), (want, directives)
     assert "distributed.cli.dask_worker tcp://" in script and "--nworkers 2" in script  # a worker per GPU
+    # workers keep activations in the heap (tilerseg.allocator), exported before the worker starts
+    lines = script.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "dask_worker" in ln)
+    assert {"export MALLOC_ARENA_MAX=1", "export MALLOC_MMAP_MAX_=0"} <= set(lines[:start])
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
 
 
