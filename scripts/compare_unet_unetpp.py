@@ -76,6 +76,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    from tilerseg.allocator import keep_heap
+
+    keep_heap()  # as the tilerseg command does, before any thread: training runs as `tilerseg train` would
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "isbi2012"),
                    help="folder with image/ and label/ (ISBI slices 0-24)")
