@@ -1,7 +1,7 @@
 """Throughput with 1 and 2 local dask worker processes on CPU, and with
 tilerseg's default threads, measured side by side in one run.
 
-Usage: python scripts/bench_scaling.py [--size 3072] [--reps 2] [--tile auto|512] [--json]
+Usage: python scripts/bench_scaling.py [--size 3072] [--reps 2] [--tile auto|512] [--manifest 6] [--json]
 
 Setup: a synthetic --size² JPEG slide (scripts/make_slide.py),
 the shipped demo model (a small U-Net), --tile (default auto, as a user
@@ -21,6 +21,9 @@ ledger it writes.
 For the distributed runs it also reports the tasks' overhead (worker
 thread-seconds not spent computing a task, per task) and the scheduler's
 CPU time (the scheduler runs in this script's process).
+Then a manifest of --manifest small slides (768², 0 to skip) runs on the
+2-worker cluster one input at a time (``--concurrent 1``) and with the
+default (inputs together), the command's wall time side by side.
 Each configuration runs --reps times, interleaved, with only its own
 processes alive (a cluster is started for its run and closed after); the
 best is reported."""
@@ -60,6 +63,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tilerseg-bench-scaling"))
     p.add_argument("--tile", default="auto")
+    p.add_argument("--manifest", type=int, default=6, help="small inputs in the manifest run (0: none)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     TILE[:] = ["--tile", a.tile]
@@ -89,12 +93,14 @@ def main() -> int:
             key = "1 worker" if n == 1 else "2 workers"
             with LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
                               dashboard_address=":0", env=WORKER_ENV) as cluster:
-                mpx, info = run_distributed(cluster, slide, out)
+                mpx, info = run_distributed(cluster, slide, out, a.size)
             if mpx > best[key]:
                 best[key], extra[key] = mpx, info
     ratio = best["2 workers"] / best["1 worker"]
+    many = run_manifest(a, make_slide, WORKER_ENV, cores) if a.manifest else None
     if a.json:
-        print(json.dumps({"cores": cores, "size": a.size, "mpx_s": best, "ratio_2_over_1": ratio, "tasks": extra}))
+        print(json.dumps({"cores": cores, "size": a.size, "mpx_s": best, "ratio_2_over_1": ratio, "tasks": extra,
+                          "manifest": many}))
         return 0
     print(f"{a.size}² JPEG slide, demo model, --tile {a.tile}, {cores} cores, best of {a.reps}")
     for k, v in best.items():
@@ -104,10 +110,46 @@ def main() -> int:
         print(f"{k:<10}{v:>8.2f} Mpx/s{tail}")
     print(f"2 workers / 1 worker: {ratio:.3f}; 1 worker / threads: {best['1 worker'] / best['threads']:.3f}; "
           f"2 workers / threads: {best['2 workers'] / best['threads']:.3f}")
+    if many:
+        print(f"manifest of {a.manifest} 768² slides on 2 workers: one at a time {many['one_at_a_time_s']:.1f} s, "
+              f"together {many['together_s']:.1f} s: {many['together_s'] / many['one_at_a_time_s']:.2f}x the time")
     return 0
 
 
-def run_distributed(cluster, slide: str, out: str) -> tuple[float, dict]:
+def run_manifest(a, make_slide, env: dict, cores: int) -> dict:
+    """Best wall time of the manifest on a 2-worker cluster, one input at a
+    time and together (the default), interleaved."""
+    import time
+
+    from distributed import LocalCluster
+
+    folder = os.path.join(a.workdir, "many")
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k in range(a.manifest):
+        paths.append(os.path.join(folder, f"small-{k}.tif"))
+        if not os.path.exists(paths[-1]):
+            make_slide(paths[-1], 768, levels=1, seed=k)
+    manifest = os.path.join(folder, "list.txt")
+    with open(manifest, "w") as f:
+        f.write("\n".join(paths) + "\n")
+    best = {"one_at_a_time_s": float("inf"), "together_s": float("inf")}
+    with LocalCluster(n_workers=2, threads_per_worker=max(1, cores // 2), processes=True, dashboard_address=":0",
+                      env=env) as cluster:
+        for _ in range(a.reps):
+            for key, extra in (("one_at_a_time_s", ["--concurrent", "1"]), ("together_s", [])):
+                cmd = [sys.executable, "-m", "tilerseg.cli", "run", "--manifest", manifest, "-o",
+                       os.path.join(folder, "out") + "/", "--weights", "demo", "--overwrite", "--quiet", *TILE,
+                       "--scheduler", cluster.scheduler_address, *extra]
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True, env=CLEAN_ENV, cwd=folder)
+                if r.returncode:
+                    raise SystemExit(r.stderr)
+                best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
+def run_distributed(cluster, slide: str, out: str, size: int) -> tuple[float, dict]:
     """Mpx/s of one `--scheduler` run on ``cluster``, with its tasks'
     overhead (worker thread time not spent computing, per task) and the
     scheduler's CPU time (the scheduler runs in this process)."""
@@ -121,8 +163,7 @@ def run_distributed(cluster, slide: str, out: str) -> tuple[float, dict]:
         mpx = run_cli(slide, out, "--scheduler", cluster.scheduler_address)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     stream = [t for t in ts.data if "tilerseg" in str(t.get("key")) and "warm" not in str(t.get("key"))]
-    with open(os.path.join(os.path.dirname(out), "tilerseg-ledger.jsonl")) as f:
-        seconds = json.loads(f.readlines()[-1])["seconds"]
+    seconds = size * size / 1e6 / mpx  # the run's computing time (model building excluded)
     compute = sum(s["stop"] - s["start"] for t in stream for s in t["startstops"] if s["action"] == "compute")
     n = max(1, len(stream))
     sched = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)

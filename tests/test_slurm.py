@@ -1,8 +1,12 @@
 """Batch runs on a real one-node SLURM (the ``slurm`` fixture, tests/slurm.py):
 ``--cluster slurm`` submits worker jobs through dask-jobqueue, nothing
 mocked, and its outputs equal a local threaded run byte for byte, also when
-a worker job is cancelled mid-run, or the client itself is terminated and
-resumed."""
+a worker job is cancelled mid-run or reaches its walltime, or the client
+itself is terminated and resumed.
+
+The manifest's first input is larger than the others: the inputs run
+together on the cluster, so the small ones finish while it is still being
+computed, and a fault injected once one input is done lands mid-run."""
 from __future__ import annotations
 
 import json
@@ -25,7 +29,7 @@ def inputs(tmp_path_factory):
     """A manifest of three small RGB TIFFs."""
     folder = tmp_path_factory.mktemp("slurm-inputs")
     paths = []
-    for k, shape in enumerate([(512, 640), (448, 512), (512, 576)]):
+    for k, shape in enumerate([(1536, 1792), (448, 512), (512, 576)]):
         path = folder / f"in{k}.tif"
         textured_tiff(path, shape, seed=10 + k, periods=(23.0 + k, 41.0), noise=25)
         paths.append(str(path))
@@ -86,6 +90,15 @@ def wait_for(predicate, proc, timeout=300, what="") -> None:
         time.sleep(0.2)
 
 
+def blocks_done(out) -> int:
+    """Blocks finished so far in the run's unfinished outputs (their ``done`` marks)."""
+    n = 0
+    for here, dirs, names in os.walk(out):
+        if os.path.basename(here) == "done":
+            n += len(names)
+    return n
+
+
 def done_lines(out) -> int:
     try:
         return sum(e["status"] == "done" for e in ledger(out))
@@ -112,6 +125,7 @@ def test_a_cancelled_worker_job_moves_its_tasks(tmp_path, slurm, inputs, local_r
     proc = cli_process(*run_args(inputs, out, tiny_model_dir, cluster_config(tmp_path)))
     running = lambda: [j for j in slurm.jobs(JOB) if j["state"] == "RUNNING"]  # noqa: E731
     wait_for(lambda: len(running()) == 2 and done_lines(out) >= 1, proc, what="two workers and one input done")
+    assert done_lines(out) < 3  # the large input is still running
     slurm.cmd("scancel", running()[0]["id"])
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
@@ -131,11 +145,48 @@ def test_a_terminated_client_records_it_cancels_its_jobs_and_resumes(tmp_path, s
     assert proc.returncode != 0
     last = ledger(out)[-1]
     assert last["status"] == "failed" and "terminated" in last["error"], last
+    stopped = {e["input"] for e in ledger(out) if e["status"] == "failed" and "terminated" in e["error"]}
+    assert inputs[1][0] in stopped  # the large input, still running when the signal came
     assert slurm.wait_empty(JOB, timeout=30) == []  # no worker job outlives its client
     r = cli(*run_args(inputs, out, tiny_model_dir, config), "--resume")
     assert r.returncode == 0, r.stderr
     assert tree(out) == local_run
     assert [e["status"] for e in ledger(out)][-2:] != ["failed", "failed"]
+    assert slurm.wait_empty(JOB) == []
+
+
+def test_a_worker_job_at_its_walltime_is_replaced(tmp_path, slurm, tiny_model_dir):
+    """SLURM itself ends the worker job at its time limit (SIGTERM, then
+    SIGKILL after KillWait) mid-run: a replacement job starts, takes the
+    lost tasks, and the output is the local run's bytes.
+
+    The limit is cut on the running job with ``scontrol update`` to SLURM's
+    smallest, one minute: slurmctld's own walltime path ends it (it checks
+    limits about every 30 s), whatever this machine's speed. One one-core
+    job on a 4096² input keeps the run going well past that."""
+    src = tmp_path / "big.tif"
+    textured_tiff(src, (4096, 4096), seed=3, periods=(29.0, 43.0), noise=25)
+    local = tmp_path / "local" / "mask.zarr"
+    out = tmp_path / "out" / "mask.zarr"
+    local.parent.mkdir()
+    out.parent.mkdir()
+    r = cli("run", str(src), "-o", str(local), "--weights", tiny_model_dir, *ARGS)
+    assert r.returncode == 0, r.stderr
+    before = {j["JobId"] for j in slurm.finished()}
+    proc = cli_process("run", str(src), "-o", str(out), "--weights", tiny_model_dir, *ARGS, "--cluster", "slurm",
+                       "--cluster-config", cluster_config(tmp_path, jobs=1))
+    running = lambda: [j for j in slurm.jobs(JOB) if j["state"] == "RUNNING"]  # noqa: E731
+    wait_for(lambda: len(running()) == 1 and blocks_done(out.parent) >= 1, proc, what="the worker's first block")
+    victim = running()[0]["id"]
+    slurm.cmd("scontrol", "update", f"JobId={victim}", "TimeLimit=1")
+    ended = lambda: [j for j in slurm.finished() if j.get("JobId") == victim]  # noqa: E731
+    wait_for(ended, proc, timeout=240, what=f"job {victim} to reach its time limit")
+    assert ended()[0].get("JobState") == "TIMEOUT", ended()
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    assert tree(out) == tree(local)
+    ran = [j for j in slurm.finished() if j["JobId"] not in before and j["Name"] == JOB]
+    assert len(ran) >= 2, ran  # the timed-out job and its replacement
     assert slurm.wait_empty(JOB) == []
 
 
