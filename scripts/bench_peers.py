@@ -88,6 +88,9 @@ def seam_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 
 def main() -> int:
+    from tilerseg.allocator import keep_heap
+
+    keep_heap()  # as the tilerseg command does, first: every run here, MONAI's too, has the same allocator
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--reps", type=int, default=2)
