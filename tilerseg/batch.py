@@ -253,7 +253,9 @@ def _run_together(todo, attempt, record, stopped, at_once: int, reraise: bool, l
     flight are then written as failed and left to stop with the client."""
     import concurrent.futures as cf
 
-    pool = cf.ThreadPoolExecutor(min(at_once, len(todo)), thread_name_prefix="tilerseg-input")
+    from .engine import input_pool
+
+    pool = input_pool(min(at_once, len(todo)))
     started, futures, recorded = {}, {}, set()
     try:
         for job in todo:

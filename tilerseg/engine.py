@@ -309,6 +309,15 @@ def local_pool(workers: int | None = None, name: str = "tilerseg"):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def input_pool(n: int):
+    """Threads for inputs of a batch running together (each drives its own
+    run on a distributed scheduler). The caller shuts the pool down; after an
+    interrupt without waiting, as the runs in flight end with their client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max(1, n), thread_name_prefix="tilerseg-input")
+
+
 def thread_map(workers: int | None = None):
     """A ``parallel(fn, items)`` running ``fn`` on ``workers`` threads, for
     the writer's chunk loops (resampling, pyramid levels); errors raise.
