@@ -13,8 +13,9 @@ threshold. A dask nanny makes it worse: it starts workers with
 Measured on a 2-core AMD EPYC (AVX2, fp32), the demo U-Net, 2 windows of
 1728 px run on a pool thread with 2 torch threads: 8.3-8.6 s a batch as
 glibc ships, 5.0-5.9 s with one arena, no mmap and a 1 GiB trim threshold;
-4 windows of 512 px on one thread under a nanny's setting: 1.8-2.1 s, and
-1.3-1.5 s with the mmap threshold at 32 MiB and the trim threshold raised.
+4 windows of 512 px on the main thread with 1 torch thread: 1.4-1.5 s as
+glibc ships, 1.8-2.1 s under a nanny's setting, 1.0-1.2 s with no mmap and
+the trim threshold raised.
 Peak memory is the same (the blocks are reused, not returned); the process
 keeps up to the trim threshold of freed memory.
 
@@ -37,14 +38,14 @@ log = logging.getLogger(__name__)
 
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0"}
 TRIM_THRESHOLD = 2 ** 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt's parameters (malloc.h)
 
 
 @functools.lru_cache(maxsize=None)
-def keep_heap(arenas: bool = True) -> bool:
+def keep_heap() -> bool:
     """Raise glibc's trim threshold to :data:`TRIM_THRESHOLD`, stop serving
-    blocks with ``mmap`` and (``arenas``) keep one arena for threads started
-    from now on. Returns whether it applied (glibc on Linux, not turned off)."""
+    blocks with ``mmap`` and keep one arena for threads started from now
+    on. Returns whether it applied (glibc on Linux, not turned off)."""
     if os.environ.get("TILERSEG_MALLOC", "").lower() == "system" or not os.uname().sysname == "Linux":
         return False
     try:
@@ -54,8 +55,6 @@ def keep_heap(arenas: bool = True) -> bool:
         return False
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     ok &= mallopt(_M_MMAP_MAX, 0) == 1
-    if arenas:
-        ok &= mallopt(_M_ARENA_MAX, 1) == 1
-    log.debug("allocator: trim threshold %d, no mmap%s: %s", TRIM_THRESHOLD, ", one arena" if arenas else "",
-              "set" if ok else "not set")
+    ok &= mallopt(_M_ARENA_MAX, 1) == 1
+    log.debug("allocator: trim threshold %d, no mmap, one arena: %s", TRIM_THRESHOLD, "set" if ok else "not set")
     return bool(ok)
