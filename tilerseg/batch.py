@@ -168,6 +168,11 @@ def append_ledger(path: str, entry: dict) -> None:
         log.warning("could not write the ledger %s: %s", path, err.strerror or err)
 
 
+def _now() -> str:
+    """The ledger's ``finished`` time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _key(job: Job) -> tuple[str, str]:
     return os.fspath(job.input), os.fspath(job.output)
 
@@ -196,7 +201,7 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
     entries: list[dict] = []
 
     def record(job, entry, report) -> None:
-        entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        entry["finished"] = _now()
         append_ledger(ledger, entry)
         entries.append(entry)
         if on_done is not None:
@@ -229,7 +234,8 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
             "interrupted (Ctrl-C)"
         return {"input": _key(job)[0], "output": _key(job)[1], "status": "failed", "windows_computed": None,
                 "windows_total": None, "seconds": round(time.perf_counter() - t0, 3), "throughput": None,
-                "error": f"{job.input}: {what}; rerun the same command with --resume to continue"}
+                "error": f"{job.input}: {what}; rerun the same command with --resume to continue",
+                "finished": _now()}
 
     if at_once <= 1 or len(todo) <= 1:
         for job in todo:
@@ -237,7 +243,7 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
             try:
                 entry, report, err = attempt(job)
             except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: recorded, then the run stops
-                append_ledger(ledger, {**stopped(job, stop, t0), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                append_ledger(ledger, stopped(job, stop, t0))
                 raise
             record(job, entry, report)
             if err is not None and reraise:
@@ -272,8 +278,7 @@ def _run_together(todo, attempt, record, stopped, at_once: int, reraise: bool, l
         for fut, job in futures.items():
             if job not in recorded:
                 fut.cancel()
-                append_ledger(ledger, {**stopped(job, stop, started[job]),
-                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                append_ledger(ledger, stopped(job, stop, started[job]))
         raise
     finally:
         # jobs still running (an interrupt, --debug) end when the caller closes their client; do not wait here

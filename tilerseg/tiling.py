@@ -223,19 +223,18 @@ def memory_budget(model, given: int | None, worker_memory: int | None = None) ->
     if given:
         return int(given), f"--memory-budget {_gib(given)}"
     param = next(iter(model.parameters()), None)
-    if worker_memory and (param is None or param.device.type != "cuda"):
-        share = BUDGET_SHARE["cpu"]
-        budget = 2 ** int(math.log2(max(worker_memory * share, 2 ** 26)))
-        return budget, f"{_gib(budget)}, {share:.0%} of a dask worker's memory limit ({_gib(worker_memory)})"
     if param is not None and param.device.type == "cuda":
         import torch
 
-        total, where = torch.cuda.get_device_properties(param.device).total_memory, "GPU memory"
-        share = BUDGET_SHARE["cuda"]
+        total, share = torch.cuda.get_device_properties(param.device).total_memory, BUDGET_SHARE["cuda"]
+        where = "the GPU memory"
+    elif worker_memory:
+        total, share = worker_memory, BUDGET_SHARE["cpu"]
+        where = f"a dask worker's memory limit ({_gib(worker_memory)})"
     else:
-        total, where, share = _total_ram(), "RAM", BUDGET_SHARE["cpu"]
+        total, where, share = _total_ram(), "the RAM", BUDGET_SHARE["cpu"]
     budget = 2 ** int(math.log2(max(total * share, 2 ** 26)))
-    return budget, f"{_gib(budget)}, {share:.0%} of the {where}"
+    return budget, f"{_gib(budget)}, {share:.0%} of {where}"
 
 
 def _total_ram() -> int:
