@@ -47,11 +47,15 @@ CLEAN_ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 TILE: list[str] = []
 
 
+def run_command(*args: str) -> list[str]:
+    """A `tilerseg run` command line with the demo model and the bench's tile."""
+    return [sys.executable, "-m", "tilerseg.cli", "run", *args, "--weights", "demo", "--overwrite", "--quiet", *TILE]
+
+
 def run_cli(slide: str, out: str, *extra: str) -> float:
     """Mpx/s of one `tilerseg run`, from its ledger line."""
     env = CLEAN_ENV
-    cmd = [sys.executable, "-m", "tilerseg.cli", "run", slide, "-o", out, "--weights", "demo", "--overwrite",
-           "--quiet", *TILE, *extra]
+    cmd = run_command(slide, "-o", out, *extra)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(out))
     if r.returncode:
         raise SystemExit(r.stderr)
@@ -68,6 +72,8 @@ def main() -> int:
     p.add_argument("--manifest", type=int, default=6, help="N: manifests of N and 2N small inputs (0: none)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.manifest == 1:
+        p.error("--manifest: 0, or 2 and more (a batch of one input has no [k/N] lines to time)")
     TILE[:] = ["--tile", a.tile]
     import logging
 
@@ -145,9 +151,8 @@ def run_manifest(a, make_slide, env: dict, cores: int) -> dict:
         for _ in range(a.reps):
             for key, extra in (("one_at_a_time_s", ["--concurrent", "1"]), ("together_s", [])):
                 for n, manifest in lists.items():
-                    cmd = [sys.executable, "-m", "tilerseg.cli", "run", "--manifest", manifest, "-o",
-                           os.path.join(folder, "out") + "/", "--weights", "demo", "--overwrite", "--quiet", *TILE,
-                           "--scheduler", cluster.scheduler_address, *extra]
+                    cmd = run_command("--manifest", manifest, "-o", os.path.join(folder, "out") + "/",
+                                      "--scheduler", cluster.scheduler_address, *extra)
                     spans[key, n] = min(spans.get((key, n), float("inf")), _inputs_span(cmd, folder))
     n = a.manifest
     return {key: (spans[key, 2 * n] - spans[key, n]) / n for key in ("one_at_a_time_s", "together_s")}
