@@ -73,6 +73,17 @@ class Slurm:
         with open(self.jobcomp_log) as f:
             return [dict(kv.split("=", 1) for kv in ln.split() if "=" in kv) for ln in f if ln.strip()]
 
+    def finished_since(self, before: set, name: str, count: int, timeout: float = 60) -> list[dict]:
+        """Jobs named ``name`` not in ``before`` that the completion log records,
+        waiting until there are ``count``: a cancelled job leaves the queue
+        before slurmctld has always appended its line."""
+        end = time.monotonic() + timeout
+        while True:
+            ran = [j for j in self.finished() if j.get("JobId") not in before and j.get("Name") == name]
+            if len(ran) >= count or time.monotonic() > end:
+                return ran
+            time.sleep(0.5)
+
     def wait_empty(self, name: str | None = None, timeout: float = 60) -> list[dict]:
         """Wait until no job (named ``name``) is in the queue; return what is left."""
         end = time.monotonic() + timeout

@@ -114,7 +114,7 @@ def test_manifest_through_slurm_equals_a_local_run(tmp_path, slurm, inputs, loca
     assert tree(out) == local_run
     assert [e["status"] for e in ledger(out)] == ["done"] * 3
     assert slurm.wait_empty(JOB) == []  # the jobs left the queue with the run
-    ran = [j for j in slurm.finished() if j["JobId"] not in before and j["Name"] == JOB]
+    ran = slurm.finished_since(before, JOB, 2)
     assert len(ran) == 2, ran  # the scheduler's log shows both worker jobs
     logs = "".join((tmp_path / "logs" / n).read_text() for n in os.listdir(tmp_path / "logs"))
     assert logs.count("Registered to") >= 2, logs[-3000:]  # and each worker joined
@@ -185,9 +185,9 @@ def test_a_worker_job_at_its_walltime_is_replaced(tmp_path, slurm, tiny_model_di
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr
     assert tree(out) == tree(local)
-    ran = [j for j in slurm.finished() if j["JobId"] not in before and j["Name"] == JOB]
+    assert slurm.wait_empty(JOB) == []  # the replacement is cancelled with the run
+    ran = slurm.finished_since(before, JOB, 2)
     assert len(ran) >= 2, ran  # the timed-out job and its replacement
-    assert slurm.wait_empty(JOB) == []
 
 
 def test_the_printed_cluster_script_runs_a_worker_that_connects(tmp_path, slurm):
