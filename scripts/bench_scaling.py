@@ -15,8 +15,10 @@ ledger it writes.
   threads). Each worker builds the model once, on its first task. The
   workers run with the environment dask's nanny gives them
   (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536) plus the allocator settings
-  tilerseg's job scripts export (tilerseg.allocator.WORKER_ENV); tilerseg sets each
-  worker's torch threads to its dask threads. The workers build the model
+  tilerseg's job scripts export (tilerseg.allocator.WORKER_ENV), given before
+  the worker process starts (the nanny's pre-spawn-environ: LocalCluster's
+  env= sets them after, too late for glibc, and makes the model 1.5x
+  slower); tilerseg sets each worker's torch threads to its dask threads. The workers build the model
   before the clock starts, as the threaded run does.
 For the distributed runs it also reports the tasks' overhead (worker
 thread-seconds not spent computing a task, per task) and the scheduler's
@@ -50,6 +52,16 @@ TILE: list[str] = []
 def run_command(*args: str) -> list[str]:
     """A `tilerseg run` command line with the demo model and the bench's tile."""
     return [sys.executable, "-m", "tilerseg.cli", "run", *args, "--weights", "demo", "--overwrite", "--quiet", *TILE]
+
+
+def worker_env(env: dict):
+    """Config that starts LocalCluster workers with ``env`` in their
+    environment from exec on (the nanny's pre-spawn-environ), as a job
+    script's ``export`` does."""
+    import dask
+
+    return dask.config.set({"distributed.nanny.pre-spawn-environ":
+                            {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env}})
 
 
 def run_cli(slide: str, out: str, *extra: str) -> float:
@@ -99,8 +111,8 @@ def main() -> int:
         best["threads"] = max(best["threads"], run_cli(slide, out))
         for n in (1, 2):
             key = "1 worker" if n == 1 else "2 workers"
-            with LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n), processes=True,
-                              dashboard_address=":0", env=WORKER_ENV) as cluster:
+            with worker_env(WORKER_ENV), LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n),
+                                                      processes=True, dashboard_address=":0") as cluster:
                 mpx, info = run_distributed(cluster, slide, out, a.size)
             if mpx > best[key]:
                 best[key], extra[key] = mpx, info
@@ -146,8 +158,8 @@ def run_manifest(a, make_slide, env: dict, cores: int) -> dict:
         with open(lists[n], "w") as f:
             f.write("\n".join(paths[:n]) + "\n")
     spans = {}
-    with LocalCluster(n_workers=2, threads_per_worker=max(1, cores // 2), processes=True, dashboard_address=":0",
-                      env=env) as cluster:
+    with worker_env(env), LocalCluster(n_workers=2, threads_per_worker=max(1, cores // 2), processes=True,
+                                       dashboard_address=":0") as cluster:
         for _ in range(a.reps):
             for key, extra in (("one_at_a_time_s", ["--concurrent", "1"]), ("together_s", [])):
                 for n, manifest in lists.items():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import cli, cli_process, data, textured_tiff
+from tilerseg.allocator import WORKER_ENV
 
 
 @pytest.mark.slow
@@ -24,6 +25,9 @@ def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         r = cli("run", src, "-o", str(tmp_path / "d.zarr"), "--scheduler", cluster.scheduler_address, *args)
         assert r.returncode == 0, r.stderr
+    # these workers were started without MALLOC_ARENA_MAX/MALLOC_MMAP_MAX_: one warning, naming the fix
+    assert r.stderr.count("2 of 2 dask workers were started without tilerseg's allocator settings") == 1, r.stderr
+    assert "pre-spawn-environ" in r.stderr
     r = cli("run", src, "-o", str(tmp_path / "l.zarr"), *args)
     assert r.returncode == 0, r.stderr
     a = zarr.open_array(str(tmp_path / "d.zarr" / "0"), mode="r")[...]
@@ -35,7 +39,7 @@ def _dask(*args, cwd) -> subprocess.Popen:
     """`dask ARGS` in its own session (so a kill takes its nanny and worker)."""
     dask = shutil.which("dask", path=os.path.dirname(sys.executable)) or "dask"
     return subprocess.Popen([dask, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                            start_new_session=True, env=dict(os.environ, HF_HUB_OFFLINE="1", **WORKER_ENV))
 
 
 def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -79,6 +83,7 @@ def test_dask_commands_scheduler_and_workers_with_one_killed(tmp_path, tiny_mode
             _stop(procs[1], signal.SIGKILL)  # a worker lost: its tasks rerun on the other
             stdout, stderr = proc.communicate(timeout=600)
             assert proc.returncode == 0, stderr
+            assert "allocator settings" not in stderr  # started as the README says: nothing to warn about
             assert len(client.scheduler_info()["workers"]) == 1
     finally:
         for p in reversed(procs):

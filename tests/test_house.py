@@ -150,6 +150,32 @@ def test_a_missing_input_answers_in_well_under_two_seconds(tmp_path):
     assert took < 3.0, took  # 0.2-0.4 s measured on 2 cores; the bound leaves room for a loaded CI machine
 
 
+def test_started_with_env_reads_the_environment_the_process_was_started_with(tmp_path):
+    """glibc reads MALLOC_* once, at exec: what counts is /proc/PID/environ,
+    not os.environ as changed since (as a nanny's env= changes it)."""
+    import subprocess
+    import sys
+
+    from tilerseg.allocator import WORKER_ENV, started_with_env
+
+    def environ(env: dict):
+        path = tmp_path / "environ"
+        path.write_bytes(b"\0".join(f"{k}={v}".encode() for k, v in env.items()) + b"\0")
+        return str(path)
+
+    assert started_with_env(environ({"PATH": "/bin", **WORKER_ENV}))
+    assert not started_with_env(environ({"PATH": "/bin", "MALLOC_ARENA_MAX": "1"}))
+    assert not started_with_env(environ({**WORKER_ENV, "MALLOC_ARENA_MAX": "8"}))
+    assert started_with_env(environ({"TILERSEG_MALLOC": "system"}))  # turned off on purpose
+    code = ("import os, sys; from tilerseg.allocator import WORKER_ENV, started_with_env; "
+            "os.environ.update(WORKER_ENV); print(started_with_env())")
+    late = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in WORKER_ENV})
+    early = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, **WORKER_ENV))
+    assert (late.stdout.strip(), early.stdout.strip()) == ("False", "True"), (late.stderr, early.stderr)
+
+
 def test_the_allocator_keeps_blocks_in_the_heap_in_a_fresh_process():
     """``tilerseg`` sets glibc to serve large blocks from its heap (no mmap):
     a fresh process that calls keep_heap() and then allocates 256 MiB in a
