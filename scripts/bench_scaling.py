@@ -16,7 +16,7 @@ ledger it writes.
   workers run with the environment dask's nanny gives them
   (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536) plus the allocator settings
   tilerseg's job scripts export (tilerseg.allocator.WORKER_ENV), given before
-  the worker process starts (the nanny's pre-spawn-environ: LocalCluster's
+  the worker process starts (allocator.nanny_config, the nanny's pre-spawn-environ: LocalCluster's
   env= sets them after, too late for glibc, and makes the model 1.5x
   slower); tilerseg sets each worker's torch threads to its dask threads. The workers build the model
   before the clock starts, as the threaded run does.
@@ -54,16 +54,6 @@ def run_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tilerseg.cli", "run", *args, "--weights", "demo", "--overwrite", "--quiet", *TILE]
 
 
-def worker_env(env: dict):
-    """Config that starts LocalCluster workers with ``env`` in their
-    environment from exec on (the nanny's pre-spawn-environ), as a job
-    script's ``export`` does."""
-    import dask
-
-    return dask.config.set({"distributed.nanny.pre-spawn-environ":
-                            {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env}})
-
-
 def run_cli(slide: str, out: str, *extra: str) -> float:
     """Mpx/s of one `tilerseg run`, from its ledger line."""
     env = CLEAN_ENV
@@ -91,11 +81,12 @@ def main() -> int:
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dask
     from distributed import LocalCluster
 
     from make_slide import make_slide
 
-    from tilerseg.allocator import WORKER_ENV  # the environment tilerseg's job scripts give workers
+    from tilerseg.allocator import nanny_config  # workers start with what tilerseg's job scripts export
 
     cores = os.cpu_count() or 2
     os.makedirs(a.workdir, exist_ok=True)
@@ -111,13 +102,13 @@ def main() -> int:
         best["threads"] = max(best["threads"], run_cli(slide, out))
         for n in (1, 2):
             key = "1 worker" if n == 1 else "2 workers"
-            with worker_env(WORKER_ENV), LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n),
-                                                      processes=True, dashboard_address=":0") as cluster:
+            with dask.config.set(nanny_config()), LocalCluster(n_workers=n, threads_per_worker=max(1, cores // n),
+                                                               processes=True, dashboard_address=":0") as cluster:
                 mpx, info = run_distributed(cluster, slide, out, a.size)
             if mpx > best[key]:
                 best[key], extra[key] = mpx, info
     ratio = best["2 workers"] / best["1 worker"]
-    many = run_manifest(a, make_slide, WORKER_ENV, cores) if a.manifest else None
+    many = run_manifest(a, make_slide, cores) if a.manifest else None
     if a.json:
         print(json.dumps({"cores": cores, "size": a.size, "mpx_s": best, "ratio_2_over_1": ratio, "tasks": extra,
                           "manifest": many}))
@@ -137,13 +128,16 @@ def main() -> int:
     return 0
 
 
-def run_manifest(a, make_slide, env: dict, cores: int) -> dict:
+def run_manifest(a, make_slide, cores: int) -> dict:
     """Seconds per additional input of a manifest on a 2-worker cluster,
     one input at a time and together (the default): the span of a batch of
     2N inputs minus that of N (the first input of a process waits for its
     imports and model, which would otherwise hide the rest), best of the
     reps, interleaved."""
+    import dask
     from distributed import LocalCluster
+
+    from tilerseg.allocator import nanny_config
 
     folder = os.path.join(a.workdir, "many")
     os.makedirs(folder, exist_ok=True)
@@ -158,8 +152,8 @@ def run_manifest(a, make_slide, env: dict, cores: int) -> dict:
         with open(lists[n], "w") as f:
             f.write("\n".join(paths[:n]) + "\n")
     spans = {}
-    with worker_env(env), LocalCluster(n_workers=2, threads_per_worker=max(1, cores // 2), processes=True,
-                                       dashboard_address=":0") as cluster:
+    with dask.config.set(nanny_config()), LocalCluster(n_workers=2, threads_per_worker=max(1, cores // 2),
+                                                       processes=True, dashboard_address=":0") as cluster:
         for _ in range(a.reps):
             for key, extra in (("one_at_a_time_s", ["--concurrent", "1"]), ("together_s", [])):
                 for n, manifest in lists.items():

@@ -16,12 +16,14 @@ from tilerseg.allocator import WORKER_ENV
 
 
 @pytest.mark.slow
-def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir):
+def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir, monkeypatch):
     import zarr
     from distributed import LocalCluster
 
     src = data("rasterio/RGB.byte.tif")
     args = ["--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet"]
+    for k in WORKER_ENV:  # workers started without the allocator settings (an earlier cluster may have left them)
+        monkeypatch.delenv(k, raising=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         r = cli("run", src, "-o", str(tmp_path / "d.zarr"), "--scheduler", cluster.scheduler_address, *args)
         assert r.returncode == 0, r.stderr
@@ -33,6 +35,35 @@ def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir):
     a = zarr.open_array(str(tmp_path / "d.zarr" / "0"), mode="r")[...]
     b = zarr.open_array(str(tmp_path / "l.zarr" / "0"), mode="r")[...]
     assert np.array_equal(a, b) and (a == 255).any()
+
+
+@pytest.mark.slow
+def test_nanny_config_starts_workers_with_the_allocator_settings():
+    """The advice the warning gives for LocalCluster works: under
+    allocator.nanny_config the workers are started with the settings,
+    under env= they are not (it is applied after the start).
+
+    A LocalCluster's nannies run in this process and leave their
+    pre-spawn variables in its os.environ, which later workers inherit:
+    env= runs first, and the environment is restored after."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from tilerseg.allocator import nanny_config, started_with_env
+
+    saved = dict(os.environ)
+    try:
+        for k in WORKER_ENV:
+            os.environ.pop(k, None)
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                          env=WORKER_ENV) as cluster, Client(cluster) as c:
+            assert list(c.run(started_with_env).values()) == [False]
+        with dask.config.set(nanny_config()), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                           dashboard_address=None) as cluster, Client(cluster) as c:
+            assert list(c.run(started_with_env).values()) == [True]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _dask(*args, cwd) -> subprocess.Popen:

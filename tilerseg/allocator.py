@@ -88,9 +88,20 @@ def started_with_env(environ_file: str = "/proc/self/environ") -> bool:
     return all(env.get(k) == v for k, v in WORKER_ENV.items())
 
 
+def nanny_config() -> dict:
+    """Dask config under which a nanny starts its workers with
+    :data:`WORKER_ENV` from exec on, as a job script's ``export`` does:
+    ``with dask.config.set(nanny_config()): LocalCluster(...)``."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"
+    return {key: {**dask.config.get(key, {}), **WORKER_ENV}}
+
+
 def worker_env_advice() -> str:
     """What to do about a worker started without :data:`WORKER_ENV`."""
     names = " ".join(f"{k}={v}" for k, v in WORKER_ENV.items())
     return (f"start `dask worker` with {names} exported (with LocalCluster, in the config "
-            "distributed.nanny.pre-spawn-environ: env= is set after the worker started, too late for glibc); "
+            "distributed.nanny.pre-spawn-environ, see tilerseg.allocator.nanny_config: env= is set after the worker "
+            "started, too late for glibc); "
             "--cluster job scripts do this")
