@@ -53,12 +53,17 @@ TRIM_THRESHOLD = 2 ** 30
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt's parameters (malloc.h)
 
 
+def left_alone(env) -> bool:
+    """Whether ``env`` turns tilerseg's allocator settings off (``TILERSEG_MALLOC=system``)."""
+    return env.get("TILERSEG_MALLOC", "").lower() == "system"
+
+
 @functools.lru_cache(maxsize=None)
 def keep_heap() -> bool:
     """Raise glibc's trim threshold to :data:`TRIM_THRESHOLD`, stop serving
     blocks with ``mmap`` and keep one arena for threads started from now
     on. Returns whether it applied (glibc on Linux, not turned off)."""
-    if os.environ.get("TILERSEG_MALLOC", "").lower() == "system" or not os.uname().sysname == "Linux":
+    if left_alone(os.environ) or not os.uname().sysname == "Linux":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -83,9 +88,7 @@ def started_with_env(environ_file: str = "/proc/self/environ") -> bool:
     except OSError:
         return True
     env = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-    if env.get("TILERSEG_MALLOC", "").lower() == "system":
-        return True
-    return all(env.get(k) == v for k, v in WORKER_ENV.items())
+    return left_alone(env) or all(env.get(k) == v for k, v in WORKER_ENV.items())
 
 
 def nanny_config() -> dict:
