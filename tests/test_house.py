@@ -203,3 +203,34 @@ print(big[0])
     out = {m: subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True) for m in ("heap", "glibc")}
     assert out["glibc"].stdout.strip() == "True", out["glibc"].stderr  # glibc maps a 256 MiB block afresh
     assert out["heap"].stdout.strip() == "False", out["heap"].stderr  # tilerseg's setting: from the heap
+
+
+def test_the_allocator_keeps_freed_memory_above_a_gibibyte():
+    """A 2240 px window's activations (2.7 GiB) were returned to the system
+    after the largest layers at a 1 GiB trim threshold, and faulted in again
+    at the next (350,000 faults a window): trimming is off. A fresh process
+    that frees 1.5 GiB at the top of its heap keeps the heap; without the
+    setting glibc shrinks it."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys
+if sys.argv[1] == "heap":
+    from tilerseg.allocator import keep_heap
+    assert keep_heap()
+else:
+    import ctypes
+    ctypes.CDLL("libc.so.6").mallopt(-4, 0)  # no mmap, as tilerseg, so the block comes from the heap
+def heap():
+    with open("/proc/self/maps") as f:
+        r = [ln.split()[0] for ln in f if ln.rstrip().endswith("[heap]")][0]
+    return int(r.split("-")[1], 16) - int(r.split("-")[0], 16)
+buf = bytearray(3 * 2 ** 29)
+grown = heap()
+del buf
+print(grown >= 3 * 2 ** 29, heap() >= 3 * 2 ** 29)
+'''
+    out = {m: subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True) for m in ("heap", "glibc")}
+    assert out["glibc"].stdout.split() == ["True", "False"], out["glibc"].stderr  # glibc trims it back
+    assert out["heap"].stdout.split() == ["True", "True"], out["heap"].stderr  # tilerseg keeps it
