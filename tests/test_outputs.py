@@ -77,6 +77,27 @@ def test_probability_levels_are_nan_aware_means(tmp_path):
     assert np.isnan(got[:, :20]).all() and not np.isnan(got[:, 20]).any()
 
 
+def test_probability_zarr_levels_share_level_0s_fast_codec_and_read_back_exactly(tmp_path):
+    """Float probabilities are stored with Blosc lz4 + shuffle (zarr's zstd
+    cost a tenth of a run, see writers.compressors) on every level, and read
+    back bit for bit, NaN nodata included; labels keep zstd."""
+    import zarr
+
+    rng = np.random.default_rng(1)
+    p = rng.random((2, 700, 900)).astype(np.float32)
+    p[:, :40] = np.nan
+    meta = ImageMeta(shape=(700, 900), bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.5)
+    _write(tmp_path / "p.zarr", p, meta, probabilities=True, classes=2, names=("a", "b"))
+    _write(tmp_path / "l.zarr", _labels(700, 900), meta)
+    prob, lab = zarr.open_group(str(tmp_path / "p.zarr"), mode="r"), zarr.open_group(str(tmp_path / "l.zarr"), mode="r")
+    assert len(list(prob.array_keys())) >= 3
+    for k in prob.array_keys():
+        assert [type(c).__name__ for c in prob[k].compressors] == ["BloscCodec"], k
+        assert prob[k].compressors[0].cname.value == "lz4" and prob[k].compressors[0].shuffle.value == "shuffle"
+    assert np.array_equal(prob["0"][...], p, equal_nan=True)
+    assert [type(c).__name__ for c in lab["0"].compressors] == ["ZstdCodec"]
+
+
 def test_ome_zarr_read_by_the_reference_reader_with_scale(tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader

@@ -89,7 +89,7 @@ def _each_chunk(dst, fill, parallel: Parallel) -> None:
 def _like(group, name: str, src, shape: tuple[int, int]):
     lead = src.shape[:-2]
     return group.create_array(name, shape=(*lead, *shape), chunks=src.chunks, dtype=src.dtype,
-                              fill_value=src.fill_value, dimension_names=src.metadata.dimension_names,
+                              compressors=src.compressors, fill_value=src.fill_value, dimension_names=src.metadata.dimension_names,
                               overwrite=True)
 
 

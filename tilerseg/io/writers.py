@@ -29,6 +29,21 @@ from .marks import ChunkMarks
 from .pyramid import Parallel, serial
 
 log = logging.getLogger(__name__)
+def compressors(dtype) -> list | str:
+    """The codecs of an output's zarr arrays (levels copy level 0's).
+
+    Float probabilities: Blosc lz4 with byte shuffle. zarr's default zstd
+    took 1.2 s of a 4096^2 run's 12.6 s on a 2-core EPYC, on a pool thread
+    beside the model, to compress 67 MB of them by 1.18x; lz4 with shuffle
+    writes them 8x faster and smaller (1.26x). Labels and uint8
+    probabilities keep zstd, which shrinks a label mask 47x at 0.12 GB/s."""
+    if np.dtype(dtype).kind == "f":
+        from zarr.codecs import BloscCodec
+
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    return "auto"
+
+
 PNG_MAX_PIXELS = 20000 * 20000
 VOLUME_FORMATS = ("zarr", "ome-tiff", "tiff")
 FORMATS = {".zarr": "zarr", ".ome.zarr": "zarr", ".ome.tif": "ome-tiff", ".ome.tiff": "ome-tiff",
@@ -332,6 +347,7 @@ class Writer:
     def _create(self, group, name, shape, chunks, dtype, info: OutputInfo):
         axes = ("z", "y", "x") if info.volume else ("y", "x")
         return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
+                                  compressors=compressors(dtype),
                                   fill_value=np.nan if info.probabilities else LABEL_NODATA,
                                   dimension_names=("c", *axes) if info.probabilities else axes)
 
