@@ -34,18 +34,29 @@ def _windows(z, tile: int):
             yield r0, c0, np.asarray(z[..., r0:r0 + tile, c0:c0 + step])
 
 
-def _tiles(z, fill, imap=map, convert=None):
+def _tiles(z, fill, imap=map, convert=None, ready=None):
     """Every ``TILE`` x ``TILE`` tile of ``z`` in TIFF order (plane, row,
     column), padded with ``fill`` at the right and bottom edges, passed
     through ``convert`` (e.g. probabilities to uint8) when given, and
     zlib-compressed as tifffile would (same bytes). ``imap`` reads and
     compresses strips of tiles in parallel and yields them in order (the
-    engine's :func:`~tilerseg.engine.thread_map`); the default is serial."""
+    engine's :func:`~tilerseg.engine.thread_map`); the default is serial.
+    ``ready(r0, r1, c0, c1)``, when given, is called (in the consumer's
+    thread, before a strip is handed to ``imap``) and returns once that
+    region of ``z`` is computed: a streamed write."""
     planes = range(z.shape[0]) if z.ndim == 3 else [None]
     H, W = z.shape[-2:]
     step = max(1, z.chunks[-1] // TILE) * TILE
-    strips = [(k, r0, c0) for k in planes for r0 in range(0, H, TILE) for c0 in range(0, W, step)]
-    for tiles in imap(lambda strip: _encoded_strip(z, fill, step, convert, *strip), strips):
+
+    def strips():
+        for k in planes:
+            for r0 in range(0, H, TILE):
+                for c0 in range(0, W, step):
+                    if ready is not None:
+                        ready(r0, min(r0 + TILE, H), c0, min(c0 + step, W))
+                    yield k, r0, c0
+
+    for tiles in imap(lambda strip: _encoded_strip(z, fill, step, convert, *strip), strips()):
         yield from tiles
 
 
@@ -105,14 +116,26 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
     run's settings, so that a resumed run writes the same bytes). ``imap``:
     how tiles are read and compressed (see :func:`_tiles`); tifffile
     writes the compressed tiles in order as they come."""
+    stream_pyramid_tiff(levels[0], [z.shape for z in levels], lambda: levels, path, meta, kind, ome=ome, uid=uid,
+                        imap=imap)
+
+
+def stream_pyramid_tiff(z0, shapes: list, rest, path: str, meta: ImageMeta, kind: dict, *, ome: bool,
+                        uid: str | None = None, imap=map, ready=None) -> None:
+    """:func:`write_pyramid_tiff` while level 0 is being computed: its tiles
+    are written as ``ready(r0, r1, c0, c1)`` (see :func:`_tiles`) releases
+    them, then ``rest()`` gives all the levels, of ``shapes`` (waiting for
+    them to be built; its first is ``z0``). The bytes are those of
+    :func:`write_pyramid_tiff`: the file is written in the same order, only
+    sooner."""
     import tifffile
 
-    z0 = levels[0]
     probabilities = kind["kind"] == "probabilities"
     as_bytes = probabilities and kind.get("dtype") == "uint8"
     fill = np.nan if probabilities and not as_bytes else LABEL_NODATA
     dtype = np.dtype(np.uint8) if as_bytes else z0.dtype
-    nbytes = sum(np.prod(z.shape) * dtype.itemsize for z in levels)
+    shapes = [tuple(int(n) for n in shape) for shape in shapes]
+    nbytes = sum(np.prod(shape) * dtype.itemsize for shape in shapes)
     description = json.dumps({"tilerseg": kind})
     K = z0.shape[0] if z0.ndim == 3 else 1
     common = dict(tile=(TILE, TILE), compression="zlib", metadata=None, dtype=dtype,
@@ -121,6 +144,7 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
         common["photometric"] = "minisblack"
     else:
         common.update(photometric="palette", colormap=colormap(kind["classes"]))
+    levels = []
 
     def res(k):
         if not meta.mpp:
@@ -129,20 +153,24 @@ def write_pyramid_tiff(levels: list, path: str, meta: ImageMeta, kind: dict, *, 
         return {"resolution": (px, px), "resolutionunit": "CENTIMETER"}
 
     def put(tw, k, **kw):
-        z = levels[k]
-        tw.write(_tiles(z, fill, imap, probability_bytes if as_bytes else None),
+        if k and not levels:
+            levels.extend(rest())
+            if [tuple(z.shape) for z in levels] != shapes:
+                raise ValueError(f"levels {[z.shape for z in levels]} are not the pyramid of {z0.shape}")
+        z = levels[k] if k else z0
+        tw.write(_tiles(z, fill, imap, probability_bytes if as_bytes else None, ready if k == 0 else None),
                  shape=z.shape if K > 1 else z.shape[-2:], **common, **res(k), **kw)
 
     with tifffile.TiffWriter(path, bigtiff=nbytes * (2 if ome else 1) > 2**31 - 2**26) as tw:
         if ome:
             xml = _ome_xml(z0.shape, dtype, meta, probabilities, kind["band_names"] if probabilities else (),
                            description, uid)
-            put(tw, 0, description=xml, subifds=len(levels) - 1)
-            for k in range(1, len(levels)):
+            put(tw, 0, description=xml, subifds=len(shapes) - 1)
+            for k in range(1, len(shapes)):
                 put(tw, k, subfiletype=1)
         else:
             put(tw, 0, description=description)
-        for k in range(1, len(levels)):
+        for k in range(1, len(shapes)):
             put(tw, k, subfiletype=1)
 
 

@@ -271,7 +271,7 @@ class Writer:
         fingerprint = fingerprint or {}
         target = info.target
         first_name = "processed" if target else "0"
-        owned = False
+        owned, stream = False, None
         try:
             group, resumed = self._open_state(first_name, fingerprint)
             owned = True
@@ -280,14 +280,19 @@ class Writer:
             if tuple(first.shape) != tuple(source.shape):
                 raise OutputError(f"{self.path}: the unfinished run in {self.state} has another shape; rerun "
                                   "without --resume")
+            if os.path.exists(self._tmp_file):  # left by an interrupted conversion
+                os.remove(self._tmp_file)
+            stream = self._stream(source, first, info, fingerprint)
             result = compute(source, first, ChunkMarks(self.marks_dir))
+            if stream is not None:
+                stream.computed()
             if target is not None:
                 from .pyramid import upsample_into
 
                 z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype, info)
                 upsample_into(first, z0, info.probabilities, parallel=self.parallel)
                 del group["processed"]
-            made = self._convert(group, info, fingerprint)
+            made = self._convert(group, info, fingerprint, stream)
             products = [(made, self.path)]
             if self.preview is not None:
                 tmp_png = f"{self.state}/preview.partial.png"
@@ -304,6 +309,8 @@ class Writer:
                                   "elsewhere") from err
             raise
         finally:
+            if stream is not None:
+                stream.stop()  # after a failure: no partial TIFF (nothing to do once it finished)
             if owned:  # failed or interrupted: keep finished blocks worth resuming, else leave nothing
                 if ChunkMarks(self.marks_dir).done():
                     log.warning("%s: not finished; the finished blocks are kept in %s: rerun the same command "
@@ -351,15 +358,35 @@ class Writer:
                                   fill_value=np.nan if info.probabilities else LABEL_NODATA,
                                   dimension_names=("c", *axes) if info.probabilities else axes)
 
-    def _convert(self, group, info: OutputInfo, fingerprint: dict) -> str:
+    def _stream(self, source, z0, info: OutputInfo, fingerprint: dict):
+        """A :class:`~tilerseg.io.stream.TiffStream` writing the pyramidal
+        TIFF while ``source`` is computed into ``z0``, where the format
+        allows: ``.ome.tif`` and ``.tif`` without georeference (a COG is
+        GDAL's to order), an image computed on the output grid (not
+        resampled to it afterwards), blocks split at the chunks. Else None:
+        the file is written after the run."""
+        from .pyramid import level_shapes
+        from .stream import TiffStream
+
+        blocks = getattr(source, "blocks", None)
+        chunks = getattr(source, "chunks", None)
+        if (self.format not in ("ome-tiff", "tiff") or (self.format == "tiff" and info.out_meta.georeferenced)
+                or info.volume or info.target is not None or self.remote or blocks is None
+                or tuple(blocks.shape) != (len(chunks[-2]), len(chunks[-1]))):
+            return None
+        shapes = [(*z0.shape[:-2], *hw) for hw in level_shapes(z0.shape[-2:])]
+        return TiffStream(z0, chunks, shapes, ChunkMarks(self.marks_dir), self._tmp_file, meta=info.out_meta,
+                          kind=info.kind(), ome=self.format == "ome-tiff", uid=_uid(fingerprint),
+                          imap=getattr(self.parallel, "imap", map))
+
+    def _convert(self, group, info: OutputInfo, fingerprint: dict, stream=None) -> str:
         """Turn level 0 of the finished group into the requested format, at
-        a temporary path; returns it."""
+        a temporary path; returns it. ``stream``: the TIFF being written
+        since the run started (:meth:`_stream`), handed the levels here."""
         from .pyramid import build_levels, ome_metadata, physical_origin, physical_pixel
         from .tiffout import write_cog, write_pyramid_tiff
 
         m, z0 = info.out_meta, group["0"]
-        if os.path.exists(self._tmp_file):  # left by an interrupted conversion
-            os.remove(self._tmp_file)
         if info.volume:
             return self._convert_volume(group, info, _uid(fingerprint))
         if self.format == "vector":
@@ -377,6 +404,8 @@ class Writer:
             write_cog(z0, self._tmp_file, m, info.kind())  # GDAL makes the overviews
             return self._tmp_file
         levels = build_levels(group, info.probabilities, parallel=self.parallel)
+        if stream is not None:
+            return stream.finish(levels)
         if self.format == "zarr":
             size, unit = physical_pixel(m)
             group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,

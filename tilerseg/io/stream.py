@@ -1,0 +1,115 @@
+"""A pyramidal TIFF written while its level 0 is computed.
+
+Level 0's tiles go into the file as soon as the blocks they cover are
+marked finished (:class:`~tilerseg.io.marks.ChunkMarks`, which the workers
+write on a cluster too), on a thread of its own that compresses strips of
+tiles in parallel (the writer's ``imap``); the reduced levels follow once
+they are built. After the last block only what could not be written
+earlier is left: the levels, and level 0's other planes for probabilities
+(TIFF stores plane after plane). The file is written in the same order as
+after the run, so its bytes are the same, and a resumed run writes them
+again from the start.
+
+A run that fails or is interrupted stops the thread and removes the
+partial file (:meth:`TiffStream.stop`)."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+
+from .marks import ChunkMarks
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25  # how often the marks are listed while a strip waits for its blocks
+
+
+class Stopped(Exception):
+    """The run failed or was interrupted: the stream ends without a file."""
+
+
+class TiffStream:
+    """Write ``z0`` (a zarr array computed block by block, blocks split at
+    ``chunks``' boundaries and marked in ``marks``) and then its levels (of
+    ``shapes``, handed to :meth:`finish`) to ``path`` with
+    :func:`~tilerseg.io.tiffout.stream_pyramid_tiff`; ``tiff`` holds its
+    keyword arguments (meta, kind, ome, uid, imap)."""
+
+    def __init__(self, z0, chunks, shapes: list, marks: ChunkMarks, path: str, **tiff):
+        from .tiffout import stream_pyramid_tiff
+
+        self.path, self._marks = path, marks
+        self._rows = np.cumsum((0, *chunks[-2]))
+        self._cols = np.cumsum((0, *chunks[-1]))
+        self._done: set = set()
+        self._computed, self._abort = threading.Event(), threading.Event()
+        self._levels: Future = Future()
+        self._error: BaseException | None = None
+        self._finished = False
+        self.rows_written = 0  # level-0 rows handed to the compressors so far (for tests and logs)
+        self._thread = threading.Thread(target=self._run, name="tilerseg-tiff-stream", daemon=True, args=(
+            stream_pyramid_tiff, z0, shapes, tiff))
+        self._thread.start()
+
+    def _run(self, write, z0, shapes, tiff) -> None:
+        try:
+            write(z0, shapes, self._levels.result, self.path, ready=self._ready, **tiff)
+        except BaseException as err:  # handed to the run's thread by finish()
+            self._error = err
+            _remove(self.path)
+
+    def _ready(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Return once every block under rows ``r0:r1``, columns ``c0:c1``
+        is marked (or the whole compute is done); raise :class:`Stopped`
+        when the run stops."""
+        ys = range(int(np.searchsorted(self._rows, r0, "right")) - 1, int(np.searchsorted(self._rows, r1)))
+        xs = range(int(np.searchsorted(self._cols, c0, "right")) - 1, int(np.searchsorted(self._cols, c1)))
+        need = {(y, x) for y in ys for x in xs}
+        while not (self._computed.is_set() or need <= self._done):
+            if self._abort.is_set():
+                raise Stopped
+            self._done = self._marks.done()
+            if not need <= self._done:
+                self._abort.wait(POLL_SECONDS)
+        if self._abort.is_set():
+            raise Stopped
+        self.rows_written = max(self.rows_written, r1)
+
+    def computed(self) -> None:
+        """Every block is stored: write the rest of level 0 without waiting."""
+        self._computed.set()
+
+    def finish(self, levels: list) -> str:
+        """Hand over all the levels (finest first), wait for the file and
+        return its path; an error of the thread is raised here."""
+        self._computed.set()
+        self._levels.set_result(levels)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._finished = True
+        return self.path
+
+    def stop(self) -> None:
+        """End the stream without a file (the run failed or was interrupted);
+        nothing to do once :meth:`finish` returned."""
+        if self._finished:
+            return
+        self._abort.set()
+        if not self._levels.done():
+            self._levels.set_exception(Stopped())
+        self._thread.join(timeout=60)
+        _remove(self.path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.warning("could not remove %s: %s", path, err)
