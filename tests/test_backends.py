@@ -112,6 +112,14 @@ def test_auto_picks_a_runtime_after_a_probe_and_torch_elsewhere():
     assert runner.name == "torch" and "bf16" in note
 
 
+def test_auto_leaves_torch_only_for_a_runtime_clearly_faster():
+    from tilerseg.backends import MARGIN, pick
+
+    assert pick({"torch": 1.0, "onnxruntime": 1.0 - MARGIN / 2, "openvino": 1.1}) == "torch"  # within the noise
+    assert pick({"torch": 1.0, "onnxruntime": 0.97, "openvino": 0.80}) == "openvino"
+    assert pick({"torch": 0.9, "onnxruntime": 1.0}) == "torch"
+
+
 def test_unknown_backend_and_fp16_with_a_runtime_are_one_line(tmp_path, rgb_tiff, tiny_model_dir):
     path, _ = rgb_tiff
     r = cli("run", path, "--weights", tiny_model_dir, "--backend", "onnx", "-o", str(tmp_path / "a.tif"))

@@ -6,9 +6,12 @@ runner chosen here, so every backend sees the same windows and a backend
 cannot change the tiling (tiled output still equals whole-image
 inference through it).
 
-On CPUs without bf16 arithmetic, ONNX Runtime runs the same convolutional
-nets about 1.4x faster than eager channels-last torch, and OpenVINO about
-1.25x (see the README). Both run an ONNX export of the model, made once
+ONNX Runtime and OpenVINO ran the same convolutional nets 1.45x and 1.25x
+faster than eager channels-last torch on a 2-core EPYC (AVX2, no bf16) while
+glibc returned torch's activations to the system after every layer; with
+tilerseg's allocator settings (:mod:`tilerseg.allocator`) the three are
+within 5% of each other there (see the README), and ``auto`` keeps torch
+unless another is clearly faster. Both run an ONNX export of the model, made once
 with the TorchScript exporter (``opset 17``, batch and spatial axes
 dynamic) and cached beside the checkpoint under a name keyed by the
 weights' content, the shape policy and the library versions; where that
@@ -41,6 +44,8 @@ BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 OPSET = 17
 TOLERANCE = 1e-4                      # largest probability difference an export may show against torch
 SHAPE_POLICY = "dynamic-batch-spatial-fp32"
+PROBE_SIDE = 512  # auto's probe window: at 256 px per-call overhead is a third of the time and decides the pick
+MARGIN = 0.05     # auto leaves torch only for a runtime this much faster on the probe
 INSTALL = "pip install tilerseg[cpu-fast]"
 
 
@@ -271,7 +276,8 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
 
     ``auto``: torch on a GPU (not measured there yet), with fp16/bf16 or
     ``--compile``; on a CPU, the fastest of the installed runtimes after a
-    short timed probe on one 256-px window. An explicit runtime that cannot
+    short timed probe on one :data:`PROBE_SIDE`-px window, when it beats
+    torch by :data:`MARGIN` (:func:`pick`). An explicit runtime that cannot
     be used falls back to torch with the reason."""
     import torch
 
@@ -303,11 +309,22 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
             notes += [] if runner else [note]
     if len(runners) == 1:
         return torch_runner, "torch (auto: " + ("; ".join(notes) or f"no other runtime installed; {INSTALL}") + ")"
-    x = _probe_input(in_channels, dims, stride, 256 if dims == 2 else 64, device)
+    x = _probe_input(in_channels, dims, stride, PROBE_SIDE if dims == 2 else 64, device)
     times = {r.name: _timed(r, x) for r in runners}
-    best = min(runners, key=lambda r: times[r.name])
+    best = next(r for r in runners if r.name == pick(times))
     probe = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
-    return best, f"{best.name} (auto: fastest on a {x.shape[-1]}-px probe window: {probe})"
+    why = "fastest" if best is not torch_runner or min(times.values()) == times["torch"] else \
+        f"no runtime {MARGIN:.0%} faster than torch"
+    return best, f"{best.name} (auto: {why} on a {x.shape[-1]}-px probe window: {probe})"
+
+
+def pick(times: dict) -> str:
+    """The runtime ``auto`` takes from probe ``times`` (name -> seconds):
+    the fastest, if it beats torch by :data:`MARGIN`; else torch, the
+    reference path, which equals whole-image inference bit for bit and
+    needs no export (differences below the margin are the probe's noise)."""
+    fastest = min(times, key=times.get)
+    return fastest if times[fastest] < (1 - MARGIN) * times["torch"] else "torch"
 
 
 def graph_runner(backend: str, model, *, device: str, in_channels: int, stride: int, precision: str = "fp32"):

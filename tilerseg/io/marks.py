@@ -23,6 +23,10 @@ class ChunkMarks:
         fs, path = self._fs()
         fs.touch(f"{path}/{'.'.join(map(str, block))}")
 
+    def has(self, block: tuple) -> bool:
+        fs, path = self._fs()
+        return fs.exists(f"{path}/{'.'.join(map(str, block))}")
+
     def done(self) -> set[tuple]:
         fs, path = self._fs()
         if not fs.exists(path):

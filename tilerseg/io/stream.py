@@ -72,7 +72,7 @@ class TiffStream:
         while not (self._computed.is_set() or need <= self._done):
             if self._abort.is_set():
                 raise Stopped
-            self._done = self._marks.done()
+            self._done.update(b for b in need - self._done if self._marks.has(b))  # a few files, not a listing
             if not need <= self._done:
                 self._abort.wait(POLL_SECONDS)
         if self._abort.is_set():
