@@ -38,7 +38,7 @@ def _noisy_labels(H, W, seed=0):
     return rng.integers(0, 3, (H, W), dtype=np.uint8)  # tiles that do not compress to nothing: the file grows
 
 
-def _reference(tmp_path, arr, info, fingerprint, name):
+def _reference(tmp_path, arr, info, fingerprint, name, ome=True):
     """The file written after the run: the same levels through write_pyramid_tiff."""
     import zarr
 
@@ -51,21 +51,22 @@ def _reference(tmp_path, arr, info, fingerprint, name):
                            compressors=compressors(arr.dtype),
                            fill_value=np.nan if info.probabilities else 255)
     z[...] = arr
-    out = tmp_path / f"{name}.ome.tif"
-    write_pyramid_tiff(build_levels(group, info.probabilities), str(out), info.out_meta, info.kind(), ome=True,
+    out = tmp_path / f"{name}.tif"
+    write_pyramid_tiff(build_levels(group, info.probabilities), str(out), info.out_meta, info.kind(), ome=ome,
                        uid=_uid(fingerprint))
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("probabilities", [False, True])
-def test_tiles_reach_the_file_while_blocks_are_computed_and_the_bytes_are_the_post_run_ones(tmp_path, probabilities):
+@pytest.mark.parametrize("probabilities,suffix", [(False, ".ome.tif"), (True, ".ome.tif"), (False, ".tif")])
+def test_tiles_reach_the_file_while_blocks_are_computed_and_the_bytes_are_the_post_run_ones(tmp_path, probabilities,
+                                                                                           suffix):
     H, W = 2100, 1500  # 5 block rows of 512 px, odd edges
     lab = _noisy_labels(H, W)
     arr = np.stack([lab / 2.0, 1 - lab / 2.0]).astype(np.float32) if probabilities else lab
     meta = ImageMeta(shape=(H, W), bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.5)
     info = OutputInfo(meta=meta, probabilities=probabilities, classes=3, class_names=("a", "b", "c"))
     fingerprint = {"fingerprint": "stream-test"}
-    out = tmp_path / "mask.ome.tif"
+    out = tmp_path / f"mask{suffix}"
     source = _source(arr)
     grew = []  # per block row: whether the partial file grew before the next row was computed
 
@@ -86,7 +87,7 @@ def test_tiles_reach_the_file_while_blocks_are_computed_and_the_bytes_are_the_po
         assert writer.write(source, compute, info, fingerprint) == "done"
     # labels: every block row streams; probabilities: plane 0 streams, plane 1 follows plane 0 in the file
     assert all(grew[:-1]) if not probabilities else any(grew[:-1]), grew
-    assert out.read_bytes() == _reference(tmp_path, arr, info, fingerprint, "ref")
+    assert out.read_bytes() == _reference(tmp_path, arr, info, fingerprint, "ref", ome=suffix == ".ome.tif")
     assert not any(t.name == "tilerseg-tiff-stream" for t in threading.enumerate())
 
 
