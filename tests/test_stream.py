@@ -91,6 +91,35 @@ def test_tiles_reach_the_file_while_blocks_are_computed_and_the_bytes_are_the_po
     assert not any(t.name == "tilerseg-tiff-stream" for t in threading.enumerate())
 
 
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_levels_built_as_rows_become_final_equal_levels_built_after(tmp_path, probabilities):
+    import zarr
+
+    from tilerseg.io.pyramid import Levels, build_levels
+
+    rng = np.random.default_rng(3)
+    arr = rng.random((2, 1900, 1300)).astype(np.float32) if probabilities else _noisy_labels(1900, 1300)
+    if probabilities:
+        arr[:, :37] = np.nan
+    arrays = {}
+    for name in ("after", "rows"):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        g.create_array("0", shape=arr.shape, chunks=arr.shape[:-2] + (256, 256), dtype=arr.dtype)[...] = arr
+        if name == "after":
+            arrays[name] = build_levels(g, probabilities)
+            continue
+        levels = Levels(g, probabilities)
+        built = []
+        for rows in (0, 300, 511, 512, 1024, 1100, 1536, 1800):  # rows of level 0 final so far
+            levels.advance(rows)
+            built.append(list(levels.final))
+        assert built[3][1] == 256 and built[4][1:3] == [512, 256]  # whole chunk rows as soon as they can be
+        arrays[name] = levels.finish()
+    assert len(arrays["after"]) == len(arrays["rows"]) == 4
+    for a, b in zip(arrays["after"], arrays["rows"]):
+        np.testing.assert_array_equal(a[...], b[...])
+
+
 def test_a_failed_run_stops_the_stream_and_leaves_no_tiff(tmp_path):
     lab = _noisy_labels(1600, 1200)
     meta = ImageMeta(shape=lab.shape, bands=3, dtype=np.dtype("uint8"), format="test")
@@ -128,8 +157,7 @@ def test_a_run_to_ome_tiff_streams_and_equals_its_zarr(tmp_path, tiny_model_dir,
 
     finished = []
     finish = stream.TiffStream.finish
-    monkeypatch.setattr(stream.TiffStream, "finish", lambda self, levels: finished.append(finish(self, levels))
-                        or finished[-1])
+    monkeypatch.setattr(stream.TiffStream, "finish", lambda self: finished.append(finish(self)) or finished[-1])
     src = tmp_path / "in.tif"
     write_tiff(str(src), (1300, 1100))
     args = ["run", str(src), "--weights", str(tiny_model_dir), "--tile", "256"]

@@ -73,8 +73,9 @@ def serial(fn: Callable, items: Iterable) -> None:
         fn(item)
 
 
-def _each_chunk(dst, fill, parallel: Parallel) -> None:
-    """``dst[..., r:r+ch, c:c+cw] = fill(r, c, r1, c1)`` for every chunk."""
+def _each_chunk(dst, fill, parallel: Parallel, rows: tuple[int, int] | None = None) -> None:
+    """``dst[..., r:r+ch, c:c+cw] = fill(r, c, r1, c1)`` for every chunk (whose
+    first row is in ``rows``, a range, when given)."""
     ch, cw = dst.chunks[-2:]
     H, W = dst.shape[-2:]
 
@@ -83,26 +84,55 @@ def _each_chunk(dst, fill, parallel: Parallel) -> None:
         r1, c1 = min(r + ch, H), min(c + cw, W)
         dst[..., r:r1, c:c1] = fill(r, c, r1, c1)
 
-    parallel(one, _chunk_starts(dst.shape, dst.chunks))
+    starts = _chunk_starts(dst.shape, dst.chunks)
+    parallel(one, starts if rows is None else [(r, c) for r, c in starts if rows[0] <= r < rows[1]])
 
 
 def _like(group, name: str, src, shape: tuple[int, int]):
     lead = src.shape[:-2]
     return group.create_array(name, shape=(*lead, *shape), chunks=src.chunks, dtype=src.dtype,
-                              compressors=src.compressors, fill_value=src.fill_value, dimension_names=src.metadata.dimension_names,
-                              overwrite=True)
+                              compressors=src.compressors, fill_value=src.fill_value,
+                              dimension_names=src.metadata.dimension_names, overwrite=True)
+
+
+class Levels:
+    """The reduced levels ``1..n`` of ``group["0"]``, created empty here and
+    built chunk row by chunk row as level 0's rows become final
+    (:meth:`advance`, while a run still computes the rows below), the rest
+    at :meth:`finish`. A chunk row of level k is built once the rows of
+    level k-1 under it are; each chunk is written once."""
+
+    def __init__(self, group, probabilities: bool, *, parallel: Parallel = serial):
+        self.arrays = [group["0"]]
+        for k, shape in enumerate(level_shapes(self.arrays[0].shape[-2:])[1:], start=1):
+            self.arrays.append(_like(group, str(k), self.arrays[-1], shape))
+        self.final = [0] * len(self.arrays)  # rows of each level written for good
+        self.probabilities, self.parallel = probabilities, parallel
+
+    def advance(self, rows0: int) -> None:
+        """Level 0's rows ``[0, rows0)`` are final: build what they allow."""
+        self.final[0] = max(self.final[0], min(rows0, self.arrays[0].shape[-2]))
+        for k in range(1, len(self.arrays)):
+            src, dst = self.arrays[k - 1], self.arrays[k]
+            H, ch = dst.shape[-2], dst.chunks[-2]
+            ready = H if self.final[k - 1] >= src.shape[-2] else self.final[k - 1] // 2
+            stop = H if ready >= H else ready // ch * ch  # whole chunk rows, or the last
+            if stop > self.final[k]:
+                _each_chunk(dst, lambda r, c, r1, c1, src=src: reduce2(
+                    np.asarray(src[..., 2 * r:2 * r1, 2 * c:2 * c1]), self.probabilities), self.parallel,
+                    rows=(self.final[k], stop))
+                self.final[k] = stop
+
+    def finish(self) -> list:
+        """Build the rest; all level arrays, finest first."""
+        self.advance(self.arrays[0].shape[-2])
+        return self.arrays
 
 
 def build_levels(group, probabilities: bool, *, parallel: Parallel = serial) -> list:
     """Add levels ``1..n`` to ``group`` (level ``0`` must exist) and return
     all level arrays, finest first."""
-    levels = [group["0"]]
-    for k, shape in enumerate(level_shapes(levels[0].shape[-2:])[1:], start=1):
-        src, dst = levels[-1], _like(group, str(k), levels[-1], shape)
-        _each_chunk(dst, lambda r, c, r1, c1, src=src: reduce2(
-            np.asarray(src[..., 2 * r:2 * r1, 2 * c:2 * c1]), probabilities), parallel)
-        levels.append(dst)
-    return levels
+    return Levels(group, probabilities, parallel=parallel).finish()
 
 
 def upsample_into(src, dst, probabilities: bool, *, parallel: Parallel = serial) -> None:

@@ -3,10 +3,12 @@
 Level 0's tiles go into the file as soon as the blocks they cover are
 marked finished (:class:`~tilerseg.io.marks.ChunkMarks`, which the workers
 write on a cluster too), on a thread of its own that compresses strips of
-tiles in parallel (the writer's ``imap``); the reduced levels follow once
-they are built. After the last block only what could not be written
-earlier is left: the levels, and level 0's other planes for probabilities
-(TIFF stores plane after plane). The file is written in the same order as
+tiles in parallel (the writer's ``imap``). The reduced levels are built on
+the same thread chunk row by chunk row as level 0's rows become final
+(:class:`~tilerseg.io.pyramid.Levels`), and written after level 0. After
+the last block only what could not be done earlier is left: the last rows
+of each level, the levels' tiles, and level 0's other planes for
+probabilities (TIFF stores plane after plane). The file is written in the same order as
 after the run, so its bytes are the same, and a resumed run writes them
 again from the start.
 
@@ -33,39 +35,46 @@ class Stopped(Exception):
 
 
 class TiffStream:
-    """Write ``z0`` (a zarr array computed block by block, blocks split at
-    ``chunks``' boundaries and marked in ``marks``) and then its levels (of
-    ``shapes``, handed to :meth:`finish`) to ``path`` with
-    :func:`~tilerseg.io.tiffout.stream_pyramid_tiff`; ``tiff`` holds its
-    keyword arguments (meta, kind, ome, uid, imap)."""
+    """Write level 0 of ``levels`` (:class:`~tilerseg.io.pyramid.Levels`; a
+    zarr array computed block by block, blocks split at ``chunks``'
+    boundaries and marked in ``marks``) and then its reduced levels to
+    ``path`` with :func:`~tilerseg.io.tiffout.stream_pyramid_tiff`;
+    ``tiff`` holds its keyword arguments (meta, kind, ome, uid, imap)."""
 
-    def __init__(self, z0, chunks, shapes: list, marks: ChunkMarks, path: str, **tiff):
+    def __init__(self, levels, chunks, marks: ChunkMarks, path: str, **tiff):
         from .tiffout import stream_pyramid_tiff
 
-        self.path, self._marks = path, marks
+        self.path, self._marks, self._pyramid = path, marks, levels
         self._rows = np.cumsum((0, *chunks[-2]))
         self._cols = np.cumsum((0, *chunks[-1]))
         self._done: set = set()
         self._computed, self._abort = threading.Event(), threading.Event()
-        self._levels: Future = Future()
+        self._complete: Future = Future()  # set when every block is computed: then finish the levels
         self._error: BaseException | None = None
         self._finished = False
-        self.rows_written = 0  # level-0 rows handed to the compressors so far (for tests and logs)
+        z0, shapes = levels.arrays[0], [z.shape for z in levels.arrays]
         self._thread = threading.Thread(target=self._run, name="tilerseg-tiff-stream", daemon=True, args=(
             stream_pyramid_tiff, z0, shapes, tiff))
         self._thread.start()
 
     def _run(self, write, z0, shapes, tiff) -> None:
         try:
-            write(z0, shapes, self._levels.result, self.path, ready=self._ready, **tiff)
+            write(z0, shapes, self._rest, self.path, ready=self._ready, **tiff)
         except BaseException as err:  # handed to the run's thread by finish()
             self._error = err
             _remove(self.path)
 
+    def _rest(self) -> list:
+        """The levels, once the run has computed every block and they are built."""
+        self._complete.result()
+        return self._pyramid.finish()
+
     def _ready(self, r0: int, r1: int, c0: int, c1: int) -> None:
         """Return once every block under rows ``r0:r1``, columns ``c0:c1``
         is marked (or the whole compute is done); raise :class:`Stopped`
-        when the run stops."""
+        when the run stops. Rows above ``r0`` are final: the levels they
+        allow are built first."""
+        self._pyramid.advance(r0)
         ys = range(int(np.searchsorted(self._rows, r0, "right")) - 1, int(np.searchsorted(self._rows, r1)))
         xs = range(int(np.searchsorted(self._cols, c0, "right")) - 1, int(np.searchsorted(self._cols, c1)))
         need = {(y, x) for y in ys for x in xs}
@@ -77,17 +86,16 @@ class TiffStream:
                 self._abort.wait(POLL_SECONDS)
         if self._abort.is_set():
             raise Stopped
-        self.rows_written = max(self.rows_written, r1)
 
     def computed(self) -> None:
         """Every block is stored: write the rest of level 0 without waiting."""
         self._computed.set()
 
-    def finish(self, levels: list) -> str:
-        """Hand over all the levels (finest first), wait for the file and
+    def finish(self) -> str:
+        """Every block is computed: finish the levels and the file, and
         return its path; an error of the thread is raised here."""
         self._computed.set()
-        self._levels.set_result(levels)
+        self._complete.set_result(True)
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -100,8 +108,8 @@ class TiffStream:
         if self._finished:
             return
         self._abort.set()
-        if not self._levels.done():
-            self._levels.set_exception(Stopped())
+        if not self._complete.done():
+            self._complete.set_exception(Stopped())
         self._thread.join(timeout=60)
         _remove(self.path)
 

@@ -282,7 +282,7 @@ class Writer:
                                   "without --resume")
             if os.path.exists(self._tmp_file):  # left by an interrupted conversion
                 os.remove(self._tmp_file)
-            stream = self._stream(source, first, info, fingerprint)
+            stream = self._stream(source, group, first, info, fingerprint)
             result = compute(source, first, ChunkMarks(self.marks_dir))
             if stream is not None:
                 stream.computed()
@@ -358,31 +358,31 @@ class Writer:
                                   fill_value=np.nan if info.probabilities else LABEL_NODATA,
                                   dimension_names=("c", *axes) if info.probabilities else axes)
 
-    def _stream(self, source, z0, info: OutputInfo, fingerprint: dict):
+    def _stream(self, source, group, z0, info: OutputInfo, fingerprint: dict):
         """A :class:`~tilerseg.io.stream.TiffStream` writing the pyramidal
         TIFF while ``source`` is computed into ``z0``, where the format
         allows: ``.ome.tif`` and ``.tif`` without georeference (a COG is
         GDAL's to order), an image computed on the output grid (not
         resampled to it afterwards), blocks split at the chunks. Else None:
         the file is written after the run."""
-        from .pyramid import level_shapes
+        from .pyramid import Levels
         from .stream import TiffStream
 
         blocks = getattr(source, "blocks", None)
         chunks = getattr(source, "chunks", None)
-        if (self.format not in ("ome-tiff", "tiff") or (self.format == "tiff" and info.out_meta.georeferenced)
-                or info.volume or info.target is not None or self.remote or blocks is None
+        if (info.volume or self.format not in ("ome-tiff", "tiff") or info.target is not None or self.remote
+                or (self.format == "tiff" and info.out_meta.georeferenced) or blocks is None
                 or tuple(blocks.shape) != (len(chunks[-2]), len(chunks[-1]))):
             return None
-        shapes = [(*z0.shape[:-2], *hw) for hw in level_shapes(z0.shape[-2:])]
-        return TiffStream(z0, chunks, shapes, ChunkMarks(self.marks_dir), self._tmp_file, meta=info.out_meta,
+        levels = Levels(group, info.probabilities, parallel=self.parallel)
+        return TiffStream(levels, chunks, ChunkMarks(self.marks_dir), self._tmp_file, meta=info.out_meta,
                           kind=info.kind(), ome=self.format == "ome-tiff", uid=_uid(fingerprint),
                           imap=getattr(self.parallel, "imap", map))
 
     def _convert(self, group, info: OutputInfo, fingerprint: dict, stream=None) -> str:
         """Turn level 0 of the finished group into the requested format, at
         a temporary path; returns it. ``stream``: the TIFF being written
-        since the run started (:meth:`_stream`), handed the levels here."""
+        since the run started (:meth:`_stream`), finished here."""
         from .pyramid import build_levels, ome_metadata, physical_origin, physical_pixel
         from .tiffout import write_cog, write_pyramid_tiff
 
@@ -403,9 +403,9 @@ class Writer:
         if self.format == "tiff" and m.georeferenced:
             write_cog(z0, self._tmp_file, m, info.kind())  # GDAL makes the overviews
             return self._tmp_file
-        levels = build_levels(group, info.probabilities, parallel=self.parallel)
         if stream is not None:
-            return stream.finish(levels)
+            return stream.finish()  # the levels are built by the stream as rows become final
+        levels = build_levels(group, info.probabilities, parallel=self.parallel)
         if self.format == "zarr":
             size, unit = physical_pixel(m)
             group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
