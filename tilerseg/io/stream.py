@@ -27,7 +27,7 @@ from .marks import ChunkMarks
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.25  # how often the marks are listed while a strip waits for its blocks
+POLL_SECONDS = 0.25  # how often the marks a strip waits for are looked at
 
 
 class Stopped(Exception):
