@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future
-
 import numpy as np
 
 from .marks import ChunkMarks
@@ -49,7 +47,6 @@ class TiffStream:
         self._cols = np.cumsum((0, *chunks[-1]))
         self._done: set = set()
         self._computed, self._abort = threading.Event(), threading.Event()
-        self._complete: Future = Future()  # set when every block is computed: then finish the levels
         self._error: BaseException | None = None
         self._finished = False
         z0, shapes = levels.arrays[0], [z.shape for z in levels.arrays]
@@ -66,7 +63,11 @@ class TiffStream:
 
     def _rest(self) -> list:
         """The levels, once the run has computed every block and they are built."""
-        self._complete.result()
+        while not self._computed.wait(POLL_SECONDS):
+            if self._abort.is_set():
+                raise Stopped
+        if self._abort.is_set():
+            raise Stopped
         return self._pyramid.finish()
 
     def _ready(self, r0: int, r1: int, c0: int, c1: int) -> None:
@@ -87,15 +88,10 @@ class TiffStream:
         if self._abort.is_set():
             raise Stopped
 
-    def computed(self) -> None:
-        """Every block is stored: write the rest of level 0 without waiting."""
-        self._computed.set()
-
     def finish(self) -> str:
         """Every block is computed: finish the levels and the file, and
         return its path; an error of the thread is raised here."""
         self._computed.set()
-        self._complete.set_result(True)
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -108,8 +104,6 @@ class TiffStream:
         if self._finished:
             return
         self._abort.set()
-        if not self._complete.done():
-            self._complete.set_exception(Stopped())
         self._thread.join(timeout=60)
         _remove(self.path)
 

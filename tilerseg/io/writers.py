@@ -284,8 +284,6 @@ class Writer:
                 os.remove(self._tmp_file)
             stream = self._stream(source, group, first, info, fingerprint)
             result = compute(source, first, ChunkMarks(self.marks_dir))
-            if stream is not None:
-                stream.computed()
             if target is not None:
                 from .pyramid import upsample_into
 
