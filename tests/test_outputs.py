@@ -77,6 +77,33 @@ def test_probability_levels_are_nan_aware_means(tmp_path):
     assert np.isnan(got[:, :20]).all() and not np.isnan(got[:, 20]).any()
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 96), (3, 61, 47)])
+def test_probability_reduction_has_nanmeans_bits(shape):
+    """reduce2 replaces np.nanmean (3x slower) and must give its bits:
+    blocks without NaN, with some, all NaN, and odd edges."""
+    import warnings
+
+    from tilerseg.io.pyramid import reduce2
+
+    rng = np.random.default_rng(2)
+    p = rng.random(shape).astype(np.float32)
+    p[:, :6] = np.nan  # whole blocks of nodata
+    p[:, 9, 3] = p[:, 20, 21] = p[:, 21, 20] = np.nan  # one and two NaN in a block
+    h, w = shape[-2:]
+    padded = np.pad(p, [(0, 0), (0, h % 2), (0, w % 2)], constant_values=np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmean(padded.reshape(shape[0], padded.shape[1] // 2, 2, padded.shape[2] // 2, 2), axis=(2, 4))
+    got = reduce2(p, True)
+    assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True)
+    clean = np.nan_to_num(p)  # no NaN: the fast path, for even shapes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmean(np.pad(clean, [(0, 0), (0, h % 2), (0, w % 2)], constant_values=np.nan).reshape(
+            shape[0], (h + 1) // 2, 2, (w + 1) // 2, 2), axis=(2, 4))
+    assert np.array_equal(reduce2(clean, True), want)
+
+
 def test_probability_zarr_levels_share_level_0s_fast_codec_and_read_back_exactly(tmp_path):
     """Float probabilities are stored with Blosc lz4 + shuffle (zarr's zstd
     cost a tenth of a run, see writers.compressors) on every level, and read
