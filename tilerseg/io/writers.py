@@ -29,6 +29,8 @@ from .marks import ChunkMarks
 from .pyramid import Parallel, serial
 
 log = logging.getLogger(__name__)
+
+
 def compressors(dtype) -> list | str:
     """The codecs of an output's zarr arrays (levels copy level 0's).
 
@@ -282,7 +284,7 @@ class Writer:
                                   "without --resume")
             if os.path.exists(self._tmp_file):  # left by an interrupted conversion
                 os.remove(self._tmp_file)
-            stream = self._stream(source, group, first, info, fingerprint)
+            stream = self._stream(source, group, info, fingerprint)
             result = compute(source, first, ChunkMarks(self.marks_dir))
             if target is not None:
                 from .pyramid import upsample_into
@@ -356,9 +358,9 @@ class Writer:
                                   fill_value=np.nan if info.probabilities else LABEL_NODATA,
                                   dimension_names=("c", *axes) if info.probabilities else axes)
 
-    def _stream(self, source, group, z0, info: OutputInfo, fingerprint: dict):
+    def _stream(self, source, group, info: OutputInfo, fingerprint: dict):
         """A :class:`~tilerseg.io.stream.TiffStream` writing the pyramidal
-        TIFF while ``source`` is computed into ``z0``, where the format
+        TIFF while ``source`` is computed into ``group["0"]``, where the format
         allows: ``.ome.tif`` and ``.tif`` without georeference (a COG is
         GDAL's to order), an image computed on the output grid (not
         resampled to it afterwards), blocks split at the chunks. Else None:
