@@ -76,7 +76,7 @@ def _label_output(path: str):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             with rasterio.open(path) as ds:
                 tags = ds.tags()
-        attrs = _tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
+        attrs = tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
 
         def strips():
             with warnings.catch_warnings():
@@ -92,7 +92,7 @@ def _label_output(path: str):
     return attrs.get("class_names") or [], strips
 
 
-def _tiff_kind(text: str) -> dict:
+def tiff_kind(text: str) -> dict:
     """tilerseg's JSON from a GDAL tag, a TIFF description, or the
     description of an OME-XML image."""
     import json
