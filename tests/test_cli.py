@@ -48,6 +48,33 @@ def test_geotiff_probabilities_nan_where_masked(tmp_path, tiny_model_dir):
         assert np.isnan(p[a.dataset_mask() == 0]).all()
 
 
+def test_a_plain_state_dict_with_model_arg_in_channels_runs_or_says_what_the_file_holds(tmp_path):
+    """A bare 1-band, 2-class state dict on the real 1-band ISBI image: an
+    agreeing --model-arg in_channels=1 runs (it crashed on a duplicate
+    keyword) and equals whole-image inference; a disagreeing one is one line."""
+    import torch
+    import zarr
+    from PIL import Image
+
+    from conftest import reference, tiny_unet
+
+    src = data("isbi2012/image/0.png")
+    model = tiny_unet(seed=3, classes=2, in_channels=1)
+    torch.save(model.state_dict(), weights := tmp_path / "w.pt")
+    flags = ["--model", "unet", "--encoder", "resnet18", "--model-arg", "encoder_depth=3",
+             "--model-arg", "decoder_channels=[16, 8, 4]", "--weights", weights, "--halo", "72"]
+    r = cli("run", src, *flags, "--model-arg", "in_channels=1", "-o", out := tmp_path / "p.zarr", "--probabilities")
+    assert r.returncode == 0, r.stderr
+    img = np.asarray(Image.open(src))[..., None]
+    got = zarr.open_array(str(out / "0"), mode="r")[...]
+    assert np.abs(got - reference(model, img, halo=72, stride=8)).max() <= 1e-4
+    r = cli("run", src, *flags, "--model-arg", "in_channels=3", "-o", tmp_path / "q.zarr")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "--model-arg in_channels=3 disagrees with the weights, which hold a model of 1 input band(s) and 2 " \
+           "class(es) (first layer encoder.conv1.weight (64, 1, 7, 7), last layer segmentation_head.0.weight " \
+           "(2, 4, 3, 3)): drop the --model-arg (the file decides)" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("rel,extra", [
     ("openslide/small.svs", ["--tile", "128", "--halo", "32"]),
     ("openslide/boxes.tiff", ["--tile", "256", "--halo", "64"]),

@@ -115,3 +115,66 @@ def test_global_context_is_found_on_the_built_module(arch, encoder, kwargs, loca
 
     m = build(ModelSpec(arch=arch, encoder=encoder, kwargs=ModelSpec.freeze(kwargs)))
     assert (global_context(m) == []) == local
+
+
+# one tiny configuration per registry architecture (a test checks the list is complete)
+TINY = {
+    "unet": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=[8, 8, 8])),
+    "unetplusplus": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=[8, 8, 8])),
+    "manet": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=[8, 8, 8])),
+    "linknet": ("tu-resnet10t", dict(encoder_depth=3)),
+    "fpn": ("tu-resnet10t", dict(encoder_depth=3, decoder_pyramid_channels=32, decoder_segmentation_channels=32)),
+    "pspnet": ("tu-resnet10t", dict(encoder_depth=3, psp_out_channels=8)),
+    "deeplabv3": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=8)),
+    "deeplabv3plus": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=8)),
+    "pan": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=8)),
+    "upernet": ("tu-resnet10t", dict(encoder_depth=3, decoder_channels=8)),
+    "segformer": ("tu-resnet10t", dict(encoder_depth=3, decoder_segmentation_channels=8)),
+    "dpt": ("tu-vit_tiny_patch16_224", dict(encoder_depth=1, decoder_intermediate_channels=[8],
+                                           decoder_fusion_channels=8, embed_dim=16, num_heads=1,
+                                           decoder_readout="ignore")),
+    "ternausnet11": ("vgg", dict(num_filters=2)),
+    "ternausnet16": ("vgg", dict(num_filters=2)),
+    "transunet": ("resnet", dict(backbone="resnet18", layers=[1, 1, 1, 1], hidden=16, depth=1, heads=2,
+                                 decoder_channels=[8, 8, 8, 8], head_channels=8)),
+    "unet2d": ("", dict(features=2, depth=2)),
+    "unet3d": ("", dict(features=2, depth=1)),
+}
+
+
+def test_every_architecture_reads_bands_and_classes_from_a_plain_state_dict(tmp_path):
+    """A bare state dict (1 or 3 bands; .pt, or .safetensors whose keys are
+    sorted) tells its bands and classes; the spec described from it (flags
+    with neither) takes the file strictly, and a --model-arg that disagrees
+    is one line naming what the file holds."""
+    from safetensors.torch import save_file
+
+    from tilerseg.models import build
+    from tilerseg.models.registry import ARCHITECTURES
+
+    assert set(TINY) == set(ARCHITECTURES) - {"onnx"}  # an ONNX file describes itself (test_onnx_weights.py)
+    for name, (encoder, kw) in TINY.items():
+        for bands, classes, ext in ((1, 2, "safetensors"), (3, 3, "pt")):
+            made = ModelSpec(arch=name, encoder=encoder, classes=classes, in_channels=bands,
+                             kwargs=ModelSpec.freeze(kw))
+            with torch.device("meta"):  # the weights' values do not matter here, only their shapes
+                shapes = {k: v.shape for k, v in build(made).state_dict().items()}
+            state = {k: torch.zeros(()).expand(s) for k, s in shapes.items()}  # one float on disk
+            if ext == "safetensors" and not name.startswith("ternausnet"):  # not its 10-15 M VGG weights: slow
+                state = {k: v.contiguous() for k, v in state.items()}
+                save_file(state, path := str(tmp_path / f"{name}-{bands}.safetensors"))
+            else:
+                torch.save(state, path := str(tmp_path / f"{name}-{bands}.pt"))
+            flags = ModelSpec(arch=name, encoder=encoder, kwargs=ModelSpec.freeze(kw))  # 3 bands, 1 class
+            info = describe(path, flags)
+            assert (info.spec.in_channels, info.spec.classes) == (bands, classes), name
+            with torch.device("meta"):
+                build(info.spec).load_state_dict(state, strict=True, assign=True)  # every shape fits
+            if name in ("unet", "ternausnet11", "unet2d", "unet3d") and bands == 1:
+                same = ModelSpec(arch=name, encoder=encoder, kwargs=ModelSpec.freeze({**kw, "in_channels": 1}))
+                assert describe(path, same).spec == info.spec
+                other = ModelSpec(arch=name, encoder=encoder, kwargs=ModelSpec.freeze({**kw, "in_channels": 3}))
+                with pytest.raises(ModelError, match=r"--model-arg in_channels=3 disagrees .* hold a model of 1 "
+                                                     r"input band\(s\) and 2 class\(es\) \(first layer .*, last "
+                                                     r"layer .*\): drop the --model-arg"):
+                    describe(path, other)

@@ -334,3 +334,34 @@ def test_default_unet3d_tiling_covers_a_small_volume_in_few_windows(tmp_path):
     grid = t.grid((40, 200, 210))
     assert t.halo == (48, 48, 48)  # radius 46 on the stride-8 grid
     assert grid.total_windows <= 9 and np.prod(t.tile) <= 160 ** 3
+
+
+def test_a_plain_unet3d_state_dict_takes_its_bands_and_classes_from_the_file(tmp_path):
+    """A bare state dict of a 1-band, 2-class unet3d runs on a 1-band volume
+    with the flags of its architecture only (the file's first and last
+    layers tell bands and classes), equal to whole-volume inference; a
+    --model-arg in_channels that disagrees is one line saying what the file
+    holds."""
+    from tilerseg.models.unet import unet3d
+
+    vol = _volume((8, 24, 28), seed=3)
+    src = tmp_path / "vol.tif"
+    tifffile.imwrite(src, vol)
+    torch.manual_seed(0)
+    model = unet3d(classes=2, in_channels=1, features=2, depth=1).eval()
+    torch.save(model.state_dict(), weights := tmp_path / "u3.pt")
+    flags = ["--model", "unet3d", "--model-arg", "features=2", "--model-arg", "depth=1", "--weights", weights]
+    r = cli("run", src, *flags, "--model-arg", "in_channels=1", "-o", out := tmp_path / "v.zarr",
+            "--probabilities", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = zarr.open_group(str(out), mode="r")["0"][:]
+    pads = [(16, 16 + (-(n + 32)) % 2) for n in vol.shape]
+    x = (torch.from_numpy(np.pad(vol, pads, mode="reflect")).float()[None, None] / 255 - 0.449) / 0.226
+    with torch.inference_mode():
+        ref = torch.softmax(model(x), 1)[0, :, 16:24, 16:40, 16:44].numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+    r = cli("run", src, *flags, "--model-arg", "in_channels=3", "-o", tmp_path / "w.zarr")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "--model-arg in_channels=3 disagrees with the weights, which hold a model of 1 input band(s) and " \
+           "2 class(es) (first layer down.0.0.weight (2, 1, 3, 3, 3), last layer head.weight (2, 4, 1, 1, 1))" \
+           in r.stderr, r.stderr

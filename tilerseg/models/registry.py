@@ -73,6 +73,9 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
 )}
 ALIASES = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
 
+# the builder arguments a spec holds as fields (weights decide them: models.weights.describe)
+IO_ARGS = ("in_channels", "classes")
+
 _DEPTH_DECODERS = {"unet": (256, 128, 64, 32, 16), "unetplusplus": (256, 128, 64, 32, 16),
                    "manet": (256, 128, 64, 32, 16)}
 
@@ -162,6 +165,11 @@ def build(spec: ModelSpec):
 
     row = arch(spec.arch)
     arch_name, kwargs = row.name, dict(spec.kwargs)
+    for key in IO_ARGS:  # also given as a --model-arg (or a train config's model_args): it must agree
+        if key in kwargs and str(kwargs.pop(key)) != str(getattr(spec, key)):
+            raise ModelError(f"model argument {key}={dict(spec.kwargs)[key]} disagrees with the model's "
+                             f"{getattr(spec, key)} ({'the input bands' if key == 'in_channels' else 'classes'}): "
+                             "drop it")
     if not row.smp:
         return _build_extra(row, spec, kwargs)
     if "encoder_depth" in kwargs and "decoder_channels" not in kwargs and arch_name in _DEPTH_DECODERS:

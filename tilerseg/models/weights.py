@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ModelError
-from .registry import ModelSpec, build, canonical
+from .registry import IO_ARGS, ModelSpec, build, canonical
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "tilerseg_checkpoint"
@@ -82,7 +82,50 @@ def is_onnx(weights: str | None, spec: ModelSpec | None = None) -> bool:
 
 def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
     """Resolve the model config: from the weights where they carry it
-    (smp folder, tilerseg checkpoint, ONNX file), else from ``spec`` (the flags)."""
+    (smp folder, tilerseg checkpoint, ONNX file, a plain state dict's first
+    and last layers), else from ``spec`` (the flags). ``in_channels`` or
+    ``classes`` among ``spec.kwargs`` (``--model-arg``) must agree with the
+    file; without weights they set the spec's."""
+    info = _describe(weights, _lift_io_args(spec))
+    for key, value in _io_args(spec).items():
+        if getattr(info.spec, key) != value:
+            held = f"{info.spec.in_channels} input band(s) and {info.spec.classes} class(es)"
+            raise ModelError(f"{weights}: --model-arg {key}={value} disagrees with the weights, which hold a model "
+                             f"of {held}{_where(weights, info.spec)}: drop the --model-arg (the file decides)")
+    return info
+
+
+def _io_args(spec: ModelSpec) -> dict[str, int]:
+    """``in_channels`` and ``classes`` given among ``spec.kwargs``, as ints."""
+    out = {}
+    for key, value in spec.kwargs:
+        if key in IO_ARGS:
+            try:
+                out[key] = int(value)
+            except (TypeError, ValueError):
+                raise ModelError(f"--model-arg {key}={value!r}: give a whole number") from None
+    return out
+
+
+def _lift_io_args(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with ``--model-arg in_channels/classes`` moved into its fields."""
+    given = _io_args(spec)
+    rest = tuple((k, v) for k, v in spec.kwargs if k not in IO_ARGS)
+    return replace(spec, kwargs=rest, **given) if given else spec
+
+
+def _where(weights: str | None, spec: ModelSpec) -> str:
+    """Which layers of a plain state dict said so (empty for other files)."""
+    if weights is None or is_onnx(weights, spec) or os.path.isdir(weights):
+        return ""
+    ends = _io_layers(load_state(weights), spec)
+    if ends is None:
+        return ""
+    (first, shape1, _), (last, shape2, _) = ends
+    return f" (first layer {first} {shape1}, last layer {last} {shape2})"
+
+
+def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
     if weights is None:
         if canonical(spec.arch) == "onnx":
             raise ModelError("--model onnx runs an ONNX file: give it as --weights model.onnx")
@@ -131,8 +174,10 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
                          tta=state.get("tta") or "none", mask_values=_ints(labels.get("values")),
                          ignore_value=labels.get("ignore"), input_dtype=(state.get("input") or {}).get("dtype"),
                          input_range=_tuple((state.get("input") or {}).get("range")))
-    in_ch = _first_conv_in_channels(_state_dict(state, weights))
-    return ModelInfo(spec=replace(spec, in_channels=in_ch or spec.in_channels), weights=weights)
+    io = _io_channels(_state_dict(state, weights), spec)
+    if io is not None:
+        spec = replace(spec, in_channels=io[0], classes=io[1])
+    return ModelInfo(spec=spec, weights=weights)
 
 
 def instantiate(info: ModelInfo):
@@ -247,11 +292,35 @@ def _first_mismatch(expected: dict, given: dict) -> str | None:
     return None
 
 
-def _first_conv_in_channels(state: dict) -> int | None:
-    for k, v in state.items():
-        if getattr(v, "ndim", 0) == 4 and k.startswith("encoder"):
-            return int(v.shape[1])
-    return None
+def _io_layers(state: dict, spec: ModelSpec):
+    """The first and last convolutions of ``spec``'s architecture, as
+    ``(key, shape in the file, transposed)``, or None where the file lacks
+    them. The layers are found on the module built on the meta device (no
+    memory, no initialisation), in module order: a file's key order says
+    nothing (safetensors sorts its keys)."""
+    import torch
+    import torch.nn as nn
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    with torch.device("meta"):
+        model = build(replace(spec, encoder_weights=None))
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    if not convs:
+        return None
+    ends = [(f"{name}.weight", m) for name, m in (convs[0], convs[-1])]
+    if any(key not in state or getattr(state[key], "ndim", 0) != m.weight.ndim for key, m in ends):
+        return None
+    return tuple((key, tuple(state[key].shape), bool(m.transposed)) for key, m in ends)
+
+
+def _io_channels(state: dict, spec: ModelSpec) -> tuple[int, int] | None:
+    """Input bands and classes of a plain state dict: its first and last
+    convolutions' weights (out x in, or in x out for a transposed one)."""
+    ends = _io_layers(state, spec)
+    if ends is None:
+        return None
+    (_, first, t1), (_, last, t2) = ends
+    return int(first[0] if t1 else first[1]), int(last[1] if t2 else last[0])
 
 
 def _ints(v):
