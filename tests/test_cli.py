@@ -165,6 +165,39 @@ def test_missing_file_band_mismatch_unwritable_output(tmp_path, tiny_model_dir):
         os.chmod(locked, 0o700)
 
 
+def _can_create(folder: str) -> bool:
+    try:
+        os.close(os.open(probe := os.path.join(folder, ".tilerseg-probe"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except OSError:
+        return False
+    os.remove(probe)
+    return True
+
+
+def test_read_only_output_folder_and_labels_only_formats_say_one_line(tmp_path):
+    """A folder that cannot be written: the refusal alone, not a second line
+    about the ledger beside it; probabilities to PNG: one line, in English."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        folder = str(locked)
+        if _can_create(folder):  # root ignores permissions: a folder this system keeps read-only
+            folder = next((p for p in ("/sys", "/proc") if os.path.isdir(p) and not _can_create(p)), None)
+            if folder is None:
+                pytest.skip("no read-only folder here (root, and /sys and /proc writable)")
+        for name, extra in (("o.tif", []), ("o.zarr", []), ("o.png", ["--probabilities"])):
+            r = cli("run", data("rasterio/byte.tif"), "-o", os.path.join(folder, name), *extra)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1 and "ledger" not in r.stderr, r.stderr
+            assert r.stderr.startswith("tilerseg: error:") and "choose another -o" in r.stderr or \
+                "PNG holds label masks only" in r.stderr, r.stderr
+    finally:
+        os.chmod(locked, 0o700)
+    r = cli("run", data("rasterio/byte.tif"), "-o", tmp_path / "p.png", "--probabilities")
+    assert r.returncode == 1 and r.stderr == f"tilerseg: error: {tmp_path / 'p.png'}: PNG holds label masks only; " \
+        "write probabilities to .tif or .zarr, or drop --probabilities\n", r.stderr
+
+
 def test_bad_tile_names_valid_values_and_unknown_model(tmp_path, tiny_model_dir):
     out = str(tmp_path / "o.zarr")
     _fails_cleanly(cli("run", data("rasterio/byte.tif"), "--weights", tiny_model_dir, "--bands", "1,1,1",

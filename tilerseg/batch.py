@@ -153,9 +153,12 @@ def read_ledger(path: str) -> dict[tuple[str, str], dict]:
     return last
 
 
-def append_ledger(path: str, entry: dict) -> None:
+def append_ledger(path: str, entry: dict, *, warn: bool = True) -> None:
     """One JSON line, written and flushed at once (a crash loses at most it).
-    No ledger where its folder does not exist (the run's error says why)."""
+    No ledger where its folder does not exist (the run's error says why).
+    ``warn`` False: a ledger that cannot be written is logged at debug level
+    only (a failed job: its own error already says when the folder cannot be
+    written, and --resume reruns a failed job whether or not it is recorded)."""
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         log.debug("no ledger: %s does not exist", os.path.dirname(path))
         return
@@ -165,7 +168,8 @@ def append_ledger(path: str, entry: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        log.warning("could not write the ledger %s: %s", path, err.strerror or err)
+        log.log(logging.WARNING if warn else logging.DEBUG, "could not write the ledger %s: %s", path,
+                err.strerror or err)
 
 
 def _now() -> str:
@@ -202,7 +206,7 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
 
     def record(job, entry, report) -> None:
         entry["finished"] = _now()
-        append_ledger(ledger, entry)
+        append_ledger(ledger, entry, warn=entry["status"] == "done")  # a failure says one line: its own
         entries.append(entry)
         if on_done is not None:
             on_done(job, entry, report)

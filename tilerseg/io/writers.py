@@ -50,7 +50,7 @@ PNG_MAX_PIXELS = 20000 * 20000
 VOLUME_FORMATS = ("zarr", "ome-tiff", "tiff")
 FORMATS = {".zarr": "zarr", ".ome.zarr": "zarr", ".ome.tif": "ome-tiff", ".ome.tiff": "ome-tiff",
            ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "vector", ".gpkg": "vector"}
-LABELS_ONLY = {"png": "PNG", "vector": "polygon outputs"}
+LABELS_ONLY = {"png": "PNG holds", "vector": "polygon outputs hold"}
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def check_output(path: str, overwrite: bool, probabilities: bool | str = False) 
         raise OutputError(f"{path}: zarr keeps float32 probabilities (napari and zarr read them); "
                           "--probabilities uint8 is for TIFF outputs that 8-bit viewers read: name it .ome.tif or .tif")
     if probabilities and fmt in LABELS_ONLY:
-        raise OutputError(f"{path}: {LABELS_ONLY[fmt]} hold label masks only; write probabilities to .tif "
+        raise OutputError(f"{path}: {LABELS_ONLY[fmt]} label masks only; write probabilities to .tif "
                           "or .zarr, or drop --probabilities")
     if is_url(path):
         import fsspec
