@@ -275,8 +275,23 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_view(a) -> int:
+    import importlib.util
+
+    from .errors import InputError
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"tilerseg view needs {' and '.join(missing)}: pip install 'tilerseg[view]'")
+    from .view import open_view
+    from .view.server import serve
+
+    serve(open_view(a.paths), host=a.host, port=a.port, open_browser=not a.no_browser)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "halo": cmd_halo, "run": cmd_run, "info": cmd_info, "ingest": cmd_ingest, "models": cmd_models, "demo": cmd_demo,
-            "cluster-script": cmd_cluster_script}
+            "cluster-script": cmd_cluster_script, "view": cmd_view}
 
 
 def _parse(argv) -> argparse.Namespace:

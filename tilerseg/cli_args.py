@@ -246,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int)
     v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}; two-class 2-D images also get the ISBI challenge scores (adapted_rand_error, vi_split, vi_merge, warping_error, splits, mergers)')
 
+    w = sub.add_parser("view", help="see an image and its segmentation in a browser (needs tilerseg[view])",
+                       description="Serve one page that shows IMAGE with each OUTPUT as a layer over it. "
+                       "OUTPUT alone finds its image from the output's record.")
+    w.add_argument("paths", nargs="+", metavar="IMAGE [OUTPUT ...]",
+                   help="an image tilerseg run reads, then masks, probabilities, GeoJSON/GPKG it wrote")
+    w.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
+                   "only; reach it from elsewhere through an SSH tunnel)")
+    w.add_argument("--no-browser", action="store_true", help="only print the URL")
+
     p.subcommands = dict(sub.choices)
     d = sub.add_parser("demo", help="segment a synthetic slide with the shipped demo model (no download)")
     d.add_argument("outdir", nargs="?", default="tilerseg-demo", help="folder for slide, mask and preview")

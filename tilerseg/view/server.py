@@ -1,0 +1,66 @@
+"""Start the viewer: bind the socket first (a busy ``--port`` is refused in
+one line, port 0 takes a free one), then run uvicorn on it."""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+from ..errors import InputError
+
+log = logging.getLogger("tilerseg")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise InputError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise InputError(f"--port {port} is busy (another program listens there); pick another or leave "
+                             "--port out for a free one") from None
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({err.strerror})") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket, host: str) -> str:
+    port = sock.getsockname()[1]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    return f"http://{f'[{shown}]' if ':' in shown and not shown.startswith('[') else shown}:{port}/"
+
+
+def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, echo=print) -> None:
+    """Serve ``view`` until interrupted; prints the URL on one line."""
+    import uvicorn
+
+    from .app import create_app
+
+    sock = bind(host, port)
+    if host not in LOOPBACK:
+        log.warning("--host %s: the viewer is open to every machine that can reach this one, with the files "
+                    "given here readable by anyone who finds the port; keep the default (127.0.0.1) and use an "
+                    "SSH tunnel (ssh -L PORT:127.0.0.1:PORT host) unless that is what you want", host)
+    url = url_of(sock, host)
+    config = uvicorn.Config(create_app(view), log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    echo(f"tilerseg view: {url} (Ctrl-C to stop)", flush=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        view.close()

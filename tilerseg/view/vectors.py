@@ -1,0 +1,223 @@
+"""Polygons of a GeoJSON/GPKG output, held compactly and served per view.
+
+A million polygons as shapely objects take about 1 GB; here they are flat
+float32 vertex arrays in the image's level-0 pixels (x = column, y = row)
+with ring and feature offsets, and a spatial index: features sorted into a
+grid of cells by the lower corner of their bounding box. A view's query
+visits the cells whose corner can reach it (the largest box's size back),
+one contiguous slice per grid row, tests the boxes exactly and returns at
+most ``limit`` features, the largest first, with the count it left out."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+
+from ..errors import InputError
+
+GRID = 1024  # cells per side of the index
+
+
+class VectorLayer:
+    """The polygons of ``path`` in the pixels of an image with ``meta``."""
+
+    def __init__(self, path: str, meta, image_shape: tuple[int, int]):
+        self.path = path
+        self.kind = "polygons"
+        coords, rings, feats, self.props = _load(path, meta)
+        self.coords, self.ring_off, self.feat_off = coords, rings, feats
+        n = len(feats) - 1
+        self.count = n
+        first = rings[feats[:-1]] if n else np.zeros(0, np.int64)
+        last = rings[feats[1:]] if n else np.zeros(0, np.int64)
+        # bounding boxes from the vertices of each feature (reduceat over its vertex range)
+        if n:
+            self.x0 = np.minimum.reduceat(coords[:, 0], first)
+            self.y0 = np.minimum.reduceat(coords[:, 1], first)
+            self.x1 = np.maximum.reduceat(coords[:, 0], first)
+            self.y1 = np.maximum.reduceat(coords[:, 1], first)
+            empty = last == first
+            for a in (self.x0, self.y0, self.x1, self.y1):
+                a[empty] = np.nan
+        else:
+            self.x0 = self.y0 = self.x1 = self.y1 = np.zeros(0, np.float32)
+        self._index(image_shape)
+        self._check_extent(image_shape)
+
+    def _index(self, shape) -> None:
+        H, W = shape
+        self.cell = max(H, W) / GRID
+        cx = np.clip(np.nan_to_num(self.x0, nan=0) // self.cell, 0, GRID - 1).astype(np.int64)
+        cy = np.clip(np.nan_to_num(self.y0, nan=0) // self.cell, 0, GRID - 1).astype(np.int64)
+        key = cy * GRID + cx
+        self.order = np.argsort(key, kind="stable").astype(np.int32)
+        self.starts = np.searchsorted(key[self.order], np.arange(GRID * GRID + 1)).astype(np.int64)
+        ok = np.isfinite(self.x0)
+        self.reach = (float(np.max(self.x1[ok] - self.x0[ok], initial=0)), float(np.max(self.y1[ok] - self.y0[ok],
+                                                                                     initial=0)))
+
+    def _check_extent(self, shape) -> None:
+        ok = np.isfinite(self.x0)
+        if not ok.any():
+            return
+        H, W = shape
+        bx0, by0, bx1, by1 = (float(np.min(self.x0[ok])), float(np.min(self.y0[ok])),
+                              float(np.max(self.x1[ok])), float(np.max(self.y1[ok])))
+        tol = 0.01 * max(H, W) + 1
+        if bx1 < -tol or by1 < -tol or bx0 > W + tol or by0 > H + tol or bx0 < -tol or by0 < -tol or \
+                bx1 > W + tol or by1 > H + tol:
+            raise InputError(f"{self.path}: its polygons span x {bx0:.0f}..{bx1:.0f}, y {by0:.0f}..{by1:.0f} px, "
+                             f"outside the image's {W}x{H} px: they were made from another image")
+
+    def query(self, x0: float, y0: float, x1: float, y1: float, limit: int) -> tuple[np.ndarray, int]:
+        """Ids of up to ``limit`` features whose box meets the rectangle
+        (largest first when there are more), and how many meet it."""
+        rx, ry = self.reach
+        c0 = int(np.clip((x0 - rx) // self.cell, 0, GRID - 1))
+        c1 = int(np.clip(x1 // self.cell, 0, GRID - 1))
+        r0 = int(np.clip((y0 - ry) // self.cell, 0, GRID - 1))
+        r1 = int(np.clip(y1 // self.cell, 0, GRID - 1))
+        if x1 < 0 or y1 < 0 or not self.count:
+            return np.zeros(0, np.int64), 0
+        parts = [self.order[self.starts[r * GRID + c0]:self.starts[r * GRID + c1 + 1]] for r in range(r0, r1 + 1)]
+        ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        hit = (self.x0[ids] <= x1) & (self.x1[ids] >= x0) & (self.y0[ids] <= y1) & (self.y1[ids] >= y0)
+        ids = ids[hit]
+        total = len(ids)
+        if total > limit:
+            area = (self.x1[ids] - self.x0[ids]) * (self.y1[ids] - self.y0[ids])
+            ids = ids[np.argpartition(-area, limit - 1)[:limit]]
+        return np.sort(ids), total
+
+    def features(self, ids) -> list:
+        """``[id, class, [ring as flat x, y, ...], ...]`` for each id, vertices to 0.01 px."""
+        out = []
+        cls = self.props.column("class")
+        for i in ids:
+            i = int(i)
+            rings = [np.round(self.coords[self.ring_off[r]:self.ring_off[r + 1]], 2).ravel().tolist()
+                     for r in range(self.feat_off[i], self.feat_off[i + 1])]
+            out.append([i, cls(i), rings])
+        return out
+
+    def info(self) -> dict:
+        return {"kind": "polygons", "name": os.path.basename(self.path), "count": self.count}
+
+    def close(self) -> None:
+        pass
+
+
+class Columns:
+    """Feature properties by column: integer columns as int64 arrays,
+    others dictionary-encoded (codes and the distinct values), so a million
+    features with a few repeated names cost a few bytes each."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+        self.raw: dict[str, list] = {}
+        self.n = 0
+
+    def add(self, props: dict) -> None:
+        for k, v in props.items():
+            if k not in self.raw:
+                self.keys.append(k)
+                self.raw[k] = [None] * self.n
+            self.raw[k].append(v)
+        self.n += 1
+        for k in self.keys:
+            if len(self.raw[k]) < self.n:
+                self.raw[k].append(None)
+
+    def freeze(self) -> "Columns":
+        self.cols = {}
+        for k in self.keys:
+            vals = self.raw.pop(k)
+            if all(type(v) is int for v in vals):
+                self.cols[k] = ("int", np.asarray(vals, np.int64))
+            else:
+                enc = [json.dumps(v, sort_keys=True) for v in vals]
+                uniq, codes = np.unique(np.asarray(enc, dtype=object), return_inverse=True)
+                self.cols[k] = ("dict", (codes.astype(np.int32), [json.loads(u) for u in uniq]))
+        return self
+
+    def get(self, i: int) -> dict:
+        out = {}
+        for k in self.keys:
+            how, data = self.cols[k]
+            out[k] = int(data[i]) if how == "int" else data[1][data[0][i]]
+        return out
+
+    def column(self, key: str):
+        """``i -> value`` of one column (None where it is absent)."""
+        if key not in self.cols:
+            return lambda i: None
+        how, data = self.cols[key]
+        if how == "int":
+            return lambda i: int(data[i])
+        return lambda i: data[1][data[0][i]]
+
+
+def _load(path: str, meta):
+    """Vertices (float32, image level-0 pixels), ring offsets, feature
+    offsets and properties of every polygon in ``path``."""
+    import fiona
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            src = fiona.open(path)
+    except Exception as err:
+        raise InputError(f"{path}: not a readable GeoJSON/GeoPackage ({' '.join(str(err).split())[:200]})") from err
+    to_pixels = _to_pixels(path, src, meta)
+    chunks, ring_len, feat_rings, props = [], [], [], Columns()
+    with src:
+        for f in src:
+            g = f.geometry
+            polys = [] if g is None else (g.coordinates if g.type == "MultiPolygon" else
+                                          [g.coordinates] if g.type == "Polygon" else [])
+            n = 0
+            for poly in polys:
+                for ring in poly:
+                    a = np.asarray(ring, np.float64)[:, :2]
+                    chunks.append(a)
+                    ring_len.append(len(a))
+                    n += 1
+            feat_rings.append(n)
+            props.add(dict(f.properties))
+    coords = to_pixels(np.concatenate(chunks)) if chunks else np.zeros((0, 2))
+    rings = np.concatenate([[0], np.cumsum(ring_len)]).astype(np.int64)
+    feats = np.concatenate([[0], np.cumsum(feat_rings)]).astype(np.int64)
+    return coords.astype(np.float32), rings, feats, props.freeze()
+
+
+def _to_pixels(path: str, src, meta):
+    """``(n, 2) -> (n, 2)``: the file's coordinates to the image's level-0
+    pixels. Pixel files (a slide's outputs, no CRS or tilerseg's local
+    pixel CRS) are taken as they are; map coordinates are reprojected to
+    the image's CRS (GeoJSON without a CRS is WGS 84, as RFC 7946 says)
+    and put through the inverse of its transform."""
+    crs = src.crs_wkt or ""
+    pixel_crs = "image pixels" in crs or not meta.georeferenced
+    if pixel_crs:
+        if meta.georeferenced and "image pixels" in crs:
+            raise InputError(f"{path}: polygons in pixels, but the image is georeferenced: it is another image")
+        return lambda xy: xy  # level-0 pixels already
+    if not crs:
+        crs = "EPSG:4326"
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.warp import transform
+
+    src_crs, dst_crs = CRS.from_user_input(crs), CRS.from_wkt(meta.crs) if meta.crs else None
+    inv = ~Affine(*meta.transform[:6])
+
+    def to_pixels(xy):
+        x, y = xy[:, 0], xy[:, 1]
+        if dst_crs is not None and src_crs != dst_crs:
+            x, y = (np.asarray(v) for v in transform(src_crs, dst_crs, x, y))
+        a, b, c, d, e, f = inv[:6]
+        return np.stack([a * x + b * y + c, d * x + e * y + f], axis=1)
+
+    return to_pixels
