@@ -79,3 +79,37 @@ def test_memory_budget_option(tmp_path, rgb_tiff, tiny_model_dir):
             str(tmp_path / "m.tif"))
     assert r.returncode == 0, r.stderr
     assert "tiling: tile" in r.stderr and "(auto:" in r.stderr and "budget --memory-budget 256 MiB" in r.stderr
+
+
+def test_a_budget_that_holds_no_worthwhile_window_is_refused_with_one_that_does(tmp_path, rgb_tiff,
+                                                                                  tiny_model_dir):
+    """Issue 25: --memory-budget 1MB picked 4,096 windows of 200 px (an 8-px core for a
+    96-px halo) and ran for minutes. It is refused, naming a budget that works."""
+    import re
+
+    from tilerseg.config import parse_size
+    from tilerseg.errors import TileError
+
+    shape, halo, stride, per_px = (512, 512), 96, 8, 600.0
+    with pytest.raises(TileError) as err:
+        auto_tile(halo, stride, shape, per_px, 2 ** 20, None)
+    text = str(err.value)
+    assert "\n" not in text and "holds no window worth running" in text
+    budget = parse_size(re.search(r"give --memory-budget (\S+)", text).group(1))
+    (tile, _), batch, _ = auto_tile(halo, stride, shape, per_px, budget, None)  # the suggestion works
+    assert tile - 2 * halo >= halo and batch * tile ** 2 * per_px <= budget
+    # a budget whose best window costs WORST_WORK x the best window's is refused too
+    from tilerseg.tiling import WORST_WORK, work
+
+    def cost(c):
+        return work(math.prod(math.ceil(n / c) for n in (8192, 8192)), c + 2 * halo)
+
+    best = min(range(8, 4000, 8), key=cost)
+    small = next(c for c in range(halo // 8 * 8, best, 8) if cost(c) <= WORST_WORK * cost(best)) - 8
+    with pytest.raises(TileError, match="computes"):
+        auto_tile(halo, stride, (8192, 8192), per_px, int((small + 2 * halo) ** 2 * per_px) + 1, None)
+    # through the command line: one line, no output left
+    r = cli("run", rgb_tiff[0], "--weights", tiny_model_dir, "--halo", "96", "--memory-budget", "1MB",
+            "-o", str(tmp_path / "m.zarr"))
+    assert r.returncode == 1 and "holds no window worth running" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.zarr").exists()

@@ -128,3 +128,40 @@ def test_unknown_backend_and_fp16_with_a_runtime_are_one_line(tmp_path, rgb_tiff
             "-o", str(tmp_path / "b.tif"))
     assert r.returncode == 1 and "--backend onnxruntime runs fp32 exports" in r.stderr
     assert not (tmp_path / "b.tif").exists()
+
+
+def test_auto_probes_the_runs_own_window_and_batch_and_counts_the_export():
+    """The probe runs what the run will run (its window, its batch), weighs the
+    whole run plus an export not cached yet, and says its figures."""
+    from tilerseg.backends import PROBE_CALLS, decide, exported
+
+    model = tiny_unet(seed=3).eval()
+    kw = dict(device="cpu", in_channels=3, dims=2, stride=8, weights=None, window=(96, 96), batch=2)
+    assert not exported(model, in_channels=3, dims=2, weights=None)
+    name, note = decide(model, batches=10_000, **kw)
+    assert "a batch of 2 x 96x96 px" in note and "torch " in note and "onnxruntime " in note
+    assert "+ export" in note  # the first probe exported: its time counts against the runtime
+    assert exported(model, in_channels=3, dims=2, weights=None)
+    assert name in ("torch", "onnxruntime", "openvino") and note.startswith(name)
+    _, again = decide(model, batches=10_000, **kw)
+    assert "+ export" not in again  # cached now: no export to pay
+    # a run too short to repay the probe is not probed: auto costs what the default costs
+    name, note = decide(model, batches=PROBE_CALLS * 2, **kw)
+    assert name == "torch" and "too few to repay a probe" in note
+    assert decide(model, batches=10_000, **dict(kw, precision="bf16"))[0] == "torch"
+
+
+def test_run_with_auto_decides_after_the_tiling_and_says_so(tmp_path, rgb_tiff, tiny_model_dir, capsys):
+    import glob
+
+    path, _ = rgb_tiff
+    from tilerseg import cli as tcli
+
+    exports = set(glob.glob(os.path.join(tiny_model_dir, "**", "*.onnx"), recursive=True))
+    assert tcli.main(["run", path, "--weights", tiny_model_dir, "--backend", "auto", "--halo", "24",
+                      "-o", str(tmp_path / "a.zarr")]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("backend: "))
+    assert "torch (auto:" in line and "too few to repay a probe" in line  # one window: no probe
+    assert not any((tmp_path / "cache").rglob("*.onnx"))  # and nothing was exported for it
+    assert set(glob.glob(os.path.join(tiny_model_dir, "**", "*.onnx"), recursive=True)) == exports

@@ -93,3 +93,54 @@ def test_all_nodata_windows_are_skipped(tmp_path, tiny_model_dir):
             "-o", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "skipped" in r.stdout and "all nodata" in r.stdout
+
+
+def test_auto_tile_weighs_the_windows_that_run():
+    """Issue 27: with a map of where windows run, --tile auto minimises the work of
+    those windows (brute force over the candidates is the oracle), which on a
+    mostly-glass slide is a smaller window than the largest that fits."""
+    import math
+
+    from tilerseg.tiling import auto_tile, work
+    from tilerseg.tissue import WindowMap
+
+    shape, halo, stride = (6144, 6144), 96, 8
+    yy, xx = np.mgrid[0:1536, 0:1536].astype(np.float32) * 4
+    discs = tissue(yy, xx, 0, glass_ellipse(shape, 0.71, pieces=2))
+    assert 0.27 < discs.mean() < 0.31
+    wmap = WindowMap(shape, tissue=lambda side: discs)
+    budget, per_px = 4 * 2 ** 30, 150.0
+    (plain, _), _, _ = auto_tile(halo, stride, shape, per_px, budget, None)
+    (tile, _), batch, note = auto_tile(halo, stride, shape, per_px, budget, None, runs=wmap.runs)
+    side = int(math.sqrt(budget / per_px))
+    crops = range(stride, (side - 2 * halo) // stride * stride + 1, stride)
+    best = min(work(wmap.runs(c), c + 2 * halo) for c in crops)
+    assert work(wmap.runs(tile - 2 * halo), tile) == best
+    assert tile < plain and "of windows run" in note and f"less work than tile {plain}" in note
+    full = math.prod(math.ceil(n / (plain - 2 * halo)) for n in shape)
+    assert work(full, plain) / best > 1.4  # what skipping buys on this slide
+    # deterministic: the same map gives the same choice (what --resume checks)
+    again = WindowMap(shape, tissue=lambda side: discs)
+    assert auto_tile(halo, stride, shape, per_px, budget, None, runs=again.runs)[0] == (tile, tile)
+
+
+def test_nodata_collar_counts_as_skipped_in_the_tile_choice():
+    """A Landsat scene's nodata collar: the map's count of windows to run is
+    never below the exact count (read at full resolution), and skips most of
+    the collar."""
+    import rasterio
+
+    from tilerseg.tissue import WindowMap, valid_map
+
+    path = data("rasterio/RGB.byte.tif")
+    with rasterio.open(path) as ds:
+        valid = ds.dataset_mask() > 0
+    shape = valid.shape
+    wmap = WindowMap(shape, valid=lambda side: valid_map(path, side))
+    for crop in (64, 128, 256):
+        n = (-(-shape[0] // crop), -(-shape[1] // crop))
+        exact = window_has_tissue(valid, shape, crop, n).sum()
+        got = wmap.runs(crop)
+        assert exact <= got <= exact + 0.1 * n[0] * n[1], (crop, exact, got)
+        if crop == 64:
+            assert got < 0.9 * n[0] * n[1]  # the collar's windows are counted out

@@ -77,6 +77,7 @@ class RunReport:
     windows_resumed: int = 0
     preview: str | None = None
     tiling: str = ""
+    backend: str = ""  # what ran the forward pass and why (auto: the probe's figures); "" for plain torch
 
     @property
     def windows_skipped(self) -> int:
@@ -176,15 +177,41 @@ def _volume_by_name(m: ModelOptions) -> bool | None:
 
 
 def _predictor(info: ModelInfo, meta, cfg: RunConfig, tta: str = "none"):
+    """The run's predictor and its picklable reference. ``--backend auto``
+    starts on torch: the runtime is decided once the tiling is known
+    (:func:`_settle_backend`), so the probe measures the run's own windows."""
     from .infer import pick_device
 
     if not info.trained:
         warnings.warn(f"no --weights given: {_name(info)} has random weights, so the mask is meaningless; pass "
                       "--weights for real results", UntrainedModelWarning, stacklevel=4)
     e = cfg.engine
+    backend = "torch" if e.backend == "auto" else e.backend
     ref = PredictorRef(info, meta.bands, np.dtype(meta.dtype).str, pick_device(e.device), tta, e.precision,
-                       e.compile, e.backend)
+                       e.compile, backend)
     return ref, ref.get()  # built and validated once here; local tasks reuse this same instance
+
+
+def _settle_backend(cfg: RunConfig, ref: PredictorRef, predictor, tiling, windows: int):
+    """``--backend auto``: probe the run's window and batch on each runtime
+    (:func:`tilerseg.backends.decide`) and return the reference, predictor
+    and note of the one chosen; workers then build that runtime, and none
+    probes again. Other backends: as built, with their note."""
+    if cfg.engine.backend != "auto":
+        return ref, predictor, predictor.backend_note if cfg.engine.backend != "torch" else ""
+    from .backends import decide
+
+    views = {"flips": 4, "d4": 8}.get(ref.tta, 1)
+    batch = tiling.batch_size * views
+    name, note = decide(predictor.model, device=predictor.device, in_channels=ref.bands, dims=tiling.dims,
+                        stride=tiling.stride, weights=ref.info.weights, window=tiling.tile, batch=batch,
+                        batches=max(1, -(-windows // tiling.batch_size)), precision=ref.precision,
+                        compile=ref.compile)
+    log.info("backend: %s", note)
+    if name == "torch" or name == ref.backend:
+        return ref, predictor, note
+    ref = replace(ref, backend=name)
+    return ref, ref.get(), note
 
 
 def _name(info: ModelInfo) -> str:
@@ -195,9 +222,12 @@ def _name(info: ModelInfo) -> str:
     return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 
-def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, scheduler=None, stacklevel: int = 4):
+def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, scheduler=None, stacklevel: int = 4,
+                  runs=None):
     """The run's tiling (see :func:`tilerseg.tiling.resolve`), said once;
-    sized for the workers of a distributed ``scheduler`` where there is one."""
+    sized for the workers of a distributed ``scheduler`` where there is one,
+    and for the windows that will run (``runs``: crop -> count, from a
+    :class:`~tilerseg.tissue.WindowMap`)."""
     from .cluster import worker_memory
     from .models import global_context
     from .tiling import resolve
@@ -205,7 +235,7 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sch
     parts = global_context(predictor.model)
     tiling = resolve(opts, model=predictor.model, info=info, stride=predictor.stride, dims=len(shape),
                      bands=info.spec.in_channels, shape=shape, global_parts=parts,
-                     worker_memory=worker_memory(scheduler))
+                     worker_memory=worker_memory(scheduler), runs=runs)
     if parts:
         warnings.warn(f"{_name(info)} has global context ({', '.join(parts[:4])}): tiled "
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
@@ -221,11 +251,15 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     check_mpp(info, src.meta, os.fspath(input))
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
-    tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5)
+    wmap = _window_map(i, input, src.meta)
+    tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
+                           runs=wmap.runs if wmap.may_skip else None)
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
-    active = _tissue_windows(i.tissue, input, grid, bands=i.bands, reader=i.reader) if i.tissue else None
+    active = wmap.active(grid)
+    ref, predictor, backend = _settle_backend(cfg, ref, predictor, tiling,
+                                              int(active.sum()) if active is not None else grid.total_windows)
     out = Output(probabilities=bool(o.probabilities), threshold=threshold, merge=tiling.merge)
     plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
     oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
@@ -246,7 +280,8 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiling.tile[0], halo=tiling.halo[0],
                      stride=predictor.stride, note=src.meta.note, windows_run=stats.windows_run, threshold=threshold,
-                     windows_resumed=stats.windows_resumed, preview=o.preview, tiling=tiling.summary())
+                     windows_resumed=stats.windows_resumed, preview=o.preview, tiling=tiling.summary(),
+                     backend=backend)
 
 
 def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress) -> RunReport:
@@ -265,6 +300,7 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
         ref, predictor = _predictor(info, src.meta, cfg)
         tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5)
         grid = tiling.grid(src.meta.shape)
+        ref, predictor, backend = _settle_backend(cfg, ref, predictor, tiling, grid.total_windows)
         threshold = info.binary_threshold(o.threshold)
         plan = volume_plan(src, ref, grid, Output(probabilities=bool(o.probabilities), threshold=threshold),
                            info.spec.classes, pad_mode=tiling.pad_mode)
@@ -278,7 +314,7 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
         return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                          seconds=time.perf_counter() - t0, tile=tiling.tile, halo=tiling.halo,
                          stride=predictor.stride, windows_run=stats.windows_run, threshold=threshold,
-                         windows_resumed=stats.windows_resumed, tiling=tiling.summary())
+                         windows_resumed=stats.windows_resumed, tiling=tiling.summary(), backend=backend)
     finally:
         src.close()
 
@@ -353,18 +389,27 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
                       stacklevel=5)
 
 
-def _tissue_windows(tissue: str, input, grid, *, bands, reader) -> np.ndarray:
-    """Which windows touch tissue: ``tissue`` is "auto" or a mask file."""
-    from .tissue import detect, from_file, thumbnail_side, window_has_tissue
+def _window_map(i, input, meta: ImageMeta):
+    """Where windows will run: on tissue (``--tissue auto`` or a mask
+    file) and off nodata; computed only where asked (the tiling decision
+    asks when it chooses the tile, the run for the windows on tissue)."""
+    from .tissue import WindowMap, detect, from_file, valid_map
 
-    if tissue == "auto":
-        mask = detect(os.fspath(input), side=thumbnail_side(grid.shape, grid.crop), bands=bands, reader=reader)
-    else:
-        mask = from_file(tissue)
-    active = window_has_tissue(mask, grid.shape, grid.crop, grid.n_windows)
-    log.info("--tissue %s: tissue on %.1f%% of the thumbnail, %d of %d windows to run", tissue,
-             100 * mask.mean(), int(active.sum()), active.size)
-    return active
+    path = os.fspath(input)
+    tissue = None
+    if i.tissue == "auto":
+        def tissue(side):
+            return detect(path, side=side, bands=i.bands, reader=i.reader)
+    elif i.tissue:
+        def tissue(side):
+            return from_file(i.tissue)
+    maybe_nodata = meta.nodata is not None or np.issubdtype(np.dtype(meta.dtype), np.floating) or meta.georeferenced
+
+    def valid(side):
+        return valid_map(path, side, bands=i.bands, reader=i.reader) if isinstance(input, (str, os.PathLike)) \
+            else None
+
+    return WindowMap(meta.shape, tissue=tissue, valid=valid if maybe_nodata else None, name=str(i.tissue))
 
 
 def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:

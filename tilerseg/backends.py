@@ -46,6 +46,7 @@ TOLERANCE = 1e-4                      # largest probability difference an export
 SHAPE_POLICY = "dynamic-batch-spatial-fp32"
 PROBE_SIDE = 512  # auto's probe window: at 256 px per-call overhead is a third of the time and decides the pick
 MARGIN = 0.05     # auto leaves torch only for a runtime this much faster on the probe
+PROBE_CALLS = 2   # a run's probe: a warm-up and a timed batch per runtime
 INSTALL = "pip install tilerseg[cpu-fast]"
 
 
@@ -289,13 +290,9 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
     torch_runner = TorchRunner(net)
     if backend == "torch":
         return torch_runner, "torch"
-    if precision != "fp32" or compile:
-        what = f"--precision {precision}" if precision != "fp32" else "--compile"
-        if backend != "auto":
-            raise InputError(f"--backend {backend} runs fp32 exports: drop {what}, or use --backend torch")
-        return torch_runner, f"torch ({what} runs on torch)"
-    if backend == "auto" and device != "cpu":
-        return torch_runner, "torch (auto: the other runtimes are measured on CPUs only)"
+    stay = _torch_only(backend, device, precision, compile)
+    if stay:
+        return torch_runner, stay
     kw = dict(device=device, in_channels=in_channels, dims=dims, stride=stride, weights=weights,
               threads=torch.get_num_threads())
     if backend != "auto":
@@ -316,6 +313,76 @@ def choose(backend: str, net, model, *, device: str, in_channels: int, dims: int
     why = "fastest" if best is not torch_runner or min(times.values()) == times["torch"] else \
         f"no runtime {MARGIN:.0%} faster than torch"
     return best, f"{best.name} (auto: {why} on a {x.shape[-1]}-px probe window: {probe})"
+
+
+def _torch_only(backend: str, device: str, precision: str, compile: bool) -> str | None:
+    """Why ``backend`` must run on torch (``None``: it need not): other
+    runtimes run fp32 exports, uncompiled, and ``auto`` measures on CPUs only."""
+    if precision != "fp32" or compile:
+        what = f"--precision {precision}" if precision != "fp32" else "--compile"
+        if backend != "auto":
+            raise InputError(f"--backend {backend} runs fp32 exports: drop {what}, or use --backend torch")
+        return f"torch ({what} runs on torch)"
+    if backend == "auto" and device != "cpu":
+        return "torch (auto: the other runtimes are measured on CPUs only)"
+    return None
+
+
+def decide(model, *, device: str, in_channels: int, dims: int, stride: int, weights: str | None,
+           window: tuple[int, ...], batch: int, batches: int, precision: str = "fp32",
+           compile: bool = False) -> tuple[str, str]:
+    """``--backend auto`` for a run: the runtime to use, and one line with
+    the probe's figures.
+
+    The probe runs what the run will run: ``batch`` windows of ``window``
+    px (a warm-up and a timed call per runtime), and the decision weighs the
+    whole run, ``batches`` batches, plus the export's time where the export
+    was not cached yet: a runtime wins when that total beats torch's by
+    :data:`MARGIN`. A run too short to repay the probe (it costs about
+    :data:`PROBE_CALLS` batches a runtime) stays on torch unmeasured, so
+    ``auto`` costs no more than the default beyond the probe's share."""
+    import torch
+
+    stay = _torch_only("auto", device, precision, compile)
+    if stay or getattr(model, "onnx_path", None):
+        return "torch", stay or "onnxruntime (the model is an ONNX file)"
+    names = [n for n in ("onnxruntime", "openvino") if available(n)]
+    if not names:
+        return "torch", f"torch (auto: no other runtime installed; {INSTALL})"
+    calls = PROBE_CALLS * (1 + len(names))
+    shape = "x".join(map(str, window))
+    if MARGIN * batches < calls:
+        return "torch", (f"torch (auto: {batches} batch(es) of {batch} x {shape} px are too few to repay a probe "
+                         f"of about {calls} batches; --backend {names[0]} runs it without one)")
+    kw = dict(device=device, in_channels=in_channels, dims=dims, stride=stride, weights=weights,
+              threads=torch.get_num_threads())
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d  # as the predictor hands windows over
+    x = torch.randn((batch, in_channels, *window), generator=torch.Generator().manual_seed(0))
+    x = x.to(device).contiguous(memory_format=fmt)
+    times, export, notes = {"torch": _timed(TorchRunner(model), x, repeats=1)}, {}, []
+    for name in names:
+        cached = exported(model, in_channels=in_channels, dims=dims, weights=weights)
+        t0 = time.perf_counter()
+        runner, note = build_runner(name, model, **kw)
+        if runner is None:
+            notes.append(note)
+            continue
+        export[name] = 0.0 if cached else time.perf_counter() - t0
+        times[name] = _timed(runner, x, repeats=1)
+    total = {k: batches * t + export.get(k, 0.0) for k, t in times.items()}
+    best = pick(total)
+    figures = ", ".join(f"{k} {t:.3g} s" + (f" + export {export[k]:.1f} s" if export.get(k) else "")
+                        for k, t in times.items())
+    why = "fastest over the run" if best != "torch" or min(total.values()) == total["torch"] else \
+        f"no runtime {MARGIN:.0%} faster than torch over the run"
+    text = "; ".join([f"auto: {why}; a batch of {batch} x {shape} px: {figures}; {batches} batches"] + notes)
+    return best, f"{best} ({text})"
+
+
+def exported(model, *, in_channels: int, dims: int, weights: str | None) -> bool:
+    """Whether the model's ONNX export is cached already (see :func:`export_onnx`)."""
+    key = weights_key(model, in_channels, dims)
+    return any(f.endswith(f"-{key}.onnx") for d in cache_dirs(weights) if os.path.isdir(d) for f in os.listdir(d))
 
 
 def pick(times: dict) -> str:

@@ -82,6 +82,8 @@ def _print_report(a, report) -> None:
     print(f"wrote {report.output}: {size} {unit}, {report.windows} windows of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
+    if report.backend:
+        print(f"backend: {report.backend}")
     if report.preview:
         print(f"wrote {os.path.abspath(report.preview)}")
     if report.windows_resumed:

@@ -34,17 +34,25 @@ def _hash(a: np.ndarray, b: np.ndarray, seed: int, salt: int) -> np.ndarray:
 def tissue(yy: np.ndarray, xx: np.ndarray, seed: int = 0, ellipse=None) -> np.ndarray:
     """Where the tissue is: the smooth field's high ground (about half the
     area, in ridges), or with ``ellipse = (cy, cx, ry, rx)`` one compact
-    piece with a wavy edge, glass all around it, as on most slides."""
+    piece with a wavy edge, glass all around it, as on most slides (a
+    tuple of such ellipses: several pieces)."""
     field = _field(yy, xx, seed)
     if ellipse is None:
         return field > 0.1
-    cy, cx, ry, rx = ellipse
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 + 0.15 * field < 1
+    pieces = ellipse if isinstance(ellipse[0], (tuple, list)) else (ellipse,)
+    out = np.zeros(np.broadcast(yy, xx).shape, bool)
+    for cy, cx, ry, rx in pieces:
+        out |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 + 0.15 * field < 1
+    return out
 
 
-def glass_ellipse(shape: tuple[int, int], background: float) -> tuple[float, float, float, float]:
-    """The ``ellipse`` that leaves about ``background`` of ``shape`` as glass."""
+def glass_ellipse(shape: tuple[int, int], background: float, pieces: int = 1):
+    """The ``ellipse`` that leaves about ``background`` of ``shape`` as
+    glass; ``pieces=2``: two equal discs on the diagonal (a tuple of two)."""
     H, W = shape
+    if pieces == 2:
+        k = np.sqrt((1 - background) / (2 * np.pi))
+        return ((0.28 * H, 0.28 * W, H * k, W * k), (0.72 * H, 0.72 * W, H * k, W * k))
     k = np.sqrt((1 - background) / np.pi)
     return H / 2, W / 2, H * k, W * k
 
@@ -93,10 +101,11 @@ def _tile_rgb(args) -> np.ndarray:
 
 def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 256, levels: int = 1,
                compression: str = "jpeg", mpp: float = 0.5, background: float | None = None,
-               extratags=(), workers: int = 1) -> None:
+               extratags=(), workers: int = 1, pieces: int = 1) -> None:
     """Write a tiled (pyramidal when ``levels`` > 1) RGB TIFF of ``shape``,
     tile by tile. Reduced levels sample the generator at their resolution.
-    ``background``: the share of glass around one piece of tissue;
+    ``background``: the share of glass around one piece of tissue (or
+    ``pieces`` pieces: 1 or 2);
     ``extratags``: tifffile extra tags for the first page (e.g. GeoTIFF keys);
     ``workers``: processes generating tiles (in order, a few ahead)."""
     import contextlib
@@ -106,7 +115,7 @@ def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 
 
     H, W = shape
     t = tile_size
-    ell = glass_ellipse(shape, background) if background is not None else None
+    ell = glass_ellipse(shape, background, pieces) if background is not None else None
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
 
     def tiles(step: int):

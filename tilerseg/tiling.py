@@ -30,6 +30,8 @@ LIVE_SHARE = 0.5             # of all module outputs, the share counted as live 
 BUDGET_SHARE = {"cpu": 0.25, "cuda": 0.5}  # default --memory-budget: this share of the RAM / GPU memory
 VOLUME_VOXELS = 160 ** 3     # default 3-D windows grow up to about this many voxels (memory)
 NON_LOCAL_HALO = 64          # starting halo for models with global context (the gaussian merge widens it)
+WINDOW_FIXED_PX = 128 ** 2   # a window's fixed cost in pixels: the demo Unet ran t = 3.3 ms + 0.30 us/px (192-1024 px)
+WORST_WORK = 4.0             # a budget whose best window costs this much more than the best at any budget is refused
 UNKNOWN_BYTES = 4096         # activation bytes per input pixel assumed where a graph's shapes cannot be inferred
 
 
@@ -92,7 +94,7 @@ def _up(v: int, step: int) -> int:
 
 
 def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: int, shape,
-            global_parts: list[str] = (), worker_memory: int | None = None) -> Tiling:
+            global_parts: list[str] = (), worker_memory: int | None = None, runs=None) -> Tiling:
     """Tile, halo, merge and batch for ``model`` on an image of ``shape``.
 
     ``info`` is the model's :class:`~tilerseg.models.ModelInfo` (its
@@ -100,7 +102,8 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
     model's modules with global context (none: the model is local);
     ``worker_memory``: the memory of the processes that will run the
     batches, where that is not this one (dask workers; see
-    :func:`memory_budget`)."""
+    :func:`memory_budget`); ``runs`` (crop -> windows that will run: off
+    glass and nodata) lets ``--tile auto`` weigh the windows it skips."""
     why = []
     if opts.batch_size is not None and opts.batch_size != 1 and dims == 3:
         raise InputError(f"--batch-size {opts.batch_size}: volumes run one window per forward pass (a 3-D window "
@@ -149,7 +152,7 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
     elif dims == 2 and not global_parts:
         budget, bnote = memory_budget(model, opts.memory_budget, worker_memory)
         tile, batch, tnote = auto_tile(halo[0], stride, shape, activation_bytes(model, bands, stride), budget,
-                                       opts.batch_size)
+                                       opts.batch_size, runs=runs)
         tnote += f"; budget {bnote}"
     else:
         tile, tnote = _default_tile(halo, stride, shape, dims), "sized to the halo and the image"
@@ -256,7 +259,7 @@ def _gib(n: float) -> str:
 
 
 def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
-              batch: int | None) -> tuple[tuple[int, int], int, str]:
+              batch: int | None, runs=None) -> tuple[tuple[int, int], int, str]:
     """``--tile auto``: the window, the batch size and why.
 
     Each window computes ``(crop + 2 halo)^2`` pixels for ``crop^2`` kept
@@ -264,26 +267,68 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
     input pixels per output pixel at 512 px, 1.31 at 1024. The largest
     window is the one whose batch fits ``budget`` (``batch`` windows when
     given, else one); among the crops up to it, on the stride grid, the one
-    that computes fewest pixels over this image wins (no wider than the
-    image needs, so small images keep a window of image plus halo). The
-    batch is then as many such windows as the budget holds, up to
-    :data:`DEFAULT_BATCH` and the image's number of windows."""
+    whose windows cost least over this image wins (:func:`work`). ``runs``
+    (crop -> windows that will run) counts only the windows that are not
+    skipped (tissue, nodata): on a slide that is mostly glass, smaller
+    windows skip more of it, and the choice weighs that against their
+    larger share of context. The batch is then as many such windows as the
+    budget holds, up to :data:`DEFAULT_BATCH` and the windows that run.
+
+    A budget that holds no window whose crop is at least the halo (more
+    than 8/9 of it context), or whose best window costs more than
+    :data:`WORST_WORK` times the best window's at any budget, is refused
+    with the smallest budget that works."""
+    def windows(c: int) -> int:
+        return math.prod(math.ceil(n / c) for n in shape)
+
+    def cost(c: int) -> float:
+        return work(runs(c) if runs else windows(c), c + 2 * halo)
+
     per_window = budget / (batch or 1) / per_pixel
     side = min(MAX_AUTO_TILE, int(math.sqrt(per_window)))
-    cmax = max(stride, (side - 2 * halo) // stride * stride)
     covers = [_up(max(int(n), 1), stride) for n in shape]
-    cmax = min(cmax, max(covers))
-    best = min(range(stride, cmax + 1, stride),
-               key=lambda c: (math.prod(math.ceil(n / c) for n in shape) * (c + 2 * halo) ** 2, -c))
+    top = min(max((MAX_AUTO_TILE - 2 * halo) // stride * stride, stride), max(covers))
+    cmax = min(max(stride, (side - 2 * halo) // stride * stride), top)
+    candidates = range(stride, cmax + 1, stride)
+    best = min(candidates, key=lambda c: (cost(c), -c))
+    free = min(range(stride, top + 1, stride), key=lambda c: (cost(c), -c))  # as if memory were no limit
+    least = min(_up(max(halo, 1), stride), top)
+    if cmax < least or cost(best) > WORST_WORK * cost(free):
+        c = least
+        while c < free and cost(c) > WORST_WORK * cost(free):
+            c += stride
+        need = (batch or 1) * (c + 2 * halo) ** 2 * per_pixel
+        raise TileError(f"--memory-budget {_gib(budget)} holds no window worth running: the largest that fits "
+                        f"is {2 * halo + cmax} px, which computes {cost(best) / max(cost(free), 1):.1f}x the "
+                        f"pixels of {2 * halo + free}-px windows for the halo {halo}; give --memory-budget "
+                        f"{_gib_up(need)} or more (a {c + 2 * halo}-px window), or --tile and --halo")
     tile = best + 2 * halo
     fits = int(budget // (tile * tile * per_pixel))
-    windows = math.prod(math.ceil(n / best) for n in shape)
+    n_run = runs(best) if runs else windows(best)
     if batch is None:
-        batch = max(1, min(DEFAULT_BATCH, fits, windows))
+        batch = max(1, min(DEFAULT_BATCH, fits, n_run))
     over = "" if fits >= batch else f", over the budget: no smaller window holds the halo {halo}"
-    note = (f"auto: {windows} window(s) of {tile} px in batches of {batch}, about "
+    note = (f"auto: {windows(best)} window(s) of {tile} px in batches of {batch}, about "
             f"{_gib(batch * tile * tile * per_pixel)} of activations{over}")
+    if runs and n_run < windows(best):
+        plain = min(candidates, key=lambda c: (work(windows(c), c + 2 * halo), -c))  # the choice without skipping
+        note += (f"; skipping: {n_run / windows(best):.0%} of windows run, "
+                 f"{cost(plain) / max(cost(best), 1):.1f}x less work than tile {plain + 2 * halo}")
     return (tile, tile), batch, note
+
+
+def work(windows: int, tile: int) -> float:
+    """What ``windows`` windows of ``tile`` px cost, in pixel-equivalents:
+    the model's time is linear in the pixels of a window, plus a fixed cost
+    per window (:data:`WINDOW_FIXED_PX`). A constant, not a timing, so the
+    choice is the same on every run and ``--resume`` finds the same tiling."""
+    return windows * (tile * tile + WINDOW_FIXED_PX)
+
+
+def _gib_up(n: float) -> str:
+    """A size a little above ``n``, as ``--memory-budget`` takes it."""
+    mib = 2 ** 20
+    return f"{math.ceil(n / mib / 16) * 16}M" if n < 2 ** 30 else f"{math.ceil(n / 2 ** 30 * 10) / 10:g}G"
 
 
 def _default_tile(halo: tuple[int, ...], stride: int, shape, dims: int) -> tuple[int, ...]:

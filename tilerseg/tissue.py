@@ -83,10 +83,19 @@ def window_has_tissue(mask: np.ndarray, shape: tuple[int, int], crop: int, n_win
     """``(ny, nx)`` booleans: does window ``(wy, wx)``'s output area (``crop``
     px on the image grid of ``shape``) touch tissue in ``mask`` (any size,
     same extent)? Counted with a summed-area table, so it is exact and fast."""
-    H, W = shape
+    return _touching(_summed(mask), mask.shape, shape, crop, n_windows)
+
+
+def _summed(mask: np.ndarray) -> np.ndarray:
     h, w = mask.shape
     sat = np.zeros((h + 1, w + 1), np.int64)
     sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0), 1)
+    return sat
+
+
+def _touching(sat: np.ndarray, mshape, shape, crop: int, n_windows) -> np.ndarray:
+    H, W = shape
+    h, w = mshape
     ny, nx = n_windows
     r0 = np.floor(np.arange(ny) * crop * h / H).astype(int)
     r1 = np.ceil(np.minimum((np.arange(ny) + 1) * crop, H) * h / H).astype(int)
@@ -96,3 +105,102 @@ def window_has_tissue(mask: np.ndarray, shape: tuple[int, int], crop: int, n_win
     c0, c1 = np.clip(c0, 0, w), np.clip(np.maximum(c1, c0 + 1), 0, w)
     count = sat[r1][:, c1] - sat[r0][:, c1] - sat[r1][:, c0] + sat[r0][:, c0]
     return count > 0
+
+
+MAP_CROP = 256  # the map is read at the resolution for this crop (or the run's, where smaller)
+
+
+class WindowMap:
+    """Where windows will run, at low resolution: the tiling decision
+    (:func:`tilerseg.tiling.auto_tile`, which counts the windows each
+    candidate crop would run) and the run (which skips the windows off
+    tissue) read the same map, so the choice describes the run.
+
+    ``tissue(side)`` gives the tissue mask at about ``side`` px (``None``:
+    no ``--tissue``); ``valid(side)`` the pixels that are not nodata (or
+    ``None`` where the image has none). Only the tissue mask decides which
+    windows are skipped outright; the nodata map, a strided sample, only
+    estimates them for the tiling decision (the run skips all-nodata
+    windows exactly, at full resolution). Masks are computed on first use
+    and kept, so a run detects its tissue once."""
+
+    def __init__(self, shape, *, tissue=None, valid=None, name: str = ""):
+        self.shape, self._tissue, self._valid, self.name = tuple(shape), tissue, valid, name
+        self._masks: dict = {}
+        self._runs: dict = {}
+
+    @property
+    def may_skip(self) -> bool:
+        """Whether any window may be skipped (a tissue mask, or nodata)."""
+        return self._tissue is not None or self._valid is not None
+
+    def side(self, crop: int) -> int:
+        return thumbnail_side(self.shape, min(crop, MAP_CROP))
+
+    def _mask(self, kind: str, side: int):
+        if (kind, side) not in self._masks:
+            make = self._tissue if kind == "tissue" else self._valid
+            m = make(side) if make else None
+            if m is not None and kind == "valid":
+                from scipy import ndimage
+
+                m = ndimage.binary_dilation(m, iterations=1)  # a strided sample: grow it, as a map of where runs may be
+            self._masks[kind, side] = m
+        return self._masks[kind, side]
+
+    def runs(self, crop: int) -> int:
+        """How many windows of output side ``crop`` will run."""
+        if crop not in self._runs:
+            side = self.side(crop)
+            n = tuple(max(1, -(-s // crop)) for s in self.shape)
+            masks = [m for m in (self._mask("tissue", side), self._mask("valid", side)) if m is not None]
+            if not masks:
+                self._runs[crop] = int(np.prod(n))
+            else:
+                key = ("sat", side)
+                if key not in self._masks:
+                    both = masks[0] if len(masks) == 1 else _fit(masks[0], masks[1].shape) & masks[1]
+                    self._masks[key] = (_summed(both), both.shape)
+                sat, mshape = self._masks[key]
+                self._runs[crop] = int(_touching(sat, mshape, self.shape, crop, n).sum())
+        return self._runs[crop]
+
+    def active(self, grid) -> np.ndarray | None:
+        """The windows of ``grid`` on tissue (``None`` without ``--tissue``)."""
+        if self._tissue is None:
+            return None
+        mask = self._mask("tissue", self.side(grid.crop))
+        active = window_has_tissue(mask, grid.shape, grid.crop, grid.n_windows)
+        log.info("--tissue %s: tissue on %.1f%% of the thumbnail, %d of %d windows to run", self.name,
+                 100 * mask.mean(), int(active.sum()), active.size)
+        return active
+
+
+def _fit(mask: np.ndarray, shape) -> np.ndarray:
+    """``mask`` resampled (nearest) to ``shape``, over the same extent."""
+    if mask.shape == tuple(shape):
+        return mask
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0], mask.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1], mask.shape[1] - 1).astype(int)
+    return mask[rows][:, cols]
+
+
+def valid_map(path: str, side: int, *, bands=None, reader: str = "auto") -> np.ndarray | None:
+    """Which pixels are not nodata, sampled at about ``side`` px from the
+    coarsest level at least that large; ``None`` if every sample is valid."""
+    from .io import open_reader
+    from .preview import strided
+
+    kw = dict(bands=tuple(bands) if bands else None, reader=reader)
+    with open_reader(path, **kw) as r:
+        levels = r.meta.levels or (r.meta.shape,)
+    level = max([k for k, (h, w) in enumerate(levels) if max(h, w) >= side] or [0])
+    with open_reader(path, level=level or None, **kw) as r:
+        f = max(1, max(r.meta.shape) // side)
+
+        def read(a, b):
+            data, valid = r.read((a, b), (0, r.meta.shape[1]))
+            return np.ones(data.shape[:2], bool) if valid is None else valid
+
+        valid = strided(read, r.meta.shape, f)
+    return None if valid.all() else valid
