@@ -17,11 +17,35 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "tilerseg_checkpoint"
 
 
+# names the shipped model whatever the working folder holds; plain `demo` does unless a path `demo` exists
+SHIPPED_DEMO = "tilerseg:demo"
+
+
 def demo_weights() -> str:
     """The small nuclei model shipped in the package (``--weights demo``)."""
     from importlib import resources
 
     return str(resources.files("tilerseg") / "data" / "demo_unet.pt")
+
+
+def resolve_weights(weights):
+    """The file ``weights`` names: ``tilerseg:demo`` is the shipped model,
+    and so is ``demo`` unless a path of that name exists here (a path that
+    exists wins; errors about it then say how to name either)."""
+    if weights is None:
+        return None
+    w = os.fspath(weights)
+    return demo_weights() if w == SHIPPED_DEMO or (w == "demo" and not os.path.exists(w)) else weights
+
+
+def _shadow_hint(weights) -> str:
+    """For an error about weights given as ``demo`` that named a local path:
+    that it is not the shipped model, and how to name either."""
+    if weights is None or os.fspath(weights) != "demo" or not os.path.exists("demo"):
+        return ""
+    kind = "folder" if os.path.isdir("demo") else "file"
+    return (f" (`demo` here is the {kind} {os.path.abspath('demo')}, not the shipped demo model: name the "
+            f"shipped model --weights {SHIPPED_DEMO}, this {kind} --weights ./demo)")
 
 
 @dataclass(frozen=True)
@@ -85,8 +109,13 @@ def describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
     (smp folder, tilerseg checkpoint, ONNX file, a plain state dict's first
     and last layers), else from ``spec`` (the flags). ``in_channels`` or
     ``classes`` among ``spec.kwargs`` (``--model-arg``) must agree with the
-    file; without weights they set the spec's."""
-    info = _describe(weights, _lift_io_args(spec))
+    file; without weights they set the spec's. ``weights`` may name the
+    shipped model (:func:`resolve_weights`)."""
+    path = resolve_weights(weights)
+    try:
+        info = _describe(path, _lift_io_args(spec))
+    except ModelError as err:
+        raise ModelError(f"{err}{_shadow_hint(path)}") from err
     for key, value in _io_args(spec).items():
         if getattr(info.spec, key) != value:
             held = f"{info.spec.in_channels} input band(s) and {info.spec.classes} class(es)"
@@ -189,21 +218,30 @@ def instantiate(info: ModelInfo):
         return build_onnx(info)
     spec = info.spec if info.weights is None else replace(info.spec, encoder_weights=None)
     model = build(spec)
-    if info.weights is not None:
-        path = info.weights
-        if os.path.isdir(path):
-            st = os.path.join(path, "model.safetensors")
-            state = _load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
-        else:
-            state = _load_file(path)
-        state = _state_dict(state, path)
-        mismatch = _first_mismatch(model.state_dict(), state)
-        if mismatch:
-            raise ModelError(f"{path}: weights do not fit {spec.arch}/{spec.encoder} with {spec.classes} "
-                             f"class(es): {mismatch}; pass the --model/--encoder/--classes/--model-arg "
-                             "they were trained with")
-        model.load_state_dict(state, strict=True)
+    try:
+        _load_weights(model, info)
+    except ModelError as err:
+        raise ModelError(f"{err}{_shadow_hint(info.weights)}") from err
     return model.eval()
+
+
+def _load_weights(model, info: ModelInfo) -> None:
+    """Load ``info.weights`` into ``model``, strictly; a mismatch names its first layer."""
+    if info.weights is None:
+        return
+    path, spec = info.weights, info.spec
+    if os.path.isdir(path):
+        st = os.path.join(path, "model.safetensors")
+        state = _load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
+    else:
+        state = _load_file(path)
+    state = _state_dict(state, path)
+    mismatch = _first_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ModelError(f"{path}: weights do not fit {spec.arch}/{spec.encoder} with {spec.classes} "
+                         f"class(es): {mismatch}; pass the --model/--encoder/--classes/--model-arg "
+                         "they were trained with")
+    model.load_state_dict(state, strict=True)
 
 
 def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
