@@ -246,5 +246,6 @@
   // for tests and the console: the viewer, the layers, and "everything drawn"
   window.tilerseg = { viewer, layers, info, toScreen, toImage, saveState,
     loaded: () => pending.size === 0 && viewer.world.getItemCount() === 1 + layers.filter(l => l.L.kind !== "polygons").length &&
-      [...Array(viewer.world.getItemCount()).keys()].every(i => viewer.world.getItemAt(i).getFullyLoaded()) && fetchSeq > 0 && fetchDone === fetchSeq };
+      [...Array(viewer.world.getItemCount()).keys()].map(i => viewer.world.getItemAt(i))
+        .every(it => it.getOpacity() === 0 || it.getFullyLoaded()) && fetchSeq > 0 && fetchDone === fetchSeq };
 })();

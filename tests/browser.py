@@ -1,0 +1,53 @@
+"""A headless Chromium for the viewer's browser tests: Debian's ``chromium``
+driven by Playwright (Playwright's own browser download is not reachable
+here). :func:`launch` installs the package with apt when it is missing and
+this is root (as tests/slurm.py installs the SLURM daemons), and raises
+:class:`Unavailable` with the reason where no browser can run; the fixture
+skips with it, or fails when ``TILERSEG_REQUIRE_BROWSER=1`` (CI)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+class Unavailable(RuntimeError):
+    """No browser can run here; the message says why."""
+
+
+def _install() -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise Unavailable(f"{CHROMIUM} is missing and apt-get cannot run here (install the chromium package)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.run(cmd, capture_output=True, env=env).returncode == 0:
+        return
+    subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise Unavailable(f"apt-get install chromium failed: {r.stderr.strip()[-300:]}")
+
+
+def launch():
+    """``(playwright, browser)``: stop both with :func:`close`."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        raise Unavailable(f"playwright is not installed ({err}): pip install -e '.[test]'") from None
+    if not os.path.exists(CHROMIUM):
+        _install()
+    pw = sync_playwright().start()
+    try:
+        return pw, pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    except Exception as err:
+        pw.stop()
+        raise Unavailable(f"chromium did not start: {' '.join(str(err).split())[:300]}") from None
+
+
+def close(pw, browser) -> None:
+    browser.close()
+    pw.stop()
