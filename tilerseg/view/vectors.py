@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from array import array
 
 import numpy as np
 
@@ -110,58 +111,66 @@ class VectorLayer:
 
 
 class Columns:
-    """Feature properties by column: integer columns as int64 arrays,
-    others dictionary-encoded (codes and the distinct values), so a million
-    features with a few repeated names cost a few bytes each."""
+    """Feature properties by column, encoded as they stream in: integers
+    in an int64 array, anything else dictionary-encoded (a code per
+    feature and the distinct values), so a million features with a few
+    repeated names and classifications cost a few bytes each. ``keys``
+    are the file's fields (fiona gives every feature all of them)."""
 
-    def __init__(self):
-        self.keys: list[str] = []
-        self.raw: dict[str, list] = {}
-        self.n = 0
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.ints = {k: array("q") for k in self.keys}
+        self.codes: dict[str, array] = {}
+        self.values: dict[str, list] = {}
+        self._lookup: dict[str, dict] = {}
 
     def add(self, props: dict) -> None:
-        for k, v in props.items():
-            if k not in self.raw:
-                self.keys.append(k)
-                self.raw[k] = [None] * self.n
-            self.raw[k].append(v)
-        self.n += 1
         for k in self.keys:
-            if len(self.raw[k]) < self.n:
-                self.raw[k].append(None)
+            v = props.get(k)
+            if k in self.ints:
+                if type(v) is int and -2 ** 63 <= v < 2 ** 63:
+                    self.ints[k].append(v)
+                    continue
+                self._to_codes(k)
+            self.codes[k].append(self._code(k, v))
+
+    def _to_codes(self, k: str) -> None:
+        ints = self.ints.pop(k)
+        self.codes[k], self.values[k], self._lookup[k] = array("i"), [], {}
+        for v in ints:
+            self.codes[k].append(self._code(k, v))
+
+    def _code(self, k: str, v) -> int:
+        key = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else (type(v).__name__, v)
+        table = self._lookup[k]
+        c = table.get(key)
+        if c is None:
+            c = table[key] = len(self.values[k])
+            self.values[k].append(v)
+        return c
 
     def freeze(self) -> "Columns":
-        self.cols = {}
-        for k in self.keys:
-            vals = self.raw.pop(k)
-            if all(type(v) is int for v in vals):
-                self.cols[k] = ("int", np.asarray(vals, np.int64))
-            else:
-                enc = [json.dumps(v, sort_keys=True) for v in vals]
-                uniq, codes = np.unique(np.asarray(enc, dtype=object), return_inverse=True)
-                self.cols[k] = ("dict", (codes.astype(np.int32), [json.loads(u) for u in uniq]))
+        self._lookup = {}
         return self
 
     def get(self, i: int) -> dict:
-        out = {}
-        for k in self.keys:
-            how, data = self.cols[k]
-            out[k] = int(data[i]) if how == "int" else data[1][data[0][i]]
-        return out
+        return {k: self.column(k)(i) for k in self.keys}
 
     def column(self, key: str):
-        """``i -> value`` of one column (None where it is absent)."""
-        if key not in self.cols:
-            return lambda i: None
-        how, data = self.cols[key]
-        if how == "int":
+        """``i -> value`` of one column (None where the file has no such field)."""
+        if key in self.ints:
+            data = self.ints[key]
             return lambda i: int(data[i])
-        return lambda i: data[1][data[0][i]]
+        if key in self.codes:
+            codes, values = self.codes[key], self.values[key]
+            return lambda i: values[codes[i]]
+        return lambda i: None
 
 
 def _load(path: str, meta):
     """Vertices (float32, image level-0 pixels), ring offsets, feature
-    offsets and properties of every polygon in ``path``."""
+    offsets and properties of every polygon in ``path``, gathered in
+    batches so that memory holds little more than the arrays."""
     import fiona
 
     try:
@@ -171,7 +180,14 @@ def _load(path: str, meta):
     except Exception as err:
         raise InputError(f"{path}: not a readable GeoJSON/GeoPackage ({' '.join(str(err).split())[:200]})") from err
     to_pixels = _to_pixels(path, src, meta)
-    chunks, ring_len, feat_rings, props = [], [], [], Columns()
+    done, batch, ring_len, feat_rings = [], [], array("q"), array("q")
+    props = Columns((src.schema or {}).get("properties", {}))
+
+    def flush():
+        if batch:
+            done.append(to_pixels(np.concatenate(batch)).astype(np.float32))
+            batch.clear()
+
     with src:
         for f in src:
             g = f.geometry
@@ -181,15 +197,18 @@ def _load(path: str, meta):
             for poly in polys:
                 for ring in poly:
                     a = np.asarray(ring, np.float64)[:, :2]
-                    chunks.append(a)
+                    batch.append(a)
                     ring_len.append(len(a))
                     n += 1
             feat_rings.append(n)
             props.add(dict(f.properties))
-    coords = to_pixels(np.concatenate(chunks)) if chunks else np.zeros((0, 2))
-    rings = np.concatenate([[0], np.cumsum(ring_len)]).astype(np.int64)
-    feats = np.concatenate([[0], np.cumsum(feat_rings)]).astype(np.int64)
-    return coords.astype(np.float32), rings, feats, props.freeze()
+            if len(batch) >= 20000:
+                flush()
+    flush()
+    coords = np.concatenate(done) if done else np.zeros((0, 2), np.float32)
+    rings = np.concatenate([[0], np.cumsum(np.frombuffer(ring_len, np.int64))]).astype(np.int64)
+    feats = np.concatenate([[0], np.cumsum(np.frombuffer(feat_rings, np.int64))]).astype(np.int64)
+    return coords, rings, feats, props.freeze()
 
 
 def _to_pixels(path: str, src, meta):
