@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("TILERSEG_CHROMIUM", "/usr/bin/chromium")  # Debian's; another build by its path
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 

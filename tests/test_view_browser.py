@@ -36,15 +36,15 @@ def files(tmp_path_factory):
     return s
 
 
-@pytest.fixture(scope="module")
-def server(files):
+def _serve(paths):
+    """Serve ``tilerseg view PATHS`` on a free loopback port in a thread; yields the URL."""
     import uvicorn
 
     from tilerseg.view import open_view
     from tilerseg.view.app import create_app
     from tilerseg.view.server import bind, url_of
 
-    view = open_view([files["image"], files["ome"], files["pzarr"], files["geojson"]])
+    view = open_view(paths)
     sock = bind("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(create_app(view), log_level="warning", lifespan="off"))
     t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -56,6 +56,11 @@ def server(files):
     t.join(10)
     sock.close()
     view.close()
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    yield from _serve([files["image"], files["ome"], files["pzarr"], files["geojson"]])
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +227,36 @@ def test_reloading_the_copied_url_gives_the_same_view(page, browser):
         assert again.locator('.layer[data-layer="1"] input[data-class="2"]').is_checked()
     finally:
         again.close()
+
+
+def test_a_geotiff_with_its_cog_and_geojson_has_a_scale_in_metres(browser, tmp_path_factory):
+    """The GeoTIFF case: the COG over the scene, the WGS 84 polygons back on
+    its pixels, the scale bar in metres, map coordinates under the cursor."""
+    import rasterio
+
+    from conftest import data
+
+    geo = viewdata.geo_set(tmp_path_factory.mktemp("viewgeo"), data("rasterio/RGB.byte.tif"))
+    for url in _serve([geo["image"], geo["cog"], geo["geojson"]]):
+        page = _open(browser, url + "#x=400&y=350&s=2&o1=1&h1=0")
+        try:
+            assert page.locator("#scaletext").inner_text().endswith((" m", " km"))
+            assert "polygons;" in page.locator('.layer[data-layer="2"] .count').inner_text()
+            lab = geo["labels"]
+            x, y = 376, 344
+            sx, sy = page.evaluate("([x, y]) => { const t = tilerseg.toScreen(); return [(x + 0.5) * t.s + t.ox,"
+                                   " (y + 0.5) * t.s + t.oy]; }", [x, y])
+            page.mouse.move(sx, sy)
+            page.wait_for_function(f"document.getElementById('readout').textContent.startsWith('x {x}, y {y} px')")
+            with rasterio.open(geo["image"]) as ds:
+                mx, my = ds.xy(y, x)
+            text = page.locator("#readout").inner_text()
+            assert f"{mx:.1f}, {my:.1f} m" in text and f"geo.tif: {viewdata.NAMES[lab[y, x]]}" in text
+            with rasterio.open(geo["cog"]) as ds:
+                cmap = ds.colormap(1)
+            shown = [(u, v) for u in range(344, 440, 16) for v in range(312, 392, 16) if lab[v, u]]  # block centres
+            assert shown
+            for u, v in shown:
+                assert _canvas(page, u, v) == tuple(cmap[lab[v, u]][:3]), (u, v)
+        finally:
+            page.close()
