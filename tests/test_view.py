@@ -239,6 +239,14 @@ def test_bad_input_is_refused_in_one_line_before_serving(slide, tmp_path):
     assert "records no input" in _refusal(slide["geojson"])
 
 
+def test_a_volume_is_refused_in_one_line(slide, tmp_path):
+    from tilerseg.io.volume import VolumeMeta
+
+    vol = (np.arange(6 * 40 * 50).reshape(6, 40, 50) % 3).astype(np.uint8)
+    out = viewdata.write(tmp_path / "vol.zarr", vol, VolumeMeta(shape=vol.shape, bands=1, dtype=vol.dtype))
+    assert "3-D volume" in _refusal(slide["image"], out)
+
+
 def test_a_busy_port_is_refused_in_one_line(slide):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

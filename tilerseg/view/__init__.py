@@ -10,13 +10,16 @@ line: a missing file, a TIFF that is not a segmentation, an output on
 another grid than the image."""
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 
 from ..errors import InputError
 from .layers import RasterLayer, output_kind
 
 VECTOR_EXT = (".geojson", ".json", ".gpkg")
+log = logging.getLogger(__name__)
 
 
 class View:
@@ -62,6 +65,9 @@ def open_view(paths: list[str]) -> View:
         if not os.path.exists(p):
             raise InputError(f"{p}: no such file or directory; check the path")
     records = [None if _is_vector(p) else output_kind(p) for p in paths]
+    for p, rec in zip(paths, records):
+        if "spacing" in (rec or {}):
+            raise InputError(f"{p}: a 3-D volume; tilerseg view shows 2-D images and their outputs")
     if _is_vector(paths[0]) or records[0]:
         image_path = _recorded_input(paths[0], records[0])
         outputs = list(zip(paths, records))
@@ -74,7 +80,10 @@ def open_view(paths: list[str]) -> View:
             if _is_vector(p):
                 from .vectors import VectorLayer
 
+                t0 = time.perf_counter()
+                log.info("%s: reading its polygons", p)
                 layers.append(VectorLayer(p, image.meta, image.shape))
+                log.info("%s: %d polygons indexed in %.1f s", p, layers[-1].count, time.perf_counter() - t0)
                 continue
             if not rec:
                 raise InputError(f"{p}: not a segmentation written by tilerseg (no tilerseg record in it); give the "
