@@ -6,7 +6,6 @@ against fiona. ``TILERSEG_UPDATE_SCREENSHOT=1`` writes the page's picture to
 docs/viewer.png (the README shows it)."""
 import json
 import os
-import shutil
 import threading
 import time
 

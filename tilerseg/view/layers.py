@@ -24,7 +24,6 @@ import warnings
 
 import numpy as np
 
-from ..errors import InputError
 from ..io import open_reader
 from ..io.base import LABEL_NODATA, PROBABILITY_SCALE, probability_bytes
 from ..io.pyramid import palette, reduce2
@@ -196,14 +195,11 @@ class RasterLayer:
             return None
         rows, cols = (r0, min(h, r0 + TILE)), (c0, min(w, c0 + TILE))
         if self.kind == "image":
-            data = self._resized(dz, rows, cols) if not self.levels_has(dz) else self._rgba_image(
-                *self.read_clipped(self._level_of(dz), rows, cols))
+            k = self._level_of(dz)
+            data = self._resized(dz, rows, cols) if k is None else self._rgba_image(*self.read_clipped(k, rows, cols))
             return encode(data)
         data, valid = self.read_level(dz, rows, cols)
         return encode(self.colourize(data, valid, hide, band), png=True)
-
-    def levels_has(self, dz: int) -> bool:
-        return self._level_of(dz) is not None
 
     def _level_of(self, dz: int) -> int | None:
         """The file level that is Deep Zoom level ``dz`` exactly, if any."""
@@ -315,11 +311,6 @@ def encode(rgba: np.ndarray, png: bool = False) -> tuple[bytes, str]:
     return buf.getvalue(), "image/jpeg"
 
 
-def open_raster(path: str, record: dict | None = None) -> RasterLayer:
-    """The image (no record) or an output (its record says labels or probabilities)."""
-    kind = (record or {}).get("kind", "image")
-    return RasterLayer(path, kind, record)
-
-
 def dumps(obj) -> str:
+    """Compact JSON (polygons are sent by the thousand)."""
     return json.dumps(obj, separators=(",", ":"))

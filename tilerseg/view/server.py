@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
+import sys
 
 from ..errors import InputError
 
@@ -40,6 +42,15 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://{f'[{shown}]' if ':' in shown and not shown.startswith('[') else shown}:{port}/"
 
 
+def _has_display() -> bool:
+    """Whether a graphical browser can open here: on Linux only with a
+    display (without one, Python's webbrowser may start a text browser in
+    this terminal, in front of the server's output)."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
 def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, echo=print) -> None:
     """Serve ``view`` until interrupted; prints the URL on one line."""
     import uvicorn
@@ -55,7 +66,7 @@ def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = 
     config = uvicorn.Config(create_app(view), log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     echo(f"tilerseg view: {url} (Ctrl-C to stop)", flush=True)
-    if open_browser:
+    if open_browser and _has_display():
         import webbrowser
 
         webbrowser.open(url)
