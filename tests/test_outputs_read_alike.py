@@ -2,7 +2,8 @@
 (WGS 84 lon/lat) with the GeoPackage keeping the scene's CRS, slides'
 polygons in pixels that GDAL does not take for degrees, probabilities named
 after the class they hold, 8-bit probabilities that openslide reads, and
-OME-Zarr placed at the input's origin."""
+OME-Zarr coordinates that, with the georeference kept beside them, give
+rasterio's pixel centres."""
 from __future__ import annotations
 
 import json
@@ -131,7 +132,15 @@ def test_uint8_probabilities_read_in_openslide_and_equal_the_float_ones(tmp_path
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
-def test_ome_zarr_translation_is_the_input_origin(tmp_path, probabilities):
+def test_ome_zarr_coordinates_give_rasterios_pixel_centres_on_every_level(tmp_path, probabilities):
+    """NGFF 0.5 takes no negative (north-up) scale: the multiscales hold the
+    pixel size in metres and no geographic translation (level 0's pixel
+    (0, 0) centre at 0), and the group's ``tilerseg`` attribute the CRS and
+    the affine transform. Together they put every level's pixel where
+    rasterio puts the pixel its value stands for, ``transform * (col + 0.5,
+    row + 0.5)``: for a labels level the level-0 pixel it samples, for a
+    mean level the centre of the block it averages (both checked on the
+    values); ome-zarr-models validates the group."""
     import rasterio
     import zarr
 
@@ -139,17 +148,42 @@ def test_ome_zarr_translation_is_the_input_origin(tmp_path, probabilities):
     args = ("--probabilities",) if probabilities else ()
     assert cli("run", data(SCENE), "--weights", "demo", "-o", str(out), "--quiet", *args).returncode == 0
     with rasterio.open(data(SCENE)) as f:
-        t = f.transform
-    ms = dict(zarr.open_group(str(out), mode="r").attrs)["ome"]["multiscales"][0]
-    assert ms["axes"][-1]["unit"] == "meter"
+        t, crs = f.transform, f.crs
+    group = zarr.open_group(str(out), mode="r")
+    attrs = dict(group.attrs)
+    ms = attrs["ome"]["multiscales"][0]
+    assert ms["axes"][-1]["unit"] == ms["axes"][-2]["unit"] == "meter"
+    geo = attrs["tilerseg"]
+    assert rasterio.crs.CRS.from_wkt(geo["crs"]) == crs
+    transform = rasterio.Affine(*geo["transform"])
+    assert transform == t
+    (sy0, sx0) = ms["datasets"][0]["coordinateTransformations"][0]["scale"][-2:]
+    assert (sy0, sx0) == pytest.approx((-t.e, t.a))  # the pixel size, positive
+    assert len(ms["datasets"]) == 3
+    level0 = group["0"][...]
     for k, ds in enumerate(ms["datasets"]):
         (scale,), (shift,) = ([c[key] for c in ds["coordinateTransformations"] if c["type"] == key]
                               for key in ("scale", "translation"))
-        half = (2 ** k - 1) / 2 if probabilities else 0.0  # mean levels: the centre of the 2^k footprint
-        assert shift[-2:] == pytest.approx([t.f + scale[-2] / 2 ** k * half, t.c + scale[-1] / 2 ** k * half])
-        assert scale[-1] == pytest.approx(t.a * 2 ** k)
+        level = group[ds["path"]][...]
+        h, w = level.shape[-2:]
+        rows, cols = np.meshgrid([0, 1, h // 2, h - 1], [0, 1, w // 2, w - 1], indexing="ij")
+        n = 2 ** k  # the level-0 pixels under a level-k pixel, per side
+        # the level-0 (fractional) index each level-k value stands for, checked on the values themselves
+        r0, c0 = (rows * n + (n - 1) / 2, cols * n + (n - 1) / 2) if probabilities else (rows * n, cols * n)
+        for r, c in zip(rows.ravel(), cols.ravel()):
+            block = level0[..., r * n:(r + 1) * n, c * n:(c + 1) * n]
+            if probabilities and not np.isnan(block).all():
+                assert level[..., r, c] == pytest.approx(np.nanmean(block, axis=(-2, -1)), abs=1e-5)
+            elif not probabilities:
+                assert level[r, c] == level0[r * n, c * n]
+        y, x = shift[-2] + scale[-2] * rows, shift[-1] + scale[-1] * cols  # the metadata's coordinates
+        got = transform @ (x / sx0 + 0.5, y / sy0 + 0.5)                  # README: where they are on the map
+        want = t @ (c0 + 0.5, r0 + 0.5)
+        assert np.allclose(got, want, rtol=0, atol=1e-6), k
+        if k == 0:  # the last row is about 2,611,785 m north, as rasterio.transform.xy says
+            y717 = shift[-2] + scale[-2] * 717
+            assert (transform @ (0.5, y717 / sy0 + 0.5))[1] == pytest.approx(rasterio.transform.xy(t, 717, 0)[1])
     from ome_zarr_models.v05.image import Image
-    from ome_zarr_models.v05.image_label import ImageLabel  # noqa: F401 (the models validate on open)
+    from ome_zarr_models.v05.image_label import ImageLabel
 
-    if probabilities:
-        Image.from_zarr(zarr.open_group(str(out), mode="r"))
+    (Image if probabilities else ImageLabel).from_zarr(group)

@@ -167,14 +167,14 @@ def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes:
                  origin: tuple[float, float] = (0.0, 0.0), band_names=()) -> dict:
     """The ``ome`` attribute of an OME-Zarr 0.5 multiscale label image.
 
-    ``pixel_size`` is level 0's (y, x) size in ``unit`` (a UDUNITS name such
-    as ``micrometer`` or ``meter``); without it the scale is 1 pixel.
-    ``origin`` (y, x, same unit) is the input's origin, written as each
-    level's ``translation``, so a georeferenced result lands on its input in
-    napari. Mean-reduced levels (probabilities) add half their extra pixel
-    size: pixel 0 of level k averages level 0's pixels 0..2^k-1, so its
-    centre sits (2^k - 1) / 2 level-0 pixels further in; nearest-reduced
-    levels (labels) keep level 0's pixel 0 and its position."""
+    A pixel's coordinate is ``translation + scale * index``: the centre of
+    the pixel, with level 0's pixel (0, 0) at ``origin`` (y, x; see
+    :func:`physical_origin`). ``pixel_size`` is level 0's (y, x) size in
+    ``unit`` (a UDUNITS name such as ``micrometer`` or ``meter``); without it
+    the scale is 1 pixel. Mean-reduced levels (probabilities) are translated
+    by half their extra size: pixel 0 of level k averages level 0's pixels
+    0..2^k-1, so its centre sits (2^k - 1) / 2 level-0 pixels further in;
+    nearest-reduced levels (labels) keep level 0's pixel 0 and its position."""
     sy, sx = pixel_size or (1.0, 1.0)
     oy, ox = (float(v) for v in origin)
     space = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
@@ -203,10 +203,17 @@ def ome_metadata(shapes: list[tuple[int, int]], *, probabilities: bool, classes:
 
 
 def physical_origin(meta) -> tuple[float, float]:
-    """Level 0's origin (y, x) in the unit of :func:`physical_pixel`: the
-    transform's (f, c) for georeferenced inputs, else 0."""
-    if meta.transform is not None and meta.georeferenced and not meta.mpp:
-        return float(meta.transform[5]), float(meta.transform[2])
+    """The OME-Zarr coordinate (y, x) of level 0's pixel (0, 0) centre: 0,
+    for georeferenced inputs too (no geographic translation).
+
+    NGFF 0.5's scale is a pixel size: a north-up raster would need a
+    negative one along y for its northings (ome-zarr-models refuses it as a
+    resolution lower than the next level's), and no scale and translation
+    say a rotation. A georeferenced output keeps its CRS (WKT) and level 0's
+    affine transform (a, b, c, d, e, f, as rasterio orders it) in the
+    group's ``tilerseg`` attribute instead: the map position of an OME-Zarr
+    coordinate (y, x) is ``transform * (x / sx + 0.5, y / sy + 0.5)``, with
+    (sy, sx) level 0's scale (README, "OME-Zarr and georeference")."""
     return 0.0, 0.0
 
 
