@@ -18,6 +18,8 @@ import viewdata  # noqa: E402
 from tilerseg.view import open_view  # noqa: E402
 from tilerseg.view.app import create_app  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("view")  # the module's files are made once, on one worker
+
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):

@@ -212,8 +212,12 @@ def test_reloading_the_copied_url_gives_the_same_view(page, browser):
     page.locator('.layer[data-layer="1"] input.opacity').fill("0.35")
     page.locator('.layer[data-layer="1"] input[data-class="1"]').uncheck()
     page.evaluate("tilerseg.viewer.viewport.zoomBy(1.7); tilerseg.viewer.viewport.panBy(new OpenSeadragon.Point(0.01, -0.02))")
-    page.wait_for_function("!tilerseg.viewer.isAnimating?.() && location.hash.includes('o1=0.35')")
-    page.wait_for_timeout(700)  # the pan's animation ends and the hash is written
+    page.wait_for_function("""() => {  // the animation has ended and the hash says where it ended
+        const vp = tilerseg.viewer.viewport, W = tilerseg.info.image.width, c = vp.getCenter(true);
+        const p = new URLSearchParams(location.hash.slice(1));
+        return vp.getZoom(true) === vp.getZoom(false) && c.equals(vp.getCenter(false)) && p.get('o1') === '0.35'
+            && Math.abs(+p.get('x') - c.x * W) < 0.1 && Math.abs(+p.get('y') - c.y * W) < 0.1
+            && Math.abs(+p.get('s') / (vp.getZoom(true) * vp.getContainerSize().x / W) - 1) < 1e-5; }""")
     before = page.evaluate("tilerseg.toScreen()")
     url = page.url
     again = _open(browser, url)
