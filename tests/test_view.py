@@ -119,7 +119,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
     import rasterio
 
     geo = viewdata.geo_set(tmp_path, data("rasterio/RGB.byte.tif"))
-    view = open_view([geo["image"], geo["cog"], geo["geojson"]])
+    view = open_view([geo["image"], geo["cog"], geo["geojson"], geo["gpkg"]])
     assert view.info()["unit"] == "m"
     with rasterio.open(geo["cog"]) as ds:
         lut = np.zeros((256, 3), np.uint8)
@@ -137,6 +137,12 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
         feats = {f[0]: f for f in r["features"]}
         assert r["total"] == view.layers[1].count > 0 and len(feats) == min(r["total"], 5000)  # capped per view
         pt = c.get("/api/point", params={"x": 400.5, "y": 300.5}).json()
+        # the GeoPackage (the scene's CRS) lands on the same pixels as the GeoJSON (WGS 84)
+        r2 = c.get("/api/features/3", params={"x0": 0, "y0": 0, "x1": 791, "y1": 718, "limit": 100000}).json()
+        assert r2["total"] == r["total"]
+        for fid, cls, rings in r2["features"][:50]:
+            other = feats[fid]
+            assert cls == other[1] and np.allclose(rings[0], other[2][0], atol=1e-3)
     with rasterio.open(geo["image"]) as ds:  # the map coordinate of the pixel's centre, by rasterio
         assert pt["map"] == pytest.approx(list(ds.xy(300, 400)), abs=1e-6)
     import shapely

@@ -86,4 +86,5 @@ def geo_set(root, src: str) -> dict:
     root = str(root)
     return {"image": src, "labels": lab, "meta": meta,
             "cog": write(os.path.join(root, "geo.tif"), lab, meta, source=src),
-            "geojson": write(os.path.join(root, "geo.geojson"), lab, meta, source=src)}
+            "geojson": write(os.path.join(root, "geo.geojson"), lab, meta, source=src),
+            "gpkg": write(os.path.join(root, "geo.gpkg"), lab, meta, source=src)}

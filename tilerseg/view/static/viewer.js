@@ -75,7 +75,10 @@
         const sel = document.createElement("select");
         sel.className = "band";
         ly.L.bands.forEach((b, k) => sel.add(new Option(b, k, false, k === ly.band)));
-        sel.addEventListener("change", () => { ly.band = +sel.value; addRaster(ly, true); saveState(); });
+        sel.addEventListener("change", () => {
+          ly.band = +sel.value; addRaster(ly, true); saveState();
+          box.querySelector(".bandname").textContent = ly.L.bands[ly.band];
+        });
         box.appendChild(sel);
       }
       const ramp = document.createElement("div");
