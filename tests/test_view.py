@@ -112,6 +112,24 @@ def test_probability_tiles_are_the_files_values_on_the_ramp(client, slide):
         assert np.array_equal(got[ok][:, :3], ramp[np.rint(v[ok] * (255 / 254)).astype(int)]), k
 
 
+def test_each_band_of_multiclass_probabilities_is_its_own_ramp(slide, tmp_path):
+    import zarr
+    from matplotlib import colormaps
+
+    lab = slide["labels"]
+    p = np.stack([(lab == k).astype(np.float32) * 0.8 + 0.1 for k in range(3)])
+    out = viewdata.write(tmp_path / "p3.zarr", p, slide["meta"], probabilities=True, classes=3, source=slide["image"])
+    view = open_view([out])
+    ramp = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    stored = zarr.open_group(out, mode="r")["1"][:]
+    with TestClient(create_app(view)) as c:
+        assert c.get("/api/info").json()["layers"][0]["bands"] == list(viewdata.NAMES)
+        for band in (0, 2):
+            got = _level(c, 1, view.layers[0].max_level - 1, stored.shape[1:], f"?band={band}")
+            assert np.array_equal(got[..., :3], ramp[np.rint(np.clip(stored[band], 0, 1) * 255).astype(int)])
+    view.close()
+
+
 def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
     """A GeoTIFF with its COG mask and WGS 84 GeoJSON: tiles are the COG's
     pixels (rasterio, every overview), the scale is in metres, and the
