@@ -121,3 +121,95 @@ def test_boundary_class_separates_touching_cells():
     assert lab.max() == 2 and np.array_equal(table["class"], [1, 1])
     assert (lab[10:50, 10:44] == 1).all() and (lab[10:50, 46:80] == 2).all()
     assert np.array_equal(lab, run(p, 96, InstanceOptions(boundary_class=2))[0])
+
+
+@pytest.fixture(scope="module")
+def small_tiff(tmp_path_factory) -> str:
+    """560x480 RGB: a few hundred objects of the tiny model at threshold 0.6."""
+    from conftest import textured_tiff
+
+    path = tmp_path_factory.mktemp("instances") / "small.tif"
+    textured_tiff(path, (480, 560), seed=1, periods=(37.0, 53.0), noise=30)
+    return str(path)
+
+
+def _instance_run(tmp_path, src, model, name, tile, halo, ext=".zarr", *extra):
+    from conftest import cli
+
+    out = tmp_path / f"{name}{ext}"
+    r = cli("run", src, "--weights", model, "--instances", "--threshold", "0.6", "--tile", str(tile), "--halo",
+            str(halo), "--batch-size", "1", "-o", str(out), *extra)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def _zarr_labels(path) -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")["0"][:]
+
+
+def test_run_equals_the_whole_image_run_at_any_tile_and_not_with_a_halo_one_short(tmp_path, small_tiff,
+                                                                                tiny_model_dir):
+    """End to end through the model (receptive radius 65 px): labels and the
+    object table (centroids, mean probabilities) of tiled runs equal one
+    window over the whole image; a halo of 64 px changes the table."""
+    path = small_tiff
+    whole, said = _instance_run(tmp_path, path, tiny_model_dir, "whole", 704, 72)
+    ref, table = _zarr_labels(whole), (tmp_path / "whole.csv").read_bytes()
+    assert ref.dtype == np.uint32 and ref.max() > 50 and f"objects: {ref.max():,}" in said
+    for crop in (256, 304, 512):
+        out, _ = _instance_run(tmp_path, path, tiny_model_dir, f"crop{crop}", crop + 144, 72)
+        assert np.array_equal(_zarr_labels(out), ref), crop
+        assert (tmp_path / f"crop{crop}.csv").read_bytes() == table, crop
+    short, _ = _instance_run(tmp_path, path, tiny_model_dir, "short", 384, 64)
+    assert (tmp_path / "short.csv").read_bytes() != table
+
+
+def test_instances_in_every_output_format(tmp_path, small_tiff, tiny_model_dir):
+    """The same objects in an OME-TIFF (uint32, read by tifffile), GeoJSON
+    (one feature per object, id = label, area and centroid = the table's)
+    and, for a georeferenced input, a COG with its CRS (rasterio)."""
+    import csv
+    import json
+
+    import rasterio
+    import tifffile
+    from shapely.geometry import shape
+
+    from conftest import cli, data
+
+    path = small_tiff
+    ref = _zarr_labels(_instance_run(tmp_path, path, tiny_model_dir, "ref", 400, 72)[0])
+    tif, _ = _instance_run(tmp_path, path, tiny_model_dir, "m", 400, 72, ".ome.tif")
+    with tifffile.TiffFile(tif) as f:
+        assert f.series[0].dtype == np.uint32 and np.array_equal(f.series[0].asarray(), ref)
+        assert len(f.series[0].levels) > 1
+    info = cli("info", str(tif))
+    assert info.returncode == 0 and f"objects:    {ref.max():,}" in info.stdout and "median" in info.stdout
+    gj, _ = _instance_run(tmp_path, path, tiny_model_dir, "p", 400, 72, ".geojson")
+    features = json.loads(gj.read_text())["features"]
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(features) == len(rows) == ref.max()
+    for f in features[:: max(1, len(features) // 25)]:
+        i = f["id"]
+        assert f["properties"]["area_px"] == int(rows[i - 1]["area_px"]) == int((ref == i).sum())
+        assert shape(f["geometry"]).area == f["properties"]["area_px"]  # pixel corners: area = pixels
+        assert abs(shape(f["geometry"]).centroid.x - f["properties"]["centroid_x_px"]) <= 5e-4  # rounded to 3 decimals
+    geo = data("rasterio/RGB.byte.tif")
+    cog, _ = _instance_run(tmp_path, geo, tiny_model_dir, "geo", 400, 72, ".tif")
+    with rasterio.open(cog) as ds, rasterio.open(geo) as src:
+        assert ds.dtypes[0] == "uint32" and ds.crs == src.crs and ds.transform == src.transform
+        lab = ds.read(1)
+    rows = list(csv.DictReader(open(tmp_path / "geo.csv")))
+    assert lab.max() == len(rows) and np.array_equal(np.bincount(lab.ravel())[1:], [int(r["area_px"]) for r in rows])
+    assert float(rows[0]["area_m2"]) == pytest.approx(int(rows[0]["area_px"]) * 300.0 * 300.0, rel=1e-3)
+
+
+def test_more_objects_than_ids_is_refused_not_wrapped(whole, monkeypatch):
+    """uint32 ids run out at 2^32 - 1 objects: the count is checked before any
+    id is given (here with the ceiling lowered to the scene's count minus one)."""
+    import tilerseg.instances as inst
+
+    p, truth, _ = whole
+    monkeypatch.setattr(inst, "MAX_ID", truth - 1)
+    with pytest.raises(InputError, match=f"{truth:,} objects do not fit uint32 labels"):
+        run(p, 256)

@@ -78,6 +78,7 @@ class RunReport:
     preview: str | None = None
     tiling: str = ""
     backend: str = ""  # what ran the forward pass and why (auto: the probe's figures); "" for plain torch
+    objects: dict | None = None  # --instances: objects per class and their median area
 
     @property
     def windows_skipped(self) -> int:
@@ -155,7 +156,8 @@ def execute(input, output, cfg: RunConfig, *, progress=None) -> RunReport:
     inputs = [input, cfg.model.weights] + ([i.tissue] if i.tissue and i.tissue != "auto" else [])
     volume = _volume_by_name(cfg.model)
     writer = Writer(output, overwrite=o.overwrite, resume=e.resume, inputs=inputs, preview=o.preview,
-                    probabilities=o.probabilities, volume=bool(volume), parallel=thread_map(e.workers))
+                    probabilities=o.probabilities, volume=bool(volume), parallel=thread_map(e.workers),
+                    instances=o.instances)
     with writer:
         info = describe_model(cfg.model)
         if is_volumetric(info.spec.arch):
@@ -260,12 +262,12 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     active = wmap.active(grid)
     ref, predictor, backend = _settle_backend(cfg, ref, predictor, tiling,
                                               int(active.sum()) if active is not None else grid.total_windows)
-    out = Output(probabilities=bool(o.probabilities), threshold=threshold, merge=tiling.merge)
+    out = Output(probabilities=bool(o.probabilities) or o.instances, threshold=threshold, merge=tiling.merge)
     plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
     oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
                        class_names=info.class_names, source=os.fspath(input),
                        model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
-                       probability_dtype=o.probability_dtype, vector_crs=o.vector_crs)
+                       probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances)
     render = None
     if o.preview:
         from .preview import render as draw
@@ -276,12 +278,13 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     t0 = time.perf_counter()
     stats: StoreStats = writer.write(plan, lambda p, z, marks: store_plan(
         p, z, workers=e.workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
-        fingerprint(input, info, cfg, tiling, active), render_preview=render)
+        fingerprint(input, info, cfg, tiling, active), render_preview=render,
+        post=_instance_pass(o, info, threshold) if o.instances else None)
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiling.tile[0], halo=tiling.halo[0],
                      stride=predictor.stride, note=src.meta.note, windows_run=stats.windows_run, threshold=threshold,
                      windows_resumed=stats.windows_resumed, preview=o.preview, tiling=tiling.summary(),
-                     backend=backend)
+                     backend=backend, objects=writer.objects)
 
 
 def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress) -> RunReport:
@@ -387,6 +390,27 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
                       f"{path} is {dtype}: it is divided by {info.normalization.scale or dtype_scale(dtype):g}; if "
                       "the model saw other values, pass --scale (or --mean/--std) to match", InputRangeWarning,
                       stacklevel=5)
+
+
+BOUNDARY_NAMES = ("boundary", "contour", "border", "edge")  # a class so named separates touching objects
+
+
+def _instance_pass(o, info: ModelInfo, threshold: float):
+    """``post(probabilities, labels, imap)`` for the writer: the instance
+    labels (:func:`tilerseg.instances.label`) with the run's options; a
+    3-class model with a class named boundary or contour splits by it."""
+    from .instances import InstanceOptions, label
+
+    boundary = o.boundary_class
+    if boundary is None:
+        names = [str(n).lower() for n in info.class_names]
+        boundary = next((k for k, n in enumerate(names) if k and n in BOUNDARY_NAMES), None)
+    if boundary is not None and not 0 < boundary < max(info.spec.classes, 2):
+        raise InputError(f"--boundary-class {boundary}: the model has classes 0..{info.spec.classes - 1} "
+                         "(0 is background)")
+    opts = InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
+                           min_area=o.min_area, max_side=o.max_object)
+    return lambda probabilities, labels, imap: label(probabilities, labels, opts, imap=imap)
 
 
 def _window_map(i, input, meta: ImageMeta):

@@ -84,6 +84,10 @@ def _print_report(a, report) -> None:
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
     if report.backend:
         print(f"backend: {report.backend}")
+    if report.objects is not None:
+        per = "; ".join(f"{c['name']} {c['count']:,} (median {c['median_area_px']:g} px)"
+                        for c in report.objects["per_class"])
+        print(f"objects: {report.objects['count']:,}" + (f": {per}" if per else ""))
     if report.preview:
         print(f"wrote {os.path.abspath(report.preview)}")
     if report.windows_resumed:
@@ -206,6 +210,9 @@ def cmd_demo(a) -> int:
     print(f"wrote {res['mask']} ({r.windows} windows in {r.seconds:.1f} s, {r.megapixels_per_second:.2f} Mpx/s)")
     print(f"wrote {res['preview']}")
     print(f"Dice against the generator's truth: {res['dice']:.4f}")
+    print(f"nuclei the generator drew: {res['nuclei']:,}; count them with: tilerseg run "
+          f"{os.path.join(a.outdir, 'slide.tif')} --weights demo --instances -o "
+          f"{os.path.join(a.outdir, 'nuclei.geojson')}")
     return 0
 
 

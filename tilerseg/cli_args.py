@@ -157,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "input: wgs84 longitude/latitude as RFC 7946 says (default), or native: the input's CRS "
                    "(GeoPackage always keeps it)")
     o.add_argument("--preview", help="also write a PNG thumbnail with the mask overlaid")
+    o.add_argument("--instances", action="store_true", default=None,
+                   help="objects, not only pixels: uint32 labels (0 = background, one id per object, the same "
+                   "whatever the tiling), polygons with area, centroid and mean probability, and a .csv table")
+    o.add_argument("--split-depth", type=float, help="--instances: how much narrower a neck between touching "
+                   "objects must be than either (px of the distance transform; default 1.5, lower splits more)")
+    o.add_argument("--min-area", type=int, help="--instances: drop objects under this many px (default 0)")
+    o.add_argument("--max-object", type=int, help="--instances: refuse a foreground region wider or taller "
+                   "than this, instead of cutting it (default 4096 px)")
+    o.add_argument("--boundary-class", type=int, help="--instances: the class that marks boundaries in a "
+                   "3-class model (default: a class named boundary or contour); its interiors seed the objects")
     o.add_argument("--output-level", type=int, help="write the mask on this pyramid level of the input "
                    "(0: full resolution, upsampled) whatever --level/--mpp the model ran at")
     o.add_argument("--tissue", help="`auto`: find tissue on a thumbnail and skip windows without it; "

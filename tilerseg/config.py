@@ -26,6 +26,7 @@ MISSING_CHUNKS = ("refuse", "nodata", "fill")  # zarr inputs with chunks not sto
 VECTOR_CRS = ("wgs84", "native")               # GeoJSON coordinates
 BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 DEFAULT_BATCH = 4
+MAX_OBJECT_SIDE = 8192  # --max-object's ceiling (tilerseg.instances keeps its flood keys exact up to it)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ class OutputOptions:
     preview: str | None = None
     overwrite: bool = False
     vector_crs: Literal["wgs84", "native"] = "wgs84"  # GeoJSON: RFC 7946 lon/lat, or the input's CRS
+    instances: bool = False          # objects: uint32 labels, one id each (tilerseg.instances)
+    split_depth: float = 1.5         # h-maxima depth (px) of the distance transform that splits touching objects
+    min_area: int = 0                # objects smaller than this (px) are dropped
+    max_object: int = 4096           # a foreground region wider or taller than this (px) is refused
+    boundary_class: int | None = None  # a class that marks boundaries (default: one named boundary/contour)
 
     @property
     def probability_dtype(self) -> str:
@@ -229,6 +235,16 @@ class RunConfig:
             raise InputError("give --level or --mpp, not both")
         if self.output.threshold is not None and not 0 <= self.output.threshold <= 1:  # NaN fails too
             raise InputError(f"--threshold {self.output.threshold}: give a value between 0 and 1")
+        o = self.output
+        if o.instances and o.probabilities:
+            raise InputError("--instances writes object labels; drop --probabilities (each object's mean "
+                             "probability is in its table)")
+        if o.instances and o.output_level is not None:
+            raise InputError("--instances labels objects on the grid the model ran at; drop --output-level")
+        if not 0 < o.split_depth < 1e6 or o.min_area < 0:
+            raise InputError("--split-depth must be above 0 and --min-area 0 or more")
+        if not 1 <= o.max_object <= MAX_OBJECT_SIDE:
+            raise InputError(f"--max-object {o.max_object}: give 1 to {MAX_OBJECT_SIDE} px")
         for name in ("workers", "concurrent"):
             value = getattr(self.engine, name)
             if value is not None and value < 1:

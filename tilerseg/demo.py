@@ -40,4 +40,5 @@ def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=
                 inter += int((pred & truth).sum())
                 total += int(pred.sum() + truth.sum())
     dice = 2 * inter / total if total else 1.0
-    return {"slide": slide, "mask": mask, "preview": preview, "dice": dice, "report": report}
+    return {"slide": slide, "mask": mask, "preview": preview, "dice": dice, "report": report,
+            "nuclei": synthetic.nuclei((size, size), seed)}

@@ -87,9 +87,25 @@ def _label_output(path: str):
                     yield ds.read(1, window=Window(0, y, ds.width, min(1024, ds.height - y)))
     else:
         return None
+    if attrs.get("kind") == "instances":
+        return attrs, None
     if attrs.get("kind") != "labels":
         return None
     return attrs.get("class_names") or [], strips
+
+
+def _object_lines(kind: dict) -> list[str]:
+    """An instance output's objects per class and median area, from the
+    summary its metadata carries (written with the object table)."""
+    summary = kind.get("objects") or {}
+    lines = [f"objects:    {summary.get('count', 0):,} (uint32 ids, 0 = none; the table: the .csv beside it)"]
+    for item in summary.get("per_class", []):
+        unit = next((u for u in ("um2", "m2") if f"median_area_{u}" in item), None)
+        area = f", median {readable_area(item[f'median_area_{unit}'], 'µm²' if unit == 'um2' else 'm²')}" \
+            if unit else ""
+        lines.append(f"  {item['class']:>3} {item['name']:<14} {item['count']:>10,d} objects, median "
+                     f"{item['median_area_px']:g} px{area}")
+    return lines
 
 
 def tiff_kind(text: str) -> dict:
@@ -132,6 +148,8 @@ def _class_area_lines(path) -> list[str]:
     if found is None:
         return []
     names, strips = found
+    if strips is None:
+        return _object_lines(names)
     counts = np.zeros(256, np.int64)
     for strip in strips():
         counts += np.bincount(strip.ravel(), minlength=256)

@@ -65,6 +65,8 @@ def render(image_path: str, level0, out_png: str, *, threshold: float = 0.5, sid
         shape, read = level0.shape, lambda a, b: np.asarray(level0[a:b])
     f = max(1, max(shape) // side)
     lab = _labels(strided(read, shape, f), threshold)
+    if lab.dtype.itemsize > 1:  # object ids (--instances): cycle through the colours, 255 (nodata) left out
+        lab = np.where(lab > 0, (lab.astype(np.int64) - 1) % (LABEL_NODATA - 1) + 1, 0)
     img = thumbnail(str(image_path), max(lab.shape), **kw)
     img = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((lab.shape[1], lab.shape[0]),
                                                                    Image.Resampling.BOX), np.float32)

@@ -57,20 +57,47 @@ def glass_ellipse(shape: tuple[int, int], background: float, pieces: int = 1):
     return H / 2, W / 2, H * k, W * k
 
 
+def _candidates(y0: int, x0: int, h: int, w: int, seed: int, margin: int = 12):
+    """The kept nuclei of the cells around a region: centres ``(py, px)``
+    and radii, before the tissue decides which show."""
+    cy0, cy1 = (y0 - margin) // CELL, (y0 + h + margin) // CELL + 1
+    cx0, cx1 = (x0 - margin) // CELL, (x0 + w + margin) // CELL + 1
+    cy, cx = np.mgrid[cy0:cy1, cx0:cx1]
+    keep = _hash(cy, cx, seed, 1) < 0.55
+    py = (cy + 0.2 + 0.6 * _hash(cy, cx, seed, 2)) * CELL
+    px = (cx + 0.2 + 0.6 * _hash(cy, cx, seed, 3)) * CELL
+    rad = 4 + 5 * _hash(cy, cx, seed, 4)
+    return py[keep], px[keep], rad[keep]
+
+
+def nuclei(shape: tuple[int, int], seed: int = 0, ellipse=None, step: int = 1024) -> int:
+    """How many nuclei the generator drew in an image of ``shape``: those
+    with at least one pixel inside the image and on tissue (the ground truth
+    of a count; pixels as :func:`tile` draws them), counted once each by
+    the tile that holds its centre."""
+    H, W = shape
+    n = 0
+    for y0 in range(0, H, step):
+        for x0 in range(0, W, step):
+            h, w = min(step, H - y0), min(step, W - x0)
+            py, px, rad = _candidates(y0, x0, h, w, seed)
+            mine = (py >= y0) & (py < y0 + h) & (px >= x0) & (px < x0 + w)
+            for y, x, r in zip(py[mine], px[mine], rad[mine]):
+                ys = np.arange(max(0, int(y - r)), min(H, int(y + r) + 2))
+                xs = np.arange(max(0, int(x - r)), min(W, int(x + r) + 2))
+                yy, xx = np.meshgrid(ys.astype(np.float32), xs.astype(np.float32), indexing="ij")
+                disc = (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+                n += bool((disc & tissue(yy, xx, seed, ellipse)).any())
+    return n
+
+
 def tile(y0: int, x0: int, h: int, w: int, seed: int = 0, ellipse=None) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 pixels ``(h, w, 3)`` and nuclei mask ``(h, w)`` at ``(y0, x0)``
     (``ellipse``: see :func:`tissue`)."""
     yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
     tissue_here = tissue(yy, xx, seed, ellipse)
     nuc = np.zeros((h, w), bool)
-    cy0, cy1 = (y0 - 12) // CELL, (y0 + h + 12) // CELL + 1
-    cx0, cx1 = (x0 - 12) // CELL, (x0 + w + 12) // CELL + 1
-    cy, cx = np.mgrid[cy0:cy1, cx0:cx1]
-    keep = _hash(cy, cx, seed, 1) < 0.55
-    py = (cy + 0.2 + 0.6 * _hash(cy, cx, seed, 2)) * CELL
-    px = (cx + 0.2 + 0.6 * _hash(cy, cx, seed, 3)) * CELL
-    rad = 4 + 5 * _hash(cy, cx, seed, 4)
-    for y, x, r in zip(py[keep], px[keep], rad[keep]):
+    for y, x, r in zip(*_candidates(y0, x0, h, w, seed)):
         iy0, iy1 = max(0, int(y - r) - y0), min(h, int(y + r) + 2 - y0)
         ix0, ix1 = max(0, int(x - r) - x0), min(w, int(x + r) + 2 - x0)
         if iy0 < iy1 and ix0 < ix1:

@@ -155,6 +155,44 @@ def iter_objects(z, *, chunk: int | None = None) -> Iterator[tuple[int, "shapely
     assert not open_objects, "objects left open after the last block row"
 
 
+def iter_instances(z, bottom: np.ndarray, *, chunk: int | None = None) -> Iterator[tuple[int, "shapely.Polygon"]]:  # noqa: F821
+    """Yield ``(id, polygon)`` per object of an instance label image
+    (uint32 ids, 0 = none), block by block, as :func:`iter_objects` does for
+    classes: an id is its own object (one 4-connected region), so no linking
+    pass is needed; ``bottom[id - 1]`` is its last row, after whose block
+    row its pieces are joined."""
+    import shapely
+    from rasterio.features import shapes
+    from rasterio.transform import Affine
+    from shapely.geometry import shape
+
+    bshape = _block_shape(z, chunk)
+    if len(bottom) >= 2 ** 31:
+        raise OutputError("more than 2^31 objects: polygons are traced with int32 ids; write a raster output")
+    last = np.asarray(bottom, np.int64) // bshape[0]
+    nbx = -(-z.shape[1] // bshape[1])
+    open_objects: dict[int, list] = {}
+    for br, bc, r0, r1, c0, c1 in _blocks(z.shape, bshape):
+        lab = np.asarray(z[r0:r1, c0:c1]).astype(np.int32)
+        faces = [lab[0]] if r0 > 0 else []  # an object on a face with a neighbour may go on there
+        faces += ([lab[:, 0]] if bc > 0 else []) + ([lab[:, -1]] if bc < nbx - 1 else [])
+        leaving = set(np.unique(np.concatenate(faces)).tolist()) if faces else set()
+        for geom, value in shapes(lab, mask=lab > 0, connectivity=4, transform=Affine.translation(c0, r0)):
+            i = int(value)
+            if last[i - 1] == br and i not in open_objects and i not in leaving:
+                yield i, shape(geom)
+            else:
+                open_objects.setdefault(i, []).append(shape(geom))
+        if bc < nbx - 1:
+            continue
+        for i in sorted(i for i in open_objects if last[i - 1] == br):
+            merged = shapely.union_all(open_objects.pop(i))
+            if merged.geom_type != "Polygon":
+                raise AssertionError(f"object {i} merged into a {merged.geom_type}")
+            yield i, shapely.simplify(merged, 0.0)
+    assert not open_objects, "objects left open after the last block row"
+
+
 def _transformer(transform):
     """``geom -> geom`` in output coordinates (exterior counter-clockwise
     there, as RFC 7946 asks); ``transform`` in rasterio/GDAL Affine order."""
@@ -231,12 +269,14 @@ def _write_geojson(objects, path: str, class_names, crs) -> int:
         if member:
             f.write(f'"crs": {json.dumps(member)}, ')
         f.write('"features": [')
-        for n, (k, geom) in enumerate(objects, 1):
+        for n, (k, geom, *extra) in enumerate(objects, 1):
             name, color = _class_style(k, class_names)
             props = {"id": n, "class": k, "name": name, "objectType": "detection",
                      "classification": {"name": name, "color": color}}
+            props.update(extra[0] if extra else {})  # an instance's id, area, centroid, mean probability
             f.write(",\n" if n > 1 else "\n")
-            f.write(json.dumps({"type": "Feature", "id": n, "geometry": _geojson_polygon(geom), "properties": props}))
+            f.write(json.dumps({"type": "Feature", "id": props["id"], "geometry": _geojson_polygon(geom),
+                                "properties": props}))
         f.write("\n]}\n")
     return n
 
@@ -248,15 +288,22 @@ def _write_gpkg(objects, path: str, class_names, crs, batch: int = 1000) -> int:
     from rasterio.crs import CRS
     from shapely.geometry import mapping
 
-    schema = {"geometry": "Polygon", "properties": {"id": "int", "class": "int", "name": "str"}}
+    objects = iter(objects)
+    head = next(objects, None)
+    fields = {"id": "int", "class": "int", "name": "str"}
+    if head is not None and len(head) > 2:  # instances: their properties, typed from the first object's
+        fields.update({k: ("int" if isinstance(v, int) else "float" if isinstance(v, float) else "str")
+                       for k, v in head[2].items() if k not in fields})
+    schema = {"geometry": "Polygon", "properties": fields}
     kw = {"crs_wkt": CRS.from_user_input(crs).to_wkt()} if crs else {}
     if os.path.isfile(path):  # "w" on an existing GeoPackage would add to it, not replace it
         os.remove(path)
     n, records = 0, []
     try:
         with fiona.open(path, "w", driver="GPKG", layer="objects", schema=schema, **kw) as dst:
-            for n, (k, geom) in enumerate(objects, 1):
+            for n, (k, geom, *extra) in enumerate(([] if head is None else [head]) + [o for o in objects], 1):
                 props = {"id": n, "class": k, "name": _class_style(k, class_names)[0]}
+                props.update({key: v for key, v in (extra[0] if extra else {}).items() if key in fields})
                 records.append(fiona.Feature.from_dict(geometry=mapping(geom), properties=props))
                 if len(records) >= batch:
                     dst.writerecords(records)
@@ -272,7 +319,7 @@ _WRITERS = {".geojson": _write_geojson, ".gpkg": _write_gpkg}
 
 
 def write_vector(z, path: str, *, class_names=(), transform=None, crs: str | None = None,
-                 chunk: int | None = None, vector_crs: str = "wgs84") -> int:
+                 chunk: int | None = None, vector_crs: str = "wgs84", instances=None) -> int:
     """Write ``path`` (.geojson or .gpkg, by extension) with one feature per
     object of the label mask ``z``; return the number of features.
 
@@ -286,6 +333,10 @@ def write_vector(z, path: str, *, class_names=(), transform=None, crs: str | Non
     WGS 84 longitude/latitude, unless ``vector_crs="native"`` keeps them
     (with the legacy ``crs`` member). A GeoPackage always keeps ``crs``.
     Without a CRS the coordinates are pixels, marked by :data:`PIXEL_CRS`.
+
+    ``instances``: ``z`` is an instance label image, and this is
+    ``(bottom, props)``: each object's last row and ``props(id) -> (class,
+    properties)``; its feature's id is its label.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -297,7 +348,11 @@ def write_vector(z, path: str, *, class_names=(), transform=None, crs: str | Non
     to_output = _transformer(transform)
     if crs and ext == ".geojson" and vector_crs == "wgs84":
         to_crs, to_output, crs = _to_wgs84(crs), (lambda g, f=to_output: to_crs(f(g))), "EPSG:4326"
-    objects = ((k, to_output(g)) for k, g in iter_objects(z, chunk=chunk))
+    if instances is not None:
+        bottom, props = instances
+        objects = ((*props(i)[:1], to_output(g), props(i)[1]) for i, g in iter_instances(z, bottom, chunk=chunk))
+    else:
+        objects = ((k, to_output(g)) for k, g in iter_objects(z, chunk=chunk))
     try:
         return writer(objects, path, tuple(class_names), crs)
     except OutputError:

@@ -131,8 +131,9 @@ def stream_pyramid_tiff(z0, shapes: list, rest, path: str, meta: ImageMeta, kind
     import tifffile
 
     probabilities = kind["kind"] == "probabilities"
+    instances = kind["kind"] == "instances"  # uint32 object ids, 0 = none: grey, no palette
     as_bytes = probabilities and kind.get("dtype") == "uint8"
-    fill = np.nan if probabilities and not as_bytes else LABEL_NODATA
+    fill = np.nan if probabilities and not as_bytes else 0 if instances else LABEL_NODATA
     dtype = np.dtype(np.uint8) if as_bytes else z0.dtype
     shapes = [tuple(int(n) for n in shape) for shape in shapes]
     nbytes = sum(np.prod(shape) * dtype.itemsize for shape in shapes)
@@ -140,7 +141,7 @@ def stream_pyramid_tiff(z0, shapes: list, rest, path: str, meta: ImageMeta, kind
     K = z0.shape[0] if z0.ndim == 3 else 1
     common = dict(tile=(TILE, TILE), compression="zlib", metadata=None, dtype=dtype,
                   planarconfig="separate" if K > 1 else None)
-    if probabilities:
+    if probabilities or instances:
         common["photometric"] = "minisblack"
     else:
         common.update(photometric="palette", colormap=colormap(kind["classes"]))
@@ -185,13 +186,15 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict, *, threads: str = "ALL_
     from rasterio.windows import Window
 
     probabilities = kind["kind"] == "probabilities"
+    instances = kind["kind"] == "instances"  # uint32 object ids; 0 (no object) is nodata to GIS tools
     as_bytes = probabilities and kind.get("dtype") == "uint8"
     K = z.shape[0] if z.ndim == 3 else 1
     H, W = z.shape[-2:]
     staging = path + ".staging.tif"
     floats = probabilities and not as_bytes
-    profile = dict(driver="GTiff", height=H, width=W, count=K, dtype="float32" if floats else "uint8",
-                   crs=meta.crs, transform=Affine(*meta.transform), nodata=float("nan") if floats else LABEL_NODATA,
+    profile = dict(driver="GTiff", height=H, width=W, count=K,
+                   dtype="float32" if floats else "uint32" if instances else "uint8", crs=meta.crs,
+                   transform=Affine(*meta.transform), nodata=float("nan") if floats else 0 if instances else LABEL_NODATA,
                    tiled=True, blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
     try:
         with rasterio.Env(GDAL_CACHEMAX=64):
@@ -204,6 +207,8 @@ def write_cog(z, path: str, meta: ImageMeta, kind: dict, *, threads: str = "ALL_
                 if probabilities:
                     for k, name in enumerate(kind["band_names"][:K]):
                         dst.set_band_description(k + 1, name)
+                elif instances:
+                    dst.set_band_description(1, "object id")
                 else:
                     from .pyramid import palette
 

@@ -70,6 +70,8 @@ class OutputInfo:
     target: ImageMeta | None = None
     probability_dtype: str = "float32"  # or uint8: 0..254 = probability x 254, 255 = nodata (8-bit viewers)
     vector_crs: str = "wgs84"           # GeoJSON coordinates: RFC 7946 lon/lat, or the input's CRS (native)
+    instances: bool = False             # uint32 object ids (0 = none) from the probabilities, by ``post``
+    objects: dict | None = None         # an instance output's summary (objects per class, median area)
 
     @property
     def out_meta(self) -> ImageMeta:
@@ -90,6 +92,11 @@ class OutputInfo:
     def kind(self) -> dict:
         """What the file holds, for `tilerseg info` and readers of the output."""
         m = self.out_meta
+        if self.instances:
+            return {"kind": "instances", "dtype": "uint32", "classes": self.classes,
+                    "class_names": list(self.class_names), "nodata": None, "background": 0, "mpp": m.mpp,
+                    "crs": m.crs, "transform": list(m.transform) if m.transform else None, "source": self.source,
+                    "model": self.model, "objects": self.objects}
         if self.probabilities and not self.volume:
             uint8 = self.probability_dtype == "uint8"
             return {"kind": "probabilities", "classes": self.classes, "class_names": list(self.class_names),
@@ -122,9 +129,27 @@ def is_url(path) -> bool:
     return "://" in os.fspath(path)
 
 
-def check_output(path: str, overwrite: bool, probabilities: bool | str = False) -> None:
+def table_path(path: str) -> str:
+    """Where an instance output's object table goes: beside it, ``.csv``."""
+    low = os.fspath(path).rstrip("/")
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if low.lower().endswith(ext):
+            return low[:-len(ext)] + ".csv"
+    return low + ".csv"
+
+
+def check_output(path: str, overwrite: bool, probabilities: bool | str = False, instances: bool = False) -> None:
     """Fail before any work when the output cannot be written or cannot hold the result."""
     fmt = output_format(path)
+    if instances and fmt == "png":
+        raise OutputError(f"{path}: PNG holds class masks only; write --instances to .zarr, .ome.tif, .tif, "
+                          ".geojson or .gpkg")
+    if instances and is_url(path):
+        raise OutputError(f"{path}: --instances writes a table beside the output; write it to a local or "
+                          "shared path")
+    if instances and os.path.exists(table_path(path)) and not overwrite:
+        raise OutputError(f"{table_path(path)}: already exists (the object table of {os.path.basename(path)}); "
+                          "pass --overwrite to replace it")
     if probabilities == "uint8" and fmt == "zarr":
         raise OutputError(f"{path}: zarr keeps float32 probabilities (napari and zarr read them); "
                           "--probabilities uint8 is for TIFF outputs that 8-bit viewers read: name it .ome.tif or .tif")
@@ -183,7 +208,7 @@ class Writer:
 
     def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False, inputs=(),
                  preview: str | None = None, probabilities: bool = False, volume: bool = False,
-                 parallel: Parallel = serial):
+                 parallel: Parallel = serial, instances: bool = False):
         import fsspec
 
         self.remote = is_url(path)
@@ -193,8 +218,12 @@ class Writer:
         self.preview = preview
         if volume:
             self.check_volume()
-        check_output(self.path, overwrite, probabilities)
+        check_output(self.path, overwrite, probabilities, instances)
         _not_an_input(self.path, "-o", inputs)
+        self.table = table_path(self.path) if instances else None
+        self.objects: dict | None = None  # an instance run's summary, once written
+        if self.table:
+            _not_an_input(self.table, "the object table", inputs)
         if preview is not None:
             self._check_preview(preview, inputs)
         head, tail = self.path.rsplit("/", 1) if self.remote else os.path.split(self.path)
@@ -264,15 +293,22 @@ class Writer:
         return zarr.open_group(self._tmp_zarr, mode="w"), False
 
     def write(self, source, compute: Callable, info: OutputInfo, fingerprint: dict | None = None,
-              render_preview: Callable | None = None):
+              render_preview: Callable | None = None, post: Callable | None = None):
         """Compute ``source`` (``shape``, ``chunks``, ``dtype``) with
         ``compute(source, zarr_array, marks)`` into the work group, convert
         it, render the preview, and move both into place. Returns what
-        ``compute`` returned."""
+        ``compute`` returned.
+
+        ``info.instances``: ``source`` computes probabilities, and
+        ``post(probabilities, labels, imap)`` (:func:`tilerseg.instances.label`)
+        fills the uint32 labels from them and returns the object table,
+        which is written beside the output (:func:`table_path`); the
+        probabilities are not kept. A resumed run keeps the finished
+        probabilities and labels them again."""
         self._check_held("write")
         fingerprint = fingerprint or {}
         target = info.target
-        first_name = "processed" if target else "0"
+        first_name = "processed" if target else "probabilities" if info.instances else "0"
         owned, stream = False, None
         try:
             group, resumed = self._open_state(first_name, fingerprint)
@@ -292,8 +328,12 @@ class Writer:
                 z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype, info)
                 upsample_into(first, z0, info.probabilities, parallel=self.parallel)
                 del group["processed"]
+            products = []
+            if info.instances:
+                info, table_tmp = self._instances(group, first, info, post)
+                products.append((table_tmp, self.table))
             made = self._convert(group, info, fingerprint, stream)
-            products = [(made, self.path)]
+            products.append((made, self.path))
             if self.preview is not None:
                 tmp_png = f"{self.state}/preview.partial.png"
                 render_preview(group["0"], tmp_png)
@@ -319,6 +359,25 @@ class Writer:
                     self._remove(self.state)
                     if self.remote:
                         self._remove(self.path)
+
+    def _instances(self, group, probabilities, info: OutputInfo, post: Callable):
+        """The object labels of the finished probabilities, as level ``0``,
+        and the object table (CSV at a temporary path)."""
+        from dataclasses import replace
+
+        from .objects import summary, write_csv
+
+        shape, chunks = probabilities.shape[-2:], probabilities.chunks[-2:]
+        labels = group.create_array("0", shape=shape, chunks=chunks, dtype=np.uint32, fill_value=0,
+                                    compressors=compressors(np.uint32), dimension_names=("y", "x"), overwrite=True)
+        table = post(probabilities, labels, getattr(self.parallel, "imap", map))
+        del group["probabilities"]
+        info = replace(info, objects=summary(table, info.class_names, info.out_meta))
+        self._objects, self.objects = table, info.objects
+        tmp = f"{self.state}/objects.partial.csv"
+        n = write_csv(table, tmp, info.class_names, info.out_meta)
+        log.info("%s: %d objects", self.path, n)
+        return info, tmp
 
     def write_group(self, fill: Callable[[object], None]) -> str:
         """Write a zarr group that ``fill(group)`` fills (``ingest``), under
@@ -353,10 +412,11 @@ class Writer:
 
     def _create(self, group, name, shape, chunks, dtype, info: OutputInfo):
         axes = ("z", "y", "x") if info.volume else ("y", "x")
+        floats = info.probabilities or info.instances  # instances: the probabilities they are made from
         return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
                                   compressors=compressors(dtype),
-                                  fill_value=np.nan if info.probabilities else LABEL_NODATA,
-                                  dimension_names=("c", *axes) if info.probabilities else axes)
+                                  fill_value=np.nan if floats else LABEL_NODATA,
+                                  dimension_names=("c", *axes) if floats else axes)
 
     def _stream(self, source, group, info: OutputInfo, fingerprint: dict):
         """A :class:`~tilerseg.io.stream.TiffStream` writing the pyramidal
@@ -370,7 +430,8 @@ class Writer:
 
         blocks = getattr(source, "blocks", None)
         chunks = getattr(source, "chunks", None)
-        if (info.volume or self.format not in ("ome-tiff", "tiff") or info.target is not None or self.remote
+        if (info.volume or info.instances or self.format not in ("ome-tiff", "tiff") or info.target is not None
+                or self.remote
                 or (self.format == "tiff" and info.out_meta.georeferenced) or blocks is None
                 or tuple(blocks.shape) != (len(chunks[-2]), len(chunks[-1]))):
             return None
@@ -394,7 +455,7 @@ class Writer:
 
             transform, crs = vector_transform(m)
             n = write_vector(z0, self._tmp_file, class_names=info.class_names, transform=transform, crs=crs,
-                             vector_crs=info.vector_crs)
+                             vector_crs=info.vector_crs, instances=self._properties(info) if info.instances else None)
             log.info("%s: %d polygons", self.path, n)
             return self._tmp_file
         if self.format == "png":
@@ -413,10 +474,22 @@ class Writer:
                                                 pixel_size=size, unit=unit, origin=physical_origin(m),
                                                 band_names=info.band_names() if info.probabilities else ()),
                                tilerseg=info.kind())
+            if info.instances:  # object ids: a label image, without the class colours
+                ome = dict(group.attrs["ome"])
+                ome["image-label"] = {"version": "0.5"}
+                group.attrs.update(ome=ome)
             return self._tmp_zarr
         write_pyramid_tiff(levels, self._tmp_file, m, info.kind(), ome=self.format == "ome-tiff",
                            uid=_uid(fingerprint), imap=getattr(self.parallel, "imap", map))
         return self._tmp_file
+
+    def _properties(self, info: OutputInfo):
+        """``(bottom rows, id -> (class, properties))`` of the objects, for their polygons."""
+        from .objects import rows
+
+        table = self._objects
+        props = list(rows(table, info.class_names, info.out_meta))
+        return table["bottom"], lambda i: (props[i - 1]["class"], props[i - 1])
 
     def _convert_volume(self, group, info: OutputInfo, uid: str | None) -> str:
         """A volume: OME-Zarr with axes (c,) z, y, x and the voxel size, or
