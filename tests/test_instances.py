@@ -213,3 +213,17 @@ def test_more_objects_than_ids_is_refused_not_wrapped(whole, monkeypatch):
     monkeypatch.setattr(inst, "MAX_ID", truth - 1)
     with pytest.raises(InputError, match=f"{truth:,} objects do not fit uint32 labels"):
         run(p, 256)
+
+
+def test_segment_api_gives_the_runs_labels(tmp_path, small_tiff, tiny_model_dir):
+    """tilerseg.segment(..., instances=True) on an array: the labels the
+    command line writes for the same image, model, halo and threshold."""
+    import tifffile
+
+    import tilerseg
+
+    img = tifffile.imread(small_tiff)
+    got = tilerseg.segment(img, tiny_model_dir, tile=400, halo=72, threshold=0.6, instances=True,
+                           device="cpu", workdir=str(tmp_path / "work.zarr")).compute()
+    ref = _zarr_labels(_instance_run(tmp_path, small_tiff, tiny_model_dir, "cli", 704, 72)[0])
+    assert got.dtype == np.uint32 and np.array_equal(got, ref)

@@ -81,6 +81,26 @@ def test_killed_run_resumes_to_identical_bytes_computing_fewer_windows(tmp_path,
 
 
 @pytest.mark.slow
+def test_killed_instance_run_resumes_to_identical_bytes(tmp_path, big_tiff, tiny_model_dir):
+    """--instances after kill -9: the finished probabilities are kept, the
+    objects are labelled again, and the labels and table are the bytes of an
+    uninterrupted run."""
+    args = [*_args(big_tiff, tiny_model_dir), "--instances", "--threshold", "0.6"]
+    ref = tmp_path / "ref.ome.tif"
+    assert cli("run", *args, "-o", str(ref)).returncode == 0
+    out = tmp_path / "out.ome.tif"
+    proc = _start(*args, "-o", str(out))
+    _wait_for_marks(str(tmp_path / ".out.ome.tif.tilerseg" / "done"), 20, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (tmp_path / "out.csv").exists()
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
+
+
+@pytest.mark.slow
 def test_sigterm_is_an_interrupt_recorded_in_the_ledger_and_resume_gives_identical_bytes(
         tmp_path, big_tiff, tiny_model_dir, reference):
     """What SLURM/PBS/LSF send at walltime and on scancel: one line, a

@@ -457,7 +457,8 @@ def output_grid(meta: ImageMeta, level: int | None) -> ImageMeta | None:
 def segment(array, model, *, tile: int | None = None, halo: int | str | None = None, batch_size: int = 4,
             pad_mode: str = "reflect", probabilities: bool = True, threshold: float = 0.5, valid=None,
             classes: int | None = None, mean=None, std=None, scale=None, device: str = "auto", tta: str = "none",
-            merge: str = "crop", bands=None, backend: str = "torch"):
+            merge: str = "crop", bands=None, backend: str = "torch", instances: bool = False,
+            split_depth: float = 1.5, workdir: str | None = None):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
@@ -470,7 +471,9 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     is False), or ``(H, W)`` uint8 labels with ``probabilities=False``;
     compute it, or store it with ``dask.array.to_zarr``, chunk by chunk.
     ``backend`` runs the forward pass on another runtime (see
-    :mod:`tilerseg.backends`)."""
+    :mod:`tilerseg.backends`). ``instances=True`` gives uint32 object ids
+    instead (0 = none; see :mod:`tilerseg.instances`), computed into a zarr
+    folder (``workdir``, else a temporary one) and read back lazily."""
     from .infer import Predictor, resolve_normalization
 
     from .io.open import BandSelect
@@ -496,8 +499,35 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     tiling = choose_tiling(opts, info, predictor, src.meta.shape)
     tiles = tiling.tilespec()
     grid = tiling.grid(src.meta.shape)
-    return lazy_array(segment_plan(src, predictor, grid, tiles, Output(probabilities, threshold, tiling.merge),
-                                   n_classes))
+    plan = segment_plan(src, predictor, grid, tiles, Output(probabilities or instances, threshold, tiling.merge),
+                        n_classes)
+    if not instances:
+        return lazy_array(plan)
+    return _segment_instances(plan, threshold, split_depth, workdir)
+
+
+def _segment_instances(plan, threshold: float, depth: float, workdir: str | None):
+    """``segment(..., instances=True)``: the probabilities stored chunk by
+    chunk in a zarr folder (``workdir``, else a temporary one), labelled
+    there (:func:`tilerseg.instances.label`), and the uint32 labels given
+    back as a dask array read from it. The object table: ``tilerseg.run(...,
+    instances=True)``."""
+    import tempfile
+
+    import dask.array as da
+    import zarr
+
+    from .engine import store_plan
+    from .instances import InstanceOptions, label
+
+    root = zarr.open_group(workdir or tempfile.mkdtemp(prefix="tilerseg-instances-"), mode="w")
+    probs = root.create_array("probabilities", shape=plan.shape, chunks=tuple(c[0] for c in plan.chunks),
+                              dtype=np.float32, fill_value=np.nan)
+    store_plan(plan, probs)
+    labels = root.create_array("labels", shape=plan.shape[-2:], chunks=probs.chunks[-2:], dtype=np.uint32,
+                               fill_value=0)
+    label(probs, labels, InstanceOptions(threshold=threshold, depth=depth), imap=thread_map().imap)
+    return da.from_zarr(labels)
 
 
 def _device(device: str) -> str:
