@@ -187,3 +187,20 @@ def test_ome_zarr_coordinates_give_rasterios_pixel_centres_on_every_level(tmp_pa
     from ome_zarr_models.v05.image_label import ImageLabel
 
     (Image if probabilities else ImageLabel).from_zarr(group)
+
+
+def test_georeferenced_ome_tiff_has_the_pixel_size_in_metres(tmp_path):
+    """A UTM scene's .ome.tif carries PhysicalSizeX/Y in m, as rasterio
+    reads the pixel size (the .zarr of the same run records it too)."""
+    import rasterio
+    import tifffile
+
+    src = data("rasterio/rgb-byte-tenth.tif")  # 3004.2 x 3034.2 m pixels
+    out = tmp_path / "m.ome.tif"
+    assert cli("run", src, "--weights", "demo", "-o", str(out), "--quiet").returncode == 0
+    with tifffile.TiffFile(out) as t:
+        pixels = tifffile.xml2dict(t.ome_metadata)["OME"]["Image"]["Pixels"]
+    with rasterio.open(src) as f:
+        xres, yres = f.res
+    assert (pixels["PhysicalSizeXUnit"], pixels["PhysicalSizeYUnit"]) == ("m", "m")
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"]) == pytest.approx((xres, yres))

@@ -93,6 +93,9 @@ def colormap(classes: int) -> np.ndarray:
     return palette(classes).T.astype(np.uint16) * 257
 
 
+OME_UNITS = {"meter": "m", "micrometer": "µm"}  # physical_pixel's UDUNITS names -> OME's UnitsLength
+
+
 def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, description: str,
              uid: str | None = None) -> str:
     import tifffile
@@ -101,6 +104,13 @@ def _ome_xml(shape, dtype, meta: ImageMeta, probabilities: bool, channel_names, 
     kw = {"Name": "mask", "Description": description}
     if meta.mpp:
         kw.update(PhysicalSizeX=meta.mpp, PhysicalSizeY=meta.mpp)  # µm is OME's default unit
+    else:
+        from .pyramid import physical_pixel
+
+        size, unit = physical_pixel(meta)
+        if size and unit in OME_UNITS:  # a georeferenced raster whose CRS has a linear unit: its pixel size
+            kw.update(PhysicalSizeX=size[1], PhysicalSizeXUnit=OME_UNITS[unit], PhysicalSizeY=size[0],
+                      PhysicalSizeYUnit=OME_UNITS[unit])
     if channel_names:
         kw["Channel"] = {"Name": list(channel_names)}
     ome = tifffile.OmeXml(**({"UUID": uid} if uid else {}))
