@@ -16,7 +16,7 @@ ledger it writes.
   workers run with the environment dask's nanny gives them
   (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536) plus the allocator settings
   tilerseg's job scripts export (tilerseg.allocator.WORKER_ENV), given before
-  the worker process starts (allocator.nanny_config, the nanny's pre-spawn-environ: LocalCluster's
+  the worker process starts (cluster.nanny_config, the nanny's pre-spawn-environ: LocalCluster's
   env= sets them after, too late for glibc, and makes the model 1.5x
   slower); tilerseg sets each worker's torch threads to its dask threads. The workers build the model
   before the clock starts, as the threaded run does.
@@ -86,7 +86,7 @@ def main() -> int:
 
     from make_slide import make_slide
 
-    from tilerseg.allocator import nanny_config  # workers start with what tilerseg's job scripts export
+    from tilerseg.cluster import nanny_config  # workers start with what tilerseg's job scripts export
 
     cores = os.cpu_count() or 2
     os.makedirs(a.workdir, exist_ok=True)
@@ -137,7 +137,7 @@ def run_manifest(a, make_slide, cores: int) -> dict:
     import dask
     from distributed import LocalCluster
 
-    from tilerseg.allocator import nanny_config
+    from tilerseg.cluster import nanny_config
 
     folder = os.path.join(a.workdir, "many")
     os.makedirs(folder, exist_ok=True)

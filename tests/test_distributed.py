@@ -40,7 +40,7 @@ def test_scheduler_address_output_equals_local(tmp_path, tiny_model_dir, monkeyp
 @pytest.mark.slow
 def test_nanny_config_starts_workers_with_the_allocator_settings():
     """The advice the warning gives for LocalCluster works: under
-    allocator.nanny_config the workers are started with the settings,
+    cluster.nanny_config the workers are started with the settings,
     under env= they are not (it is applied after the start).
 
     A LocalCluster's nannies run in this process and leave their
@@ -49,7 +49,8 @@ def test_nanny_config_starts_workers_with_the_allocator_settings():
     import dask
     from distributed import Client, LocalCluster
 
-    from tilerseg.allocator import nanny_config, started_with_env
+    from tilerseg.allocator import started_with_env
+    from tilerseg.cluster import nanny_config
 
     saved = dict(os.environ)
     try:

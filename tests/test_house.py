@@ -96,6 +96,22 @@ def test_only_the_engine_creates_dask_graphs_or_pools():
     assert not bad, bad
 
 
+def test_dask_and_distributed_are_imported_by_the_engine_and_the_cluster_module_only(graph):
+    """What makes graphs and starts workers is in one place (issue 24): the
+    allocator gives the cluster module its settings, it does not import
+    distributed. infer.py asks which dask worker it runs on, to pick its GPU."""
+    mods, _ = graph
+    allowed = {"tilerseg.engine", "tilerseg.cluster", "tilerseg.infer"}
+    bad = []
+    for name, f in mods.items():
+        for n in ast.walk(ast.parse(f.read_text())):
+            roots = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module or ""] if isinstance(n, ast.ImportFrom) and not n.level else []
+            bad += [f"{name}: {r}" for r in roots if r.split(".")[0] in ("dask", "distributed", "dask_jobqueue")
+                    and name not in allowed]
+    assert not bad, bad
+
+
 def test_architecture_table_matches_smp():
     import segmentation_models_pytorch as smp
 

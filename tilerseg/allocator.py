@@ -38,7 +38,9 @@ threads have their arenas before its first task runs, so setting them later
 does nothing: ``LocalCluster(env=...)`` and the config
 ``distributed.nanny.environ`` set them inside the worker after it started.
 Use ``distributed.nanny.pre-spawn-environ`` (or export them before
-``dask worker``). Measured on the same EPYC, one 1728 px window of the
+``dask worker``; :func:`tilerseg.cluster.nanny_config` gives that config:
+what starts workers lives with the cluster code, and this module imports
+neither dask nor distributed). Measured on the same EPYC, one 1728 px window of the
 demo model with one torch thread in a dask worker: 3.7-4.3 s with the
 variables given through ``env=`` (1.7 million page faults per 4 windows,
 5 s of system time), 2.5 s given before the start (200 faults), as in a
@@ -97,20 +99,10 @@ def started_with_env(environ_file: str = "/proc/self/environ") -> bool:
     return left_alone(env) or all(env.get(k) == v for k, v in WORKER_ENV.items())
 
 
-def nanny_config() -> dict:
-    """Dask config under which a nanny starts its workers with
-    :data:`WORKER_ENV` from exec on, as a job script's ``export`` does:
-    ``with dask.config.set(nanny_config()): LocalCluster(...)``."""
-    import dask
-
-    key = "distributed.nanny.pre-spawn-environ"
-    return {key: {**dask.config.get(key, {}), **WORKER_ENV}}
-
-
 def worker_env_advice() -> str:
     """What to do about a worker started without :data:`WORKER_ENV`."""
     names = " ".join(f"{k}={v}" for k, v in WORKER_ENV.items())
     return (f"start `dask worker` with {names} exported (with LocalCluster, in the config "
-            "distributed.nanny.pre-spawn-environ, see tilerseg.allocator.nanny_config: env= is set after the worker "
+            "distributed.nanny.pre-spawn-environ, see tilerseg.cluster.nanny_config: env= is set after the worker "
             "started, too late for glibc); "
             "--cluster job scripts do this")

@@ -514,10 +514,9 @@ def _segment_instances(plan, threshold: float, depth: float, workdir: str | None
     instances=True)``."""
     import tempfile
 
-    import dask.array as da
     import zarr
 
-    from .engine import store_plan
+    from .engine import lazy_zarr, store_plan
     from .instances import InstanceOptions, label
 
     root = zarr.open_group(workdir or tempfile.mkdtemp(prefix="tilerseg-instances-"), mode="w")
@@ -527,7 +526,7 @@ def _segment_instances(plan, threshold: float, depth: float, workdir: str | None
     labels = root.create_array("labels", shape=plan.shape[-2:], chunks=probs.chunks[-2:], dtype=np.uint32,
                                fill_value=0)
     label(probs, labels, InstanceOptions(threshold=threshold, depth=depth), imap=thread_map().imap)
-    return da.from_zarr(labels)
+    return lazy_zarr(labels)
 
 
 def _device(device: str) -> str:

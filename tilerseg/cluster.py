@@ -72,6 +72,19 @@ def jobqueue_kwargs(kind: str, cfg: dict) -> dict:
     return kw
 
 
+def nanny_config() -> dict:
+    """Dask config under which a nanny starts its workers with the
+    allocator settings (:data:`tilerseg.allocator.WORKER_ENV`) from exec on,
+    as a job script's ``export`` does:
+    ``with dask.config.set(nanny_config()): LocalCluster(...)``."""
+    import dask
+
+    from .allocator import WORKER_ENV
+
+    key = "distributed.nanny.pre-spawn-environ"
+    return {key: {**dask.config.get(key, {}), **WORKER_ENV}}
+
+
 def worker_memory(scheduler) -> int | None:
     """The memory limit of the smallest worker of a distributed
     ``scheduler`` (a ``distributed.Client``), in bytes: of the workers

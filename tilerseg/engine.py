@@ -213,6 +213,13 @@ def lazy_array(plan: Plan):
     return da.Array(dsk, plan.name, chunks=plan.chunks, dtype=plan.dtype)
 
 
+def lazy_zarr(array):
+    """A zarr array as a lazy dask array, chunk for chunk."""
+    import dask.array as da
+
+    return da.from_zarr(array)
+
+
 def segment_plan(reader: Reader, predictor, grid: Grid, tiles: TileSpec, output: Output, classes: int,
                  active: np.ndarray | None = None) -> Plan:
     """The blocks of a 2-D segmentation: ``(classes, H, W)`` float32
