@@ -188,7 +188,8 @@ def cmd_models(a) -> int:
           "its graph pools globally or attends (the run says so)")
     print("\ntrained weights shipped with tilerseg (no download):\n"
           f"{'demo':<16}{'unet':<16}{'2':<6}{'yes':<12}nuclei on H&E-like RGB uint8 at 0.5 µm/px, 2 classes "
-          "(background, nucleus): --weights demo, or segment(image, \"demo\")")
+          "(background, nucleus): --weights demo (tilerseg:demo where a path named demo exists), or "
+          "segment(image, \"demo\")")
     return 0
 
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
     m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
                    "an .onnx file (your own model: bands, classes and metadata read from it), or `demo` for the "
-                   "shipped nuclei model")
+                   "shipped nuclei model (`tilerseg:demo` names it where a path named demo exists)")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
     m.add_argument("--encoder-weights", type=_none_or_str, default=None,
