@@ -213,7 +213,7 @@ def physical_origin(meta) -> tuple[float, float]:
     affine transform (a, b, c, d, e, f, as rasterio orders it) in the
     group's ``tilerseg`` attribute instead: the map position of an OME-Zarr
     coordinate (y, x) is ``transform * (x / sx + 0.5, y / sy + 0.5)``, with
-    (sy, sx) level 0's scale (README, "OME-Zarr and georeference")."""
+    (sy, sx) level 0's scale (docs/outputs.md, "OME-Zarr and georeference")."""
     return 0.0, 0.0
 
 
