@@ -397,9 +397,18 @@ BOUNDARY_NAMES = ("boundary", "contour", "border", "edge")  # a class so named s
 
 def _instance_pass(o, info: ModelInfo, threshold: float):
     """``post(probabilities, labels, imap)`` for the writer: the instance
-    labels (:func:`tilerseg.instances.label`) with the run's options; a
-    3-class model with a class named boundary or contour splits by it."""
-    from .instances import InstanceOptions, label
+    labels (:func:`tilerseg.instances.label`) with the run's options."""
+    from .instances import label
+
+    opts = instance_options(o, info, threshold)
+    return lambda probabilities, labels, imap: label(probabilities, labels, opts, imap=imap)
+
+
+def instance_options(o, info: ModelInfo, threshold: float):
+    """The :class:`~tilerseg.instances.InstanceOptions` of output options
+    ``o`` (``run --instances`` and ``eval --instances`` alike); a 3-class
+    model with a class named boundary or contour splits by it."""
+    from .instances import InstanceOptions
 
     boundary = o.boundary_class
     if boundary is None:
@@ -408,9 +417,9 @@ def _instance_pass(o, info: ModelInfo, threshold: float):
     if boundary is not None and not 0 < boundary < max(info.spec.classes, 2):
         raise InputError(f"--boundary-class {boundary}: the model has classes 0..{info.spec.classes - 1} "
                          "(0 is background)")
-    opts = InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
-                           min_area=o.min_area, max_side=o.max_object)
-    return lambda probabilities, labels, imap: label(probabilities, labels, opts, imap=imap)
+    threshold = threshold if o.object_threshold is None else o.object_threshold
+    return InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
+                           min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold)
 
 
 def _window_map(i, input, meta: ImageMeta):

@@ -259,13 +259,25 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     import json
 
+    from .config import RunConfig
+    from .errors import InputError
     from .train import evaluate
 
+    post = None
+    if a.instances:
+        post = RunConfig.from_options(instances=True, split_depth=a.split_depth, min_area=a.min_area,
+                                      marker_threshold=a.marker_threshold,
+                                      object_threshold=a.object_threshold).output
+    elif any(v is not None for v in (a.split_depth, a.min_area, a.marker_threshold, a.object_threshold)):
+        raise InputError("--marker-threshold, --object-threshold, --split-depth and --min-area shape --instances: "
+                         "add --instances")
     ev, th = evaluate(a.weights, a.images, a.masks, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
                       merge=a.merge, tta=a.tta, threshold=a.threshold, sweep=a.sweep_threshold, level=a.level,
                       mpp=a.mpp, bands=a.bands, device=a.device, workers=a.workers, mask_values=a.mask_values,
-                      mask_suffix=a.mask_suffix)
+                      mask_suffix=a.mask_suffix, instances=post)
     rep = ev.report(th)
+    if post is not None and "instances" not in rep:
+        raise InputError("--instances: the challenge's scores need two classes and 2-D images up to 4096^2 px")
     if a.json:
         print(json.dumps(rep))
         return 0
@@ -282,7 +294,25 @@ def cmd_eval(a) -> int:
         print(f"threshold {rep['threshold']:g}" + (" (best of the sweep)" if a.sweep_threshold else ""))
     print("pixel error as the ISBI challenge counts it: 1 - F-score of class 1 for two classes; misclassified: the "
           "fraction of pixels wrong")
+    if "instances" in rep:
+        _print_side_by_side(rep)
     return 0
+
+
+def _print_side_by_side(rep: dict) -> None:
+    """The challenge's three figures of the plain threshold and of the
+    post-processed objects (``eval --instances``), one row each."""
+    o, c = rep["overall"], rep["instances"]["overall"]
+    print()
+    print(f"{'':<26}{'pixel error':>13}{'Rand error':>12}{'warping error':>15}{'splits':>8}{'mergers':>8}"
+          f"{'objects':>9}")
+    th = f" {rep['threshold']:g}" if "threshold" in rep else ""
+    print(f"{'threshold' + th:<26}{o['pixel_error']:>13.4f}{o['adapted_rand_error']:>12.4f}{o['warping_error']:>15.6f}"
+          f"{o['splits']:>8}{o['mergers']:>8}{'':>9}")
+    print(f"{'objects (--instances) ' + format(c['threshold'], 'g'):<26}{c['pixel_error']:>13.4f}{c['adapted_rand_error']:>12.4f}"
+          f"{c['warping_error']:>15.6f}{c['splits']:>8}{c['mergers']:>8}{c['objects']:>9}")
+    print("means over the images but pixel error (pooled); objects: tilerseg run --instances' labels, their "
+          "boundaries and background as class 0")
 
 
 def cmd_view(a) -> int:

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--min-area", type=int, help="--instances: drop objects under this many px (default 0)")
     o.add_argument("--max-object", type=int, help="--instances: refuse a foreground region wider or taller "
                    "than this, instead of cutting it (default 4096 px)")
+    o.add_argument("--marker-threshold", type=float, help="--instances on a membrane map (EM): markers where "
+                   "P(cell) is at least this, a watershed on the membrane probability closes gaps, objects parted "
+                   "by one pixel of background (default: off, the distance split)")
+    o.add_argument("--object-threshold", type=float, help="--instances: the objects' foreground threshold, "
+                   "when it should differ from the mask's --threshold (e.g. lower, for thin parting lines)")
     o.add_argument("--boundary-class", type=int, help="--instances: the class that marks boundaries in a "
                    "3-class model (default: a class named boundary or contour); its interiors seed the objects")
     o.add_argument("--output-level", type=int, help="write the mask on this pyramid level of the input "
@@ -254,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mask-suffix", default="", help="mask names are image names plus this, e.g. _mask")
     v.add_argument("--device", default="auto")
     v.add_argument("--workers", type=int)
+    v.add_argument("--instances", action="store_true", help="also score the objects tilerseg run --instances "
+                   "makes (their boundaries as class 0), beside the plain threshold (two classes, 2-D)")
+    v.add_argument("--marker-threshold", type=float, help="--instances: as for run")
+    v.add_argument("--split-depth", type=float, help="--instances: as for run")
+    v.add_argument("--object-threshold", type=float, help="--instances: as for run")
+    v.add_argument("--min-area", type=int, help="--instances: as for run")
     v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}; two-class 2-D images also get the ISBI challenge scores (adapted_rand_error, vi_split, vi_merge, warping_error, splits, mergers)')
 
     w = sub.add_parser("view", help="see an image and its segmentation in a browser (needs tilerseg[view])",

@@ -96,6 +96,8 @@ class OutputOptions:
     min_area: int = 0                # objects smaller than this (px) are dropped
     max_object: int = 4096           # a foreground region wider or taller than this (px) is refused
     boundary_class: int | None = None  # a class that marks boundaries (default: one named boundary/contour)
+    marker_threshold: float | None = None  # a membrane map's cells: markers where P >= this, watershed on 1 - P
+    object_threshold: float | None = None  # the objects' foreground threshold (default: the threshold's)
 
     @property
     def probability_dtype(self) -> str:
@@ -243,6 +245,10 @@ class RunConfig:
             raise InputError("--instances labels objects on the grid the model ran at; drop --output-level")
         if not 0 < o.split_depth < 1e6 or o.min_area < 0:
             raise InputError("--split-depth must be above 0 and --min-area 0 or more")
+        for flag in ("marker_threshold", "object_threshold"):
+            v = getattr(o, flag)
+            if v is not None and not 0 < v <= 1:  # NaN fails too
+                raise InputError(f"--{flag.replace('_', '-')} {v}: give a probability above 0, at most 1")
         if not 1 <= o.max_object <= MAX_OBJECT_SIDE:
             raise InputError(f"--max-object {o.max_object}: give 1 to {MAX_OBJECT_SIDE} px")
         for name in ("workers", "concurrent"):

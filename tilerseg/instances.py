@@ -57,13 +57,24 @@ class InstanceOptions:
     model): its interior pieces are then the markers. ``min_area``: objects
     smaller than this many px are dropped (merged into background).
     ``max_side``: components whose bounding box is wider or taller are
-    refused (at most :data:`MAX_SIDE`)."""
+    refused (at most :data:`MAX_SIDE`).
+
+    ``markers``: a membrane map's cells (ISBI 2012): the markers are the
+    h-maxima (``depth``) of the distance transform of the pixels where
+    P(foreground) >= ``markers`` (the cells' sure interiors), and the
+    watershed floods the boundary probability 1 - P from them, so a gap in
+    a membrane closes where the evidence for membrane is highest; touching
+    objects are then parted by a one-pixel line of background, so that the
+    4-connected components of the foreground are the objects (the
+    challenge's convention). ``None``: the distance-transform split
+    above."""
 
     threshold: float = 0.5
     depth: float = 1.5
     boundary_class: int | None = None
     min_area: int = 0
     max_side: int = 4096
+    markers: float | None = None
 
 
 def foreground(probs: np.ndarray, opts: InstanceOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +90,13 @@ def foreground(probs: np.ndarray, opts: InstanceOptions) -> tuple[np.ndarray, np
     return cls > 0, cls
 
 
+def foreground_probability(probs: np.ndarray) -> np.ndarray:
+    """P(foreground) of probabilities ``(C, h, w)``: the binary model's
+    channel, else 1 - P(class 0); NaN (nodata) is 0."""
+    p = probs[0] if probs.shape[0] == 1 else 1.0 - probs[0]
+    return np.nan_to_num(p.astype(np.float32, copy=False), nan=0.0)
+
+
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components (the objects' connectivity everywhere)."""
     from scipy import ndimage
@@ -86,7 +104,7 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(mask)
 
 
-def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions) -> np.ndarray:
+def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions, prob: np.ndarray | None = None) -> np.ndarray:
     """Objects of the components in ``mask`` (a box of the image whose
     components are all whole in it), numbered 1..k in raster order of each
     object's first pixel (0 outside).
@@ -97,29 +115,90 @@ def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions) -> np.ndarra
     always background (a 4-separate component is never the nearest
     non-member), the frame is padded with zeros (a whole component's
     outside neighbours are background), and the h-maxima reconstruction
-    and the watershed spread through 4-neighbours inside the mask only."""
+    and the watershed spread through 4-neighbours inside the mask only.
+    With ``opts.markers``, ``prob`` (P(foreground), :func:`foreground_probability`)
+    is read only on the mask's pixels, the marker pixels are a subset of
+    one component's, and the parting lines lie between pixels of one
+    component: the same holds."""
     from scipy import ndimage
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
 
     if not mask.any():
         return np.zeros(mask.shape, np.int32)
+    if opts.markers is not None:
+        return _cells(mask, prob, opts)
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     if opts.boundary_class is not None:  # a boundary class: the interior pieces are the markers
         markers, n = ndimage.label(mask & (cls != opts.boundary_class))
     else:
         markers, n = ndimage.label(_h_maxima(mask, dist, opts.depth))
-    labels = watershed(_flood_order(mask, dist, opts.max_side), markers, mask=mask, connectivity=1).astype(
+    labels = _flood(mask, markers, n, _flood_order(mask, dist, opts.max_side))
+    return _small_removed(labels, opts.min_area)
+
+
+def _flood(mask: np.ndarray, markers: np.ndarray, n: int, surface: np.ndarray) -> np.ndarray:
+    """The 4-connected watershed of ``surface`` from ``markers`` (1..n)
+    inside ``mask``; components without a marker are one object each."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    labels = watershed(surface, markers, mask=mask, connectivity=1).astype(
         np.int32) if n else np.zeros(mask.shape, np.int32)
     rest, m = ndimage.label(mask & (labels == 0))  # components without a marker: one object each
     if m:
         labels[rest > 0] = rest[rest > 0] + n
-    if opts.min_area:
+    return labels
+
+
+def _small_removed(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Objects under ``min_area`` px dropped, the rest renumbered in raster order."""
+    if min_area:
         area = np.bincount(labels.ravel())
-        small = area < opts.min_area
+        small = area < min_area
         small[0] = False
         labels[small[labels]] = 0
     return _raster_order(labels)
+
+
+def _cells(mask: np.ndarray, prob: np.ndarray, opts: InstanceOptions) -> np.ndarray:
+    """``split`` for a membrane map (``opts.markers``): markers from the
+    sure interiors, a watershed of the boundary probability, the objects
+    parted by one pixel, specks under ``min_area`` dropped."""
+    from scipy import ndimage
+
+    if prob is None:
+        raise ValueError("split(..., opts with markers) needs prob, P(foreground)")
+    sure = mask & (prob >= opts.markers)
+    dist = ndimage.distance_transform_edt(np.pad(sure, 1))[1:-1, 1:-1]
+    peaks = _h_maxima(sure, dist, opts.depth) if sure.any() else sure
+    pieces, _ = ndimage.label(sure)  # a sure piece without an h-maximum (one top, or too shallow) is one marker
+    has_peak = np.bincount(pieces[peaks], minlength=int(pieces.max()) + 1) > 0
+    markers, n = ndimage.label(peaks | (sure & ~has_peak[pieces]))
+    labels = _flood(mask, markers, n, _membrane_order(mask, prob, opts.max_side))
+    return _small_removed(_parted(labels), opts.min_area)
+
+
+def _membrane_order(mask: np.ndarray, prob: np.ndarray, max_side: int) -> np.ndarray:
+    """The watershed's surface for :func:`_cells`: the boundary probability
+    1 - P, quantised to 2^16 levels, with no two pixels of a component
+    equal (ties broken by position, as :func:`_flood_order` does). Keys
+    below 2^16 * 2 * 8193^2 < 2^44 are exact in float64."""
+    rank = _flood_order(mask, np.zeros(mask.shape), max_side)  # the position rank alone (distance 0)
+    side = int(max_side) + 1
+    q = np.rint((1.0 - np.clip(prob.astype(np.float64), 0.0, 1.0)) * 65535).astype(np.int64)
+    return q.astype(np.float64) * (2 * side * side) + rank
+
+
+def _parted(labels: np.ndarray) -> np.ndarray:
+    """Touching objects parted by a line of background one pixel wide: a
+    pixel whose right or lower neighbour belongs to another object is
+    cleared (so no two objects are 4-neighbours, and each keeps all its
+    pixels but the line)."""
+    out = labels.copy()
+    right = (labels[:, :-1] > 0) & (labels[:, 1:] > 0) & (labels[:, :-1] != labels[:, 1:])
+    down = (labels[:-1] > 0) & (labels[1:] > 0) & (labels[:-1] != labels[1:])
+    out[:, :-1][right] = 0
+    out[:-1][down] = 0
+    return out
 
 
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
@@ -309,7 +388,7 @@ def label(probs, out, opts: InstanceOptions, *, imap=map) -> dict:
         lab, _ = components(mask)
         keep = np.zeros(blocks[k].n + 1, bool)
         keep[1:] = cs.inside[mine] if len(mine) else keep[1:]
-        local = split(keep[lab], cls, opts)
+        local = split(keep[lab], cls, opts, foreground_probability(p))
         out[r0:r1, c0:c1] = local.astype(np.uint32)
         found = [_stats(local, p, cls, r0, c0, W, opts)] if local.max() else []
         crossing = [c for c in np.flatnonzero((cs.owner[:, 0] == k[0]) & (cs.owner[:, 1] == k[1]))
@@ -354,6 +433,20 @@ def label(probs, out, opts: InstanceOptions, *, imap=map) -> dict:
     return table
 
 
+def label_array(probs: np.ndarray, opts: InstanceOptions, chunk: int = 1024) -> np.ndarray:
+    """:func:`label` of an in-memory probability array ``(C, H, W)`` (in
+    blocks of ``chunk`` px, through an in-memory zarr array, so that it is
+    the same code as a run's): the uint32 labels ``(H, W)``."""
+    import zarr
+
+    probs = np.asarray(probs, np.float32)
+    out = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=probs.shape[1:],
+                          chunks=(min(chunk, probs.shape[1]), min(chunk, probs.shape[2])), dtype=np.uint32,
+                          fill_value=0)
+    label(probs, out, opts)
+    return out[:]
+
+
 def _check_sizes(box: np.ndarray, opts: InstanceOptions) -> None:
     """Refuse a component whose box is wider or taller than ``max_side``."""
     if not len(box):
@@ -378,7 +471,7 @@ def _crossing(probs, opts, cs: _Components, c: int, W: int):
     mask, cls = foreground(p, opts)
     lab, _ = components(mask)
     fr, fc = divmod(int(cs.first[c]), W)
-    return split(lab == lab[fr - r0, fc - c0], cls, opts), p, cls
+    return split(lab == lab[fr - r0, fc - c0], cls, opts, foreground_probability(p)), p, cls
 
 
 def _stats(lab: np.ndarray, p: np.ndarray, cls: np.ndarray, r0: int, c0: int, W: int, opts: InstanceOptions,

@@ -177,3 +177,24 @@ def challenge_scores(truth: np.ndarray, prob: np.ndarray, threshold: float = 0.5
     truth = np.asarray(truth, bool)
     pred = np.asarray(prob) >= threshold
     return {**rand_and_vi(truth, pred, keep), **warping_error(truth, prob, threshold, keep)}
+
+
+def segmentation_scores(truth: np.ndarray, cells: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
+                        keep: np.ndarray | None = None) -> dict:
+    """The challenge's scores of a post-processed segmentation: ``cells``
+    binary (``True`` = an object's pixel, ``False`` = boundary, e.g. the
+    instance labels > 0 of :func:`tilerseg.instances.label`), ``prob`` the
+    probability it was made from. The warping visits pixels in the order of
+    the probability's confidence, as for the plain threshold, on the map
+    :func:`decided` gives, whose threshold is exactly ``cells``."""
+    return challenge_scores(truth, decided(cells, prob, threshold), threshold, keep)
+
+
+def decided(cells: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A probability-like map that is ``>= threshold`` exactly on ``cells``
+    and as far from the threshold as ``prob`` is (float32, as
+    :func:`warp` compares)."""
+    th = np.float32(threshold)
+    d = np.abs(np.asarray(prob, np.float32) - th)
+    below = np.minimum(th - d, np.nextafter(th, np.float32(-1)))
+    return np.where(np.asarray(cells, bool), th + d, below).astype(np.float32)

@@ -12,7 +12,11 @@ For two classes, 2-D images up to :data:`.challenge.MAX_PIXELS` can also get
 the ISBI challenge's object scores (:mod:`.challenge`: adapted Rand error,
 variation of information, warping error), which need the whole image: the
 blocks' object-class probabilities are then copied into one image-sized
-array as they pass."""
+array as they pass. With ``instances`` (``tilerseg eval --instances``) the
+same image is also post-processed into objects by
+:func:`tilerseg.instances.label`, the code ``tilerseg run --instances``
+runs, and the objects (their boundaries as class 0) are scored beside the
+plain threshold."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +28,7 @@ import numpy as np
 from ..engine import Output, TileSpec, reduce_blocks, segment_plan, volume_plan
 from ..errors import InputError
 from .data import LabelMap, Source, VolumeSource, find_pairs
-from .challenge import MAX_PIXELS, challenge_scores
+from .challenge import MAX_PIXELS, challenge_scores, segmentation_scores
 from .metrics import IGNORE, confusion, scores
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,33 @@ class ImageScore:
     matrices: np.ndarray          # (thresholds, classes, classes)
     seconds: float = 0.0
     canvas: "Canvas | None" = None  # whole-image probabilities for the challenge scores
+    instances: object = None        # InstanceOptions: also score the post-processed objects
+    own_threshold: bool = False     # the objects' threshold is the options', not the one scored
     _challenge: dict = field(default_factory=dict, repr=False)
+    _cells: dict = field(default_factory=dict, repr=False)
+
+    def cells(self, threshold: float | None) -> dict:
+        """Scores of the objects :func:`tilerseg.instances.label` makes of
+        the image at ``threshold`` (their boundaries and the background as
+        class 0): ``matrix`` (the confusion), the challenge's scores and
+        ``objects`` (cached; empty without a canvas or instances)."""
+        from dataclasses import replace
+
+        from ..instances import label_array
+
+        key = 0.5 if threshold is None else float(threshold)
+        if self.own_threshold and self.instances is not None:
+            key = float(self.instances.threshold)
+        if key not in self._cells:
+            if self.canvas is None or self.instances is None:
+                return {}
+            c = self.canvas
+            labels = label_array(c.prob[None], replace(self.instances, threshold=key))
+            on = labels > 0
+            self._cells[key] = {"matrix": confusion(c.truth, on.astype(np.uint8), 2),
+                                **segmentation_scores(c.truth == 1, on, c.prob, key, keep=c.truth != IGNORE),
+                                "objects": int(labels.max()), "threshold": key}
+        return self._cells[key]
 
     def challenge(self, threshold: float | None) -> dict:
         """The challenge's scores at ``threshold`` (cached; empty without a canvas)."""
@@ -98,7 +128,24 @@ class Evaluation:
                "overall": {**scores(self.total()[i], self.class_names), **self._mean_challenge(th)}}
         if len(self.thresholds) > 1 or self.thresholds[0] is not None:
             out["threshold"] = self.thresholds[i]
+        cells = self._cells_report(th)
+        if cells:
+            out["instances"] = cells
         return out
+
+    def _cells_report(self, threshold) -> dict:
+        """The post-processed objects' scores, per image and overall (pixel
+        scores pooled over pixels, the challenge's averaged over images, as
+        for the threshold)."""
+        per = [s.cells(threshold) for s in self.images]
+        if not per or not all(per):
+            return {}
+        names = self.class_names
+        rows = [{"image": s.name, **_without(scores(p["matrix"], names)), **_without(p, "matrix")}
+                for s, p in zip(self.images, per)]
+        mean = {k: (int(sum(p[k] for p in per)) if isinstance(per[0][k], int) else
+                    float(np.nanmean([p[k] for p in per]))) for k in per[0] if k != "matrix"}
+        return {"images": rows, "overall": {**_without(scores(sum(p["matrix"] for p in per), names)), **mean}}
 
     def _mean_challenge(self, threshold) -> dict:
         """The challenge's scores averaged over the images (as it averaged
@@ -114,6 +161,10 @@ class Evaluation:
             return 0 if len(self.thresholds) == 1 else self.thresholds.index(0.5) if 0.5 in self.thresholds else 0
         best = int(np.argmin([abs(t - threshold) for t in self.thresholds]))
         return best
+
+
+def _without(d: dict, *keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys + ("per_class", "pixels")}
 
 
 def _block_confusion(probs: np.ndarray, index, source, thresholds, classes: int, canvas=None) -> np.ndarray:
@@ -151,12 +202,14 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
 
 def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: str, class_names, out_channels: int,
                      sweep: bool = False, threshold: float = 0.5, workers: int | None = None,
-                     challenge: bool = False) -> Evaluation:
+                     challenge: bool = False, instances=None, own_threshold: bool = False) -> Evaluation:
     """Score ``sources``; with ``challenge``, two-class 2-D images small
     enough also get the challenge's object scores in :meth:`Evaluation.report`
     (at one threshold they are computed image by image, so only one image is
     held at a time; a sweep keeps every image's probabilities until the
-    threshold is chosen)."""
+    threshold is chosen). ``instances`` (:class:`tilerseg.instances.InstanceOptions`,
+    with ``challenge``): the report's ``instances`` scores the objects made
+    of the same probabilities, at their own threshold with ``own_threshold``."""
     import time
 
     thresholds = (SWEEP if sweep else (threshold,)) if out_channels == 1 else (None,)
@@ -168,9 +221,10 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
         canvas = Canvas.wanted(src, len(class_names)) if challenge else None
         m = score_source(src, predictor, tiles, merge, len(class_names), out_channels,
                          thresholds if out_channels == 1 else (0.5,), workers, canvas)
-        score = ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas)
+        score = ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas, instances, own_threshold)
         if canvas is not None and len(thresholds) == 1:  # the only threshold: score now, free the image
             score.challenge(thresholds[0])
+            score.cells(thresholds[0])
             score.canvas = None
         ev.images.append(score)
     return ev
@@ -179,12 +233,13 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
 def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batch_size: int | None = None,
              merge: str = "auto", tta: str | None = None, threshold: float | None = None, sweep: bool = False,
              level=None, mpp=None, bands=None, device: str = "auto", workers: int | None = None,
-             mask_values=None, ignore_value=None, mask_suffix: str = "") -> tuple[Evaluation, float]:
+             mask_values=None, ignore_value=None, mask_suffix: str = "", instances=None) -> tuple[Evaluation, float]:
     """``tilerseg eval``: score ``weights`` on image/mask pairs. Mask values
     are read as in training (the checkpoint records how); returns the
     evaluation and the threshold to report (swept, given, the checkpoint's,
-    or 0.5)."""
-    from ..api import PredictorRef, check_mpp, choose_tiling, model_info
+    or 0.5). ``instances`` (the run's :class:`tilerseg.config.OutputOptions`):
+    also score the objects ``tilerseg run --instances`` would make with them."""
+    from ..api import PredictorRef, check_mpp, choose_tiling, instance_options, model_info
     from ..config import TilingOptions
     from ..infer import pick_device
     from ..models import ModelSpec, describe, is_volumetric
@@ -214,8 +269,12 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
         merge = tiling.merge
         tiles = tiling.tilespec()
         th = info.binary_threshold(threshold)
+        own = instances is not None and instances.object_threshold is not None
+        if instances is not None:
+            instances = instance_options(instances, info, th)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
-                              threshold=th, workers=workers, challenge=True)
+                              threshold=th, workers=workers, challenge=True, instances=instances,
+                              own_threshold=own)
     finally:
         for s in sources:
             s.close()
