@@ -49,3 +49,12 @@ def test_weights_demo_shadowed_by_a_folder_says_so_and_how_to_name_either(tmp_pa
         assert r.returncode == 0, r.stderr
     b, c = (zarr.open_array(str(tmp_path / n / "0"), mode="r")[...] for n in ("b.zarr", "c.zarr"))
     assert np.array_equal(b, c) and b.any() and truth.any()
+    import tilerseg
+
+    here = os.getcwd()
+    os.chdir(tmp_path)  # the folder named demo is here: the Python API spells the shipped model alike
+    try:
+        labels = tilerseg.segment(img, "tilerseg:demo", probabilities=False, device="cpu").compute()
+    finally:
+        os.chdir(here)
+    assert np.array_equal(labels, b)

@@ -26,7 +26,8 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, Writer
-from .models import ModelInfo, ModelSpec, Normalization, arch, demo_weights, describe, dtype_scale, is_volumetric
+from .models import (SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale, is_volumetric,
+                     resolve_weights)
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,9 @@ class RunReport:
 def describe_model(m: ModelOptions) -> ModelInfo:
     """The model of a run, from its weights where they say (smp folder,
     tilerseg checkpoint), else from the options; read once per run."""
-    weights = m.weights
-    if weights == "demo" and not os.path.exists("demo"):
-        weights = demo_weights()  # the small nuclei model shipped in the package
     spec = ModelSpec(arch=m.model, encoder=m.encoder, classes=m.classes, encoder_weights=m.encoder_weights,
                      kwargs=ModelSpec.freeze(dict(m.model_args)))
-    info = describe(weights, spec)
+    info = describe(m.weights, spec)  # `demo`, `tilerseg:demo`: the shipped model (resolve_weights)
     if any(v is not None for v in (m.mean, m.std, m.scale)):
         n = info.normalization
         info = replace(info, normalization=Normalization(
@@ -173,7 +171,7 @@ def execute(input, output, cfg: RunConfig, *, progress=None) -> RunReport:
 def _volume_by_name(m: ModelOptions) -> bool | None:
     """Whether the model is volumetric, from its name alone (no file read);
     None when weights decide it."""
-    if m.weights is not None and m.weights != "demo":
+    if m.weights is not None and m.weights not in ("demo", SHIPPED_DEMO):
         return None
     return is_volumetric(m.model)
 
@@ -498,8 +496,8 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
         n_classes = classes or _probe_classes(predictor, bands)
     else:
         path = os.fspath(model)
-        weights = demo_weights() if path == "demo" and not os.path.exists(path) else (
-            path if os.path.exists(path) else None)
+        weights = resolve_weights(path)  # `demo` or `tilerseg:demo`: the shipped model
+        weights = weights if os.path.exists(weights) else None
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
         predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta, backend=backend).get()
