@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--min-areas", type=int, nargs="+", default=[0, 20, 60])
     ap.add_argument("--top", type=int, default=4, help="combinations also scored by warping error")
     a = ap.parse_args()
-    ev, th = evaluate(a.weights, a.images, a.masks, sweep=True)  # sweep: the images' probabilities are kept
+    ev, th = evaluate(a.weights, a.images, a.masks, sweep=True, keep=True)
     canvases = [(s.name, s.canvas) for s in ev.images]
     print(f"threshold {th:g}; {len(canvases)} image(s): {', '.join(n for n, _ in canvases)}")
     results = []

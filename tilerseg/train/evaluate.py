@@ -202,14 +202,17 @@ def score_source(source, predictor, tiles: TileSpec, merge: str, classes: int, o
 
 def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: str, class_names, out_channels: int,
                      sweep: bool = False, threshold: float = 0.5, workers: int | None = None,
-                     challenge: bool = False, instances=None, own_threshold: bool = False) -> Evaluation:
+                     challenge: bool = False, instances=None, own_threshold: bool = False,
+                     keep: bool = False) -> Evaluation:
     """Score ``sources``; with ``challenge``, two-class 2-D images small
     enough also get the challenge's object scores in :meth:`Evaluation.report`
     (at one threshold they are computed image by image, so only one image is
     held at a time; a sweep keeps every image's probabilities until the
     threshold is chosen). ``instances`` (:class:`tilerseg.instances.InstanceOptions`,
     with ``challenge``): the report's ``instances`` scores the objects made
-    of the same probabilities, at their own threshold with ``own_threshold``."""
+    of the same probabilities, at their own threshold with ``own_threshold``.
+    ``keep``: every image's canvas is kept (to score other post-processes
+    of the same probabilities, as ``scripts/tune_em_instances.py`` does)."""
     import time
 
     thresholds = (SWEEP if sweep else (threshold,)) if out_channels == 1 else (None,)
@@ -222,7 +225,7 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
         m = score_source(src, predictor, tiles, merge, len(class_names), out_channels,
                          thresholds if out_channels == 1 else (0.5,), workers, canvas)
         score = ImageScore(src.pair.name, m, time.perf_counter() - t0, canvas, instances, own_threshold)
-        if canvas is not None and len(thresholds) == 1:  # the only threshold: score now, free the image
+        if canvas is not None and len(thresholds) == 1 and not keep:  # the only threshold: score now, free it
             score.challenge(thresholds[0])
             score.cells(thresholds[0])
             score.canvas = None
@@ -233,7 +236,8 @@ def evaluate_sources(sources: list[Source], predictor, tiles: TileSpec, merge: s
 def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batch_size: int | None = None,
              merge: str = "auto", tta: str | None = None, threshold: float | None = None, sweep: bool = False,
              level=None, mpp=None, bands=None, device: str = "auto", workers: int | None = None,
-             mask_values=None, ignore_value=None, mask_suffix: str = "", instances=None) -> tuple[Evaluation, float]:
+             mask_values=None, ignore_value=None, mask_suffix: str = "", instances=None,
+             keep: bool = False) -> tuple[Evaluation, float]:
     """``tilerseg eval``: score ``weights`` on image/mask pairs. Mask values
     are read as in training (the checkpoint records how); returns the
     evaluation and the threshold to report (swept, given, the checkpoint's,
@@ -274,7 +278,7 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
             instances = instance_options(instances, info, th)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,
                               threshold=th, workers=workers, challenge=True, instances=instances,
-                              own_threshold=own)
+                              own_threshold=own, keep=keep)
     finally:
         for s in sources:
             s.close()
