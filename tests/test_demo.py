@@ -10,8 +10,10 @@ from tilerseg import synthetic
 def test_demo_segments_nuclei_of_an_unseen_synthetic_slide(tmp_path):
     r = cli("demo", str(tmp_path), "--size", "800", "--seed", "7", "--quiet")
     assert r.returncode == 0, r.stderr
-    dice = float(r.stdout.strip().splitlines()[-1].split()[-1])
+    dice = float(next(ln for ln in r.stdout.splitlines() if ln.startswith("Dice")).split()[-1])
     assert dice >= 0.95
+    drawn = next(ln for ln in r.stdout.splitlines() if ln.startswith("nuclei the generator drew"))
+    assert f"{synthetic.nuclei((800, 800), 7):,};" in drawn and "--instances" in drawn
     for f in ("slide.tif", "mask.tif", "preview.png"):
         assert os.path.exists(tmp_path / f)
     assert os.path.getsize(os.path.join(os.path.dirname(synthetic.__file__), "data", "demo_unet.pt")) < 5e6
