@@ -437,7 +437,8 @@ def _window_map(i, input, meta: ImageMeta):
     maybe_nodata = meta.nodata is not None or np.issubdtype(np.dtype(meta.dtype), np.floating) or meta.georeferenced
 
     def valid(side):
-        return valid_map(path, side, bands=i.bands, reader=i.reader) if isinstance(input, (str, os.PathLike)) \
+        return valid_map(path, side, bands=i.bands, reader=i.reader, missing_chunks=i.missing_chunks) \
+            if isinstance(input, (str, os.PathLike)) \
             else None
 
     return WindowMap(meta.shape, tissue=tissue, valid=valid if maybe_nodata else None, name=str(i.tissue))

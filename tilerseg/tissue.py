@@ -185,13 +185,14 @@ def _fit(mask: np.ndarray, shape) -> np.ndarray:
     return mask[rows][:, cols]
 
 
-def valid_map(path: str, side: int, *, bands=None, reader: str = "auto") -> np.ndarray | None:
+def valid_map(path: str, side: int, *, bands=None, reader: str = "auto",
+              missing_chunks: str = "refuse") -> np.ndarray | None:
     """Which pixels are not nodata, sampled at about ``side`` px from the
     coarsest level at least that large; ``None`` if every sample is valid."""
     from .io import open_reader
     from .preview import strided
 
-    kw = dict(bands=tuple(bands) if bands else None, reader=reader)
+    kw = dict(bands=tuple(bands) if bands else None, reader=reader, missing_chunks=missing_chunks)
     with open_reader(path, **kw) as r:
         levels = r.meta.levels or (r.meta.shape,)
     level = max([k for k, (h, w) in enumerate(levels) if max(h, w) >= side] or [0])
