@@ -22,14 +22,11 @@ class Unavailable(RuntimeError):
 def _install() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise Unavailable(f"{CHROMIUM} is missing and apt-get cannot run here (install the chromium package)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    if subprocess.run(cmd, capture_output=True, env=env).returncode == 0:
-        return
-    subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        raise Unavailable(f"apt-get install chromium failed: {r.stderr.strip()[-300:]}")
+    from aptget import apt_install
+
+    error = apt_install(["chromium"])
+    if error:
+        raise Unavailable(f"apt-get install chromium failed: {error}")
 
 
 def launch():

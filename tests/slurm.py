@@ -127,14 +127,11 @@ def _terminate(pid: int, timeout: float = 20) -> None:
 def _install() -> None:
     """apt-get the SLURM and munge packages (``apt-get update`` first when
     the package lists lack them)."""
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    if subprocess.run(cmd, capture_output=True, env=env).returncode == 0:
-        return
-    subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}")
+    from aptget import apt_install
+
+    error = apt_install(PACKAGES)
+    if error:
+        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {error}")
 
 
 def _pidfile(path: str, timeout: float = 20) -> int:
