@@ -84,6 +84,27 @@ class Slurm:
                 return ran
             time.sleep(0.5)
 
+    def freeze(self, job: str) -> list[int]:
+        """SIGSTOP every process of ``job`` (found by ``SLURM_JOB_ID`` in its
+        environment): the job holds its tasks but makes no progress, however
+        fast this machine is, until SLURM ends it (SIGKILL works on a stopped
+        process)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if f"SLURM_JOB_ID={job}".encode() in env:
+                pids.append(int(entry))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return pids
+
     def wait_empty(self, name: str | None = None, timeout: float = 60) -> list[dict]:
         """Wait until no job (named ``name``) is in the queue; return what is left."""
         end = time.monotonic() + timeout

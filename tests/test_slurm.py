@@ -162,10 +162,12 @@ def test_a_worker_job_at_its_walltime_is_replaced(tmp_path, slurm, tiny_model_di
 
     The limit is cut on the running job with ``scontrol update`` to SLURM's
     smallest, one minute: slurmctld's own walltime path ends it (it checks
-    limits about every 30 s), whatever this machine's speed. One one-core
-    job on a 4096² input keeps the run going well past that."""
+    limits about every 30 s). The job's processes are stopped (SIGSTOP) once
+    its first block is written, so the run cannot finish before the limit
+    however fast this machine is: a 4096² input took 52 s on one core of a
+    Xeon with AMX, and its job was cancelled at the run's end, not timed out."""
     src = tmp_path / "big.tif"
-    textured_tiff(src, (4096, 4096), seed=3, periods=(29.0, 43.0), noise=25)
+    textured_tiff(src, (3072, 3072), seed=3, periods=(29.0, 43.0), noise=25)
     local = tmp_path / "local" / "mask.zarr"
     out = tmp_path / "out" / "mask.zarr"
     local.parent.mkdir()
@@ -178,6 +180,7 @@ def test_a_worker_job_at_its_walltime_is_replaced(tmp_path, slurm, tiny_model_di
     running = lambda: [j for j in slurm.jobs(JOB) if j["state"] == "RUNNING"]  # noqa: E731
     wait_for(lambda: len(running()) == 1 and blocks_done(out.parent) >= 1, proc, what="the worker's first block")
     victim = running()[0]["id"]
+    assert slurm.freeze(victim), f"no process of job {victim} found"
     slurm.cmd("scontrol", "update", f"JobId={victim}", "TimeLimit=1")
     ended = lambda: [j for j in slurm.finished() if j.get("JobId") == victim]  # noqa: E731
     wait_for(ended, proc, timeout=240, what=f"job {victim} to reach its time limit")
