@@ -257,9 +257,9 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
-    active = wmap.active(grid)
-    ref, predictor, backend = _settle_backend(cfg, ref, predictor, tiling,
-                                              int(active.sum()) if active is not None else grid.total_windows)
+    active = wmap.boxes(grid)
+    ref, predictor, backend = _settle_backend(cfg, ref, predictor, tiling, grid.total_windows if active is None
+                                              else int((active[..., 1] > active[..., 0]).sum()))
     out = Output(probabilities=bool(o.probabilities) or o.instances, threshold=threshold, merge=tiling.merge)
     plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
     oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,

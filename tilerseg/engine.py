@@ -67,32 +67,60 @@ def background(classes: int, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _read_windows(reader: Reader, grid: Grid, region: Region, tiles: TileSpec, active, *, whole: bool):
-    """Read a region once and pick the windows to run: ``active`` ones (no
-    tissue mask means all) whose written area is not wholly nodata. The
-    written area is the centre crop, or the ``whole`` window when merging by
-    blending. Returns ``(data, valid, offsets)``; no read when none is active."""
-    c, h = grid.crop, grid.halo
+    """Read a region once and pick the windows to run and what of each.
+
+    ``active`` (``(ny, nx, 4)``, see :meth:`tilerseg.tissue.WindowMap.boxes`;
+    ``None``: all of every window) gives the part of each window's crop on
+    tissue; a window with none is not run, and no region is read when no
+    window runs. With nodata, that part is cut further to the valid pixels
+    of the crop, read at full resolution, on the stride grid. A window
+    whose ``whole`` area is written (merging by blending) is run whole
+    when any of it is valid. Returns ``(data, valid, windows)``, each
+    window ``(y, x, box)``: its offset in ``data`` and ``box = (y0, y1,
+    x0, x1)`` of its crop to compute (``None``: the whole window)."""
+    c, h, s = grid.crop, grid.halo, grid.stride
     wy0, wx0 = region.windows[0]
-    run = [w for w in region.windows if active is None or active[w]]
+    run = [w for w in region.windows if active is None or active[w][1] > active[w][0]]
     if not run:
         return None, None, []
     data, valid = read_padded(reader, region.read_rows, region.read_cols, tiles.pad_mode)
-    size, margin = (grid.tile, 0) if whole else (c, h)
-    offsets = [((wy - wy0) * c, (wx - wx0) * c) for wy, wx in run]
-    if valid is not None:
-        offsets = [(y, x) for y, x in offsets if valid[margin + y:margin + y + size, margin + x:margin + x + size].any()]
-    return data, valid, offsets
+    windows = []
+    for w in run:
+        y, x = (w[0] - wy0) * c, (w[1] - wx0) * c
+        if whole:
+            if valid is None or valid[y:y + grid.tile, x:x + grid.tile].any():
+                windows.append((y, x, None))
+            continue
+        y0, y1, x0, x1 = (0, c, 0, c) if active is None else (int(v) for v in active[w])
+        if valid is not None:
+            v = valid[h + y + y0:h + y + y1, h + x + x0:h + x + x1]
+            rows, cols = np.flatnonzero(v.any(1)), np.flatnonzero(v.any(0))
+            if not rows.size:
+                continue
+            y0, y1 = y0 + rows[0] // s * s, min(y1, y0 + -(-(rows[-1] + 1) // s) * s)
+            x0, x1 = x0 + cols[0] // s * s, min(x1, x0 + -(-(cols[-1] + 1) // s) * s)
+        windows.append((y, x, None if (y0, y1, x0, x1) == (0, c, 0, c) else (y0, y1, x0, x1)))
+    return data, valid, windows
 
 
-def _run_windows(predictor, data: np.ndarray, offsets, tile: int, batch_size: int, classes: int):
-    """Yield ``(y, x, probabilities (classes, tile, tile))`` per window, run in batches."""
-    for start in range(0, len(offsets), batch_size):
-        batch = offsets[start:start + batch_size]
-        probs = predictor(np.stack([data[y:y + tile, x:x + tile] for y, x in batch]))
-        if probs.shape[1] != classes:
-            raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
-        for (y, x), p in zip(batch, probs):
-            yield y, x, p
+def _run_windows(predictor, data: np.ndarray, windows, tile: int, halo: int, batch_size: int, classes: int):
+    """Yield ``(y, x, box, probabilities (classes, rows, cols))`` per window
+    of :func:`_read_windows`, run in batches of windows of one shape: a
+    whole window is ``tile`` px, a trimmed one its box grown by ``halo``."""
+    shapes: dict = {}
+    for y, x, box in windows:
+        size = (tile, tile) if box is None else (box[1] - box[0] + 2 * halo, box[3] - box[2] + 2 * halo)
+        shapes.setdefault(size, []).append((y, x, box))
+    for (th, tw), group in shapes.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            probs = predictor(np.stack([data[y + (b[0] if b else 0):y + (b[0] if b else 0) + th,
+                                             x + (b[2] if b else 0):x + (b[2] if b else 0) + tw]
+                                        for y, x, b in batch]))
+            if probs.shape[1] != classes:
+                raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
+            for (y, x, b), p in zip(batch, probs):
+                yield y, x, b, p
 
 
 def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec, classes: int,
@@ -100,22 +128,26 @@ def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles:
     """Probabilities ``(classes, h, w)``, validity ``(h, w)`` and the number
     of windows run, for one region's output.
 
-    Windows not ``active`` (no tissue) and windows whose output area is all
-    nodata are not run: they hold background."""
+    Windows off tissue (``active``) and windows whose output area is all
+    nodata are not run, and the others compute only the part of their crop
+    on tissue and valid (see :func:`_read_windows`): the rest holds
+    background. What is computed equals whole-image inference there, as a
+    full window's crop does: the trimmed window keeps the full halo."""
     c, h = grid.crop, grid.halo
     oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
-    data, valid, offsets = _read_windows(reader, grid, region, tiles, active, whole=False)
+    data, valid, windows = _read_windows(reader, grid, region, tiles, active, whole=False)
     if data is None:  # nothing to see here: no read at all
         return background(classes, (oh, ow)), None, 0
     wy0, wx0 = region.windows[0]
     rows = (region.windows[-1][0] - wy0 + 1) * c
     cols = (region.windows[-1][1] - wx0 + 1) * c
     out = background(classes, (rows, cols))
-    for y, x, p in _run_windows(predictor, data, offsets, grid.tile, tiles.batch_size, classes):
-        out[:, y:y + c, x:x + c] = p[:, h:h + c, h:h + c]
+    for y, x, b, p in _run_windows(predictor, data, windows, grid.tile, h, tiles.batch_size, classes):
+        y0, y1, x0, x1 = b or (0, c, 0, c)
+        out[:, y + y0:y + y1, x + x0:x + x1] = p[:, h:h + y1 - y0, h:h + x1 - x0]
     if valid is not None:
         valid = valid[h:h + oh, h:h + ow]
-    return out[:, :oh, :ow], valid, len(offsets)
+    return out[:, :oh, :ow], valid, len(windows)
 
 
 def _block(reader, predictor, grid, region, tiles, output: Output, classes: int, active):
@@ -165,7 +197,7 @@ def _blend_part(reader, predictor, grid, region, tiles, classes: int, active):
     data, valid, offsets = _read_windows(reader, grid, region, tiles, active, whole=True)
     if offsets:
         g = gaussian_map(T)
-        for y, x, p in _run_windows(predictor, data, offsets, T, tiles.batch_size, classes):
+        for y, x, _, p in _run_windows(predictor, data, offsets, T, 0, tiles.batch_size, classes):
             num[:, y:y + T, x:x + T] += p * g
             den[y:y + T, x:x + T] += g
     return num, den, valid, len(offsets), len(region.windows) - len(offsets)

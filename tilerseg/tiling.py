@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+
+import numpy as np
 import os
 from dataclasses import dataclass
 
@@ -268,10 +270,11 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
     window is the one whose batch fits ``budget`` (``batch`` windows when
     given, else one); among the crops up to it, on the stride grid, the one
     whose windows cost least over this image wins (:func:`work`). ``runs``
-    (crop -> windows that will run) counts only the windows that are not
-    skipped (tissue, nodata): on a slide that is mostly glass, smaller
-    windows skip more of it, and the choice weighs that against their
-    larger share of context. The batch is then as many such windows as the
+    (crop, stride -> the computed area of each window that will run, see
+    :meth:`tilerseg.tissue.WindowMap.runs`) counts only the windows that
+    are not skipped (tissue, nodata), each trimmed to what it computes: on
+    a slide that is mostly glass, smaller windows skip more of it, and the
+    choice weighs that against their larger share of context. The batch is then as many such windows as the
     budget holds, up to :data:`DEFAULT_BATCH` and the windows that run.
 
     A budget that holds no window whose crop is at least the halo (more
@@ -282,7 +285,9 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
         return math.prod(math.ceil(n / c) for n in shape)
 
     def cost(c: int) -> float:
-        return work(runs(c) if runs else windows(c), c + 2 * halo)
+        if not runs:
+            return work(windows(c), c + 2 * halo)
+        return trimmed_work(runs(c, stride), halo)
 
     per_window = budget / (batch or 1) / per_pixel
     side = min(MAX_AUTO_TILE, int(math.sqrt(per_window)))
@@ -304,16 +309,18 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
                         f"{_gib_up(need)} or more (a {c + 2 * halo}-px window), or --tile and --halo")
     tile = best + 2 * halo
     fits = int(budget // (tile * tile * per_pixel))
-    n_run = runs(best) if runs else windows(best)
+    n_run = len(runs(best, stride)) if runs else windows(best)
     if batch is None:
         batch = max(1, min(DEFAULT_BATCH, fits, n_run))
     over = "" if fits >= batch else f", over the budget: no smaller window holds the halo {halo}"
     note = (f"auto: {windows(best)} window(s) of {tile} px in batches of {batch}, about "
             f"{_gib(batch * tile * tile * per_pixel)} of activations{over}")
-    if runs and n_run < windows(best):
+    if runs and cost(best) < work(windows(best), tile):
         plain = min(candidates, key=lambda c: (work(windows(c), c + 2 * halo), -c))  # the choice without skipping
-        note += (f"; skipping: {n_run / windows(best):.0%} of windows run, "
-                 f"{cost(plain) / max(cost(best), 1):.1f}x less work than tile {plain + 2 * halo}")
+        share = (cost(best) - n_run * WINDOW_FIXED_PX) / max(1, n_run * tile * tile)
+        note += (f"; skipping: {n_run / windows(best):.0%} of windows run, trimmed to {share:.0%} of their "
+                 f"pixels, {work(windows(plain), plain + 2 * halo) / max(cost(best), 1):.1f}x less work than "
+                 f"tile {plain + 2 * halo} without skipping")
     return (tile, tile), batch, note
 
 
@@ -323,6 +330,13 @@ def work(windows: int, tile: int) -> float:
     per window (:data:`WINDOW_FIXED_PX`). A constant, not a timing, so the
     choice is the same on every run and ``--resume`` finds the same tiling."""
     return windows * (tile * tile + WINDOW_FIXED_PX)
+
+
+def trimmed_work(areas, halo: int) -> float:
+    """:func:`work` of windows trimmed to ``areas`` (``(n, 2)``: the rows
+    and columns of output each computes), each grown by the halo."""
+    size = np.asarray(areas, np.int64).reshape(-1, 2) + 2 * halo
+    return float((size[:, 0] * size[:, 1]).sum() + len(size) * WINDOW_FIXED_PX)
 
 
 def _gib_up(n: float) -> str:
