@@ -58,6 +58,7 @@ def test_demo_is_a_first_class_model(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_progress_knows_its_total_from_the_first_call(tmp_path, tiny_model_dir, rgb_tiff):
     import tilerseg
 

@@ -3,6 +3,7 @@ seam-exact at the recommended halo, not below the radius."""
 import json
 
 import numpy as np
+import pytest
 
 import tilerseg
 from conftest import cli, data, reference, tiny_unet
@@ -50,6 +51,7 @@ def _small_models():
     yield "unet3d", build(ModelSpec("unet3d", "-", in_channels=1, kwargs=(("features", 2), ("depth", 2)))), 1, 3
 
 
+@pytest.mark.slow
 def test_analytic_receptive_field_equals_the_gradient_probe():
     """The module-graph figure is exact: it equals the input-gradient
     support (the probe stays as the cross-check and the fallback)."""

@@ -221,6 +221,7 @@ print(big[0])
     assert out["heap"].stdout.strip() == "False", out["heap"].stderr  # tilerseg's setting: from the heap
 
 
+@pytest.mark.slow
 def test_the_allocator_keeps_freed_memory_above_a_gibibyte():
     """A 2240 px window's activations (2.7 GiB) were returned to the system
     after the largest layers at a 1 GiB trim threshold, and faulted in again

@@ -164,6 +164,7 @@ def test_run_equals_the_whole_image_run_at_any_tile_and_not_with_a_halo_one_shor
     assert (tmp_path / "short.csv").read_bytes() != table
 
 
+@pytest.mark.slow
 def test_instances_in_every_output_format(tmp_path, small_tiff, tiny_model_dir):
     """The same objects in an OME-TIFF (uint32, read by tifffile), GeoJSON
     (one feature per object, id = label, area and centroid = the table's)

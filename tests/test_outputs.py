@@ -30,6 +30,7 @@ def _write(path, arr, meta, *, probabilities=False, classes=3, names=("backgroun
         w.write(a, lambda x, z, marks: compute_into(x, z, workers=2), info)
 
 
+@pytest.mark.slow
 def test_ome_tiff_opens_in_openslide_with_levels_and_mpp(tmp_path):
     """A 10,000 x 8,000 result as .ome.tif."""
     import openslide

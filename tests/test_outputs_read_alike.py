@@ -108,6 +108,7 @@ def test_binary_probability_band_is_named_after_the_foreground(tmp_path):
     assert channel["Name"] == "nucleus"
 
 
+@pytest.mark.slow
 def test_uint8_probabilities_read_in_openslide_and_equal_the_float_ones(tmp_path, rgb_tiff):
     import openslide
     import tifffile

@@ -182,6 +182,7 @@ def test_killed_worker_tasks_are_retried_and_output_is_identical(tmp_path, big_t
     assert out.read_bytes() == reference
 
 
+@pytest.mark.slow
 def test_manifest_with_a_corrupt_input_writes_the_others_and_exits_nonzero(tmp_path, tiny_model_dir):
     manifest = tmp_path / "list.txt"
     manifest.write_text(f"{data('rasterio/RGB.byte.tif')}\n"
@@ -209,6 +210,7 @@ def test_manifest_with_a_corrupt_input_writes_the_others_and_exits_nonzero(tmp_p
     assert [e["status"] for e in _ledger(tmp_path / "out")] == ["done", "failed", "done", "failed"]
 
 
+@pytest.mark.slow
 def test_several_inputs_to_a_folder(tmp_path, tiny_model_dir):
     r = cli("run", data("rasterio/RGB.byte.tif"), data("rasterio/cogeo.tif"), "-o", str(tmp_path) + "/",
             "--format", "tif", "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--quiet")
@@ -241,6 +243,7 @@ def test_cluster_config_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and "unknown key(s) queu" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_zarr_output_to_an_fsspec_url_equals_a_local_one(tmp_path, tiny_model_dir):
     """Any fsspec URL zarr supports (here memory://, in this process): the
     group is written in place, OME metadata last, and the state removed."""
@@ -264,6 +267,7 @@ def test_zarr_output_to_an_fsspec_url_equals_a_local_one(tmp_path, tiny_model_di
     assert r.returncode == 1 and "URLs take .zarr outputs" in r.stderr
 
 
+@pytest.mark.slow
 def test_preview_of_a_one_line_manifest_shows_its_input(tmp_path, tiny_model_dir):
     src = data("rasterio/RGB.byte.tif")
     (tmp_path / "list.txt").write_text(f"{src} m.zarr\n")

@@ -146,6 +146,7 @@ def test_a_failed_run_stops_the_stream_and_leaves_no_tiff(tmp_path):
     assert (tmp_path / ".mask.ome.tif.tilerseg" / "done" / "0.0").exists()
 
 
+@pytest.mark.slow
 def test_a_run_to_ome_tiff_streams_and_equals_its_zarr(tmp_path, tiny_model_dir, monkeypatch):
     """Through the CLI: the TIFF is written by the stream, and has the
     pixels of the same run written as OME-Zarr."""

@@ -238,6 +238,7 @@ def test_checkpoint_runs_with_no_model_flag_and_eval_matches_numpy(trained, disc
     assert 0.05 <= swept["threshold"] <= 0.95
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(discs, tmp_path):
     import torch
 

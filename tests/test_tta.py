@@ -51,6 +51,7 @@ def test_tiled_tta_flips_equals_mean_of_four_flipped_runs():
     assert np.abs(got - np.mean(runs, axis=0)).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_tta_choices(tmp_path, tiny_model_dir):
     from conftest import data
 

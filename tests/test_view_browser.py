@@ -17,7 +17,8 @@ from conftest import ROOT
 import browser as browser_mod
 import viewdata
 
-pytestmark = pytest.mark.xdist_group("browser")  # one server and one browser serve them all (--dist loadgroup)
+pytestmark = [pytest.mark.slow,  # a browser start-up (~7 s) each worker
+              pytest.mark.xdist_group("browser")]  # one server and one browser serve them all (--dist loadgroup)
 W_PAGE, H_PAGE = 1000, 620
 CENTRE, SCALE = (1080.0, 980.0), 4.0  # the view the tests open: 4 screen px per image px
 
