@@ -63,6 +63,10 @@ def test_nodata_becomes_nodata_not_class_zero():
     labels = tilerseg.segment(img, model, tile=128, halo=32, valid=valid, probabilities=False,
                               device="cpu").compute()
     assert np.isnan(probs[0][~valid]).all() and np.isfinite(probs[0][valid]).all()
+    # windows part nodata compute only their valid part (trimmed on the stride grid, the
+    # halo kept): whole-image inference there, as a full window's crop gives
+    exact = tilerseg.segment(img, model, tile=208, halo=72, valid=valid, device="cpu").compute()  # the full halo
+    assert np.abs(exact[0][valid] - reference(model, img, halo=72, stride=8)[0][valid]).max() <= 1e-4
     assert (labels[~valid] == 255).all() and set(np.unique(labels[valid])) <= {0, 1}
 
 
