@@ -141,7 +141,7 @@ def test_crop_dataset_is_reproducible_and_finds_foreground(discs):
         s.close()
 
 
-@pytest.mark.parametrize("preset", ["light", "medium", "heavy"])
+@pytest.mark.parametrize("preset", ["light", "elastic", "medium", "heavy"])
 def test_augment_keeps_image_and_mask_aligned(preset):
     from tilerseg.train.augment import build_augment
 
@@ -149,17 +149,20 @@ def test_augment_keeps_image_and_mask_aligned(preset):
     lab = np.zeros((64, 64), np.uint8)
     lab[10:30, 5:50] = 1
     lab[40:60, 20:35] = 1
-    img = np.repeat((0.2 + 0.6 * lab)[..., None], 4, axis=2).astype(np.float32)
+    bands = 3 if preset == "elastic" else 4  # albumentations deforms grey or RGB only
+    img = np.repeat((0.2 + 0.6 * lab)[..., None], bands, axis=2).astype(np.float32)
     t = build_augment(preset, 64)
     for seed in range(10):
         t.set_random_seed(seed)
         out = t(image=img, mask=lab)
         im, m = out["image"], out["mask"]
-        assert im.shape == (64, 64, 4) and im.dtype == np.float32 and m.shape == (64, 64)
+        assert im.shape == (64, 64, bands) and im.dtype == np.float32 and m.shape == (64, 64)
         # wherever the mask says object the image is brighter (dropout holes aside)
         obj, bg = im[..., 0][m == 1], im[..., 0][m == 0]
         assert np.median(obj) > np.median(bg) + 0.2
         assert set(np.unique(m)) <= {0, 1}
+        if preset == "elastic":  # moved together: the deformed mask is the deformed image's bright part
+            assert ((im[..., 0] > 0.5) == (m == 1)).mean() > 0.97
 
 
 def test_metrics_from_confusion():

@@ -349,7 +349,8 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
         logger = _Log(run_dir, history)
         ds = CropDataset(train_src, crop=cfg.crop, length=steps * cfg.batch_size * cfg.accumulate, seed=cfg.seed,
                          scale=norm.scale, mean=norm.mean, std=norm.std,
-                         augment=build_augment(cfg.augment, cfg.crop[-1] if isinstance(cfg.crop, list) else cfg.crop),
+                         augment=build_augment(cfg.augment, cfg.crop[-1] if isinstance(cfg.crop, list) else cfg.crop,
+                                               bands=spec.in_channels),
                          foreground=cfg.foreground,
                          weight_map=_weight_fn(cfg) if cfg.loss == "unet_weighted" else None)
         loss_fn = make_loss(cfg.loss, **dict(cfg.loss_args))
