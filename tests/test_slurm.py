@@ -164,10 +164,11 @@ def test_a_worker_job_at_its_walltime_is_replaced(tmp_path, slurm, tiny_model_di
     smallest, one minute: slurmctld's own walltime path ends it (it checks
     limits about every 30 s). The job's processes are stopped (SIGSTOP) once
     its first block is written, so the run cannot finish before the limit
-    however fast this machine is: a 4096² input took 52 s on one core of a
-    Xeon with AMX, and its job was cancelled at the run's end, not timed out."""
+    however fast this machine is (a 4096² input took 52 s on one core of a
+    Xeon with AMX, and its job was cancelled at the run's end, not timed
+    out); 2048² then suffices."""
     src = tmp_path / "big.tif"
-    textured_tiff(src, (3072, 3072), seed=3, periods=(29.0, 43.0), noise=25)
+    textured_tiff(src, (2048, 2048), seed=3, periods=(29.0, 43.0), noise=25)
     local = tmp_path / "local" / "mask.zarr"
     out = tmp_path / "out" / "mask.zarr"
     local.parent.mkdir()
