@@ -228,10 +228,13 @@ def start(root: str, lock_timeout: float = 900) -> Slurm:
     :class:`Unavailable` with the reason where it cannot."""
     if os.name != "posix" or os.geteuid() != 0:
         raise Unavailable("a test SLURM needs root (to run slurmd and munged)")
+    t0 = time.monotonic()
+    phases = []
     if not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
         if not shutil.which("apt-get"):
             raise Unavailable("SLURM is not installed and there is no apt-get to install it")
         _install()
+    phases.append(f"install {time.monotonic() - t0:.1f} s")
     lock = open(LOCK, "w")
     end = time.monotonic() + lock_timeout
     while True:
@@ -243,6 +246,7 @@ def start(root: str, lock_timeout: float = 900) -> Slurm:
                 lock.close()
                 raise Unavailable(f"another test process held {LOCK} for {lock_timeout:.0f} s") from None
             time.sleep(1)
+    phases.append(f"lock {time.monotonic() - t0:.1f} s")
     cluster = Slurm(root=root, conf="", lock=lock)
     try:
         _ports_free()
@@ -260,6 +264,9 @@ def start(root: str, lock_timeout: float = 900) -> Slurm:
             if time.monotonic() > end:
                 raise Unavailable(f"the node did not come up: {cluster.cmd('sinfo', check=False)}")
             time.sleep(0.5)
+        phases.append(f"node up {time.monotonic() - t0:.1f} s")
+        with open(os.path.join(root, "startup.txt"), "w") as f:  # where a slow start went (cumulative)
+            f.write(", ".join(phases) + "\n")
     except BaseException:
         cluster.stop()
         raise
