@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import MERGE_MODES
 from .errors import TileError
-from .geometry import PAD_MODES, Grid, Region, block_layout
+from .geometry import PAD_MODES, Grid, Region, block_layout, snap_boxes
 from .plan import WAVE_BLOCKS, Blocks, Plan
 from .io.base import LABEL_NODATA, Reader, read_padded
 from .io.marks import ChunkMarks
@@ -78,7 +78,7 @@ def _read_windows(reader: Reader, grid: Grid, region: Region, tiles: TileSpec, a
     when any of it is valid. Returns ``(data, valid, windows)``, each
     window ``(y, x, box)``: its offset in ``data`` and ``box = (y0, y1,
     x0, x1)`` of its crop to compute (``None``: the whole window)."""
-    c, h, s = grid.crop, grid.halo, grid.stride
+    c, h = grid.crop, grid.halo
     wy0, wx0 = region.windows[0]
     run = [w for w in region.windows if active is None or active[w][1] > active[w][0]]
     if not run:
@@ -97,8 +97,8 @@ def _read_windows(reader: Reader, grid: Grid, region: Region, tiles: TileSpec, a
             rows, cols = np.flatnonzero(v.any(1)), np.flatnonzero(v.any(0))
             if not rows.size:
                 continue
-            y0, y1 = y0 + rows[0] // s * s, min(y1, y0 + -(-(rows[-1] + 1) // s) * s)
-            x0, x1 = x0 + cols[0] // s * s, min(x1, x0 + -(-(cols[-1] + 1) // s) * s)
+            y0, y1, x0, x1 = (int(v) for v in snap_boxes(np.array([y0 + rows[0], y0 + rows[-1] + 1, x0 + cols[0],
+                                                                    x0 + cols[-1] + 1]), c, grid.stride))
         windows.append((y, x, None if (y0, y1, x0, x1) == (0, c, 0, c) else (y0, y1, x0, x1)))
     return data, valid, windows
 
@@ -114,9 +114,8 @@ def _run_windows(predictor, data: np.ndarray, windows, tile: int, halo: int, bat
     for (th, tw), group in shapes.items():
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            probs = predictor(np.stack([data[y + (b[0] if b else 0):y + (b[0] if b else 0) + th,
-                                             x + (b[2] if b else 0):x + (b[2] if b else 0) + tw]
-                                        for y, x, b in batch]))
+            corners = [(y + b[0], x + b[2]) if b else (y, x) for y, x, b in batch]
+            probs = predictor(np.stack([data[y:y + th, x:x + tw] for y, x in corners]))
             if probs.shape[1] != classes:
                 raise TileError(f"the model gives {probs.shape[1]} classes, {classes} were expected")
             for (y, x, b), p in zip(batch, probs):

@@ -242,3 +242,17 @@ def as_triple(v, name: str) -> tuple[int, int, int]:
     if len(t) != 3:
         raise TileError(f"{name} for a volume is one number or three (z,y,x), got {v!r}")
     return t  # type: ignore[return-value]
+
+
+def snap_boxes(box: np.ndarray, crop: int, stride: int) -> np.ndarray:
+    """Boxes ``(..., 4)``: ``y0, y1, x0, x1`` within a window's crop, grown
+    outward to the model's stride (a window must start on the stride grid
+    and span a multiple of it to equal whole-image inference), within the
+    crop; an empty box becomes all zero."""
+    box = np.asarray(box)
+    out = box.copy()
+    out[..., 0::2] = box[..., 0::2] // stride * stride
+    out[..., 1::2] = np.minimum(-(-box[..., 1::2] // stride) * stride, crop)
+    empty = (box[..., 1] <= box[..., 0]) | (box[..., 3] <= box[..., 2])
+    out[empty] = 0
+    return out

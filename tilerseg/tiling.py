@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
-
-import numpy as np
 import os
 from dataclasses import dataclass
+
+import numpy as np
 
 from .config import DEFAULT_BATCH, MERGE_MODES, TilingOptions
 from .engine import TileSpec

@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from .errors import InputError
+from .geometry import snap_boxes
 
 log = logging.getLogger(__name__)
 SIDE = 1024  # least thumbnail side; larger when windows are small against the image (see thumbnail_side)
@@ -82,21 +83,9 @@ def from_file(path: str) -> np.ndarray:
 def window_has_tissue(mask: np.ndarray, shape: tuple[int, int], crop: int, n_windows: tuple[int, int]) -> np.ndarray:
     """``(ny, nx)`` booleans: does window ``(wy, wx)``'s output area (``crop``
     px on the image grid of ``shape``) touch tissue in ``mask`` (any size,
-    same extent)? Counted with a summed-area table, so it is exact and fast."""
-    return _touching(_summed(mask), mask.shape, shape, crop, n_windows)
-
-
-def _summed(mask: np.ndarray) -> np.ndarray:
-    h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask, 0), 1)
-    return sat
-
-
-def _touching(sat: np.ndarray, mshape, shape, crop: int, n_windows) -> np.ndarray:
-    r0, r1, c0, c1 = _bands(mshape, shape, crop, n_windows)
-    count = sat[r1][:, c1] - sat[r0][:, c1] - sat[r1][:, c0] + sat[r0][:, c0]
-    return count > 0
+    same extent)? Its box (:func:`window_boxes`) is not empty."""
+    box = window_boxes(mask, shape, crop, n_windows)
+    return box[..., 1] > box[..., 0]
 
 
 def window_boxes(mask: np.ndarray, shape: tuple[int, int], crop: int, n_windows: tuple[int, int]) -> np.ndarray:
@@ -153,18 +142,6 @@ def _first_last(occ: np.ndarray, a: np.ndarray, b: np.ndarray):
     none = first >= b[:, None]
     first[none], last[none] = 0, 0
     return first, last
-
-
-def snap_boxes(box: np.ndarray, crop: int, stride: int) -> np.ndarray:
-    """Boxes grown outward to the model's stride (a window must start on
-    the stride grid and span a multiple of it to equal whole-image
-    inference), within the crop."""
-    out = box.copy()
-    out[..., 0::2] = box[..., 0::2] // stride * stride
-    out[..., 1::2] = np.minimum(-(-box[..., 1::2] // stride) * stride, crop)
-    empty = (box[..., 1] <= box[..., 0]) | (box[..., 3] <= box[..., 2])
-    out[empty] = 0
-    return out
 
 
 def _bands(mshape, shape, crop: int, n_windows):
