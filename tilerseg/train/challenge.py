@@ -9,9 +9,13 @@ membrane in ``pipelines/em-membranes.yaml``) is the boundary, and the objects
 are the 4-connected components of class 1 (the cell interiors), in the truth
 and in the thresholded prediction alike. The Rand error and the variation of
 information are restricted to the truth's objects (membrane pixels of the
-truth are not counted; the prediction's membrane pixels are one more
-segment), as in Arganda-Carreras et al., "Crowdsourcing the creation of
-image segmentation algorithms for connectomics", Front. Neuroanat. 9 (2015).
+truth are not counted; each membrane pixel of the prediction is a segment
+of its own), as in Arganda-Carreras et al., "Crowdsourcing the creation of
+image segmentation algorithms for connectomics", Front. Neuroanat. 9 (2015),
+and the Fiji code that scored the challenge (``RandError`` and
+``VariationOfInformation`` of Trainable Segmentation, ``foregroundRestricted
+StatsN2`` / ``foregroundRestrictedVI``: the prediction's zero component is
+"pruned" into singletons, ``sum(p_i0)/n`` added back).
 The warping error warps the truth's membranes toward the prediction's.
 
 These need the whole image (objects span blocks), so :mod:`.evaluate` only
@@ -39,13 +43,20 @@ def rand_and_vi(truth: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = N
 
     ``skimage.metrics.adapted_rand_error`` and ``variation_of_information``
     on the objects' labels, ignoring the truth's boundary (label 0) and the
-    pixels outside ``keep``. ``vi_split`` is H(prediction | truth) (objects
-    cut in pieces), ``vi_merge`` H(truth | prediction) (objects fused)."""
+    pixels outside ``keep``; each boundary pixel of the prediction on the
+    truth's objects is a segment of its own, as the challenge's Fiji code
+    counts it (the same up to skimage's pairs without repetition, n(n-1)
+    where Fiji's normalisation is n^2). So a membrane drawn wider than the
+    truth's costs its pixels, not a merger of every cell it touches.
+    ``vi_split`` is H(prediction | truth) (objects cut in pieces),
+    ``vi_merge`` H(truth | prediction) (objects fused)."""
     from skimage.metrics import adapted_rand_error, variation_of_information
 
-    t, p = objects(truth), objects(pred)
+    t, p = objects(truth), objects(pred).astype(np.int64)
     if keep is not None:
         t = np.where(keep, t, 0)
+    alone = (p == 0) & (t > 0)
+    p[alone] = p.max() + 1 + np.arange(int(alone.sum()))
     if not t.any():
         return {"adapted_rand_error": float("nan"), "rand_precision": float("nan"),
                 "rand_recall": float("nan"), "vi_split": float("nan"), "vi_merge": float("nan")}
