@@ -2,7 +2,7 @@
 
 Computes the probabilities of IMAGES once (the checkpoint's tiling, TTA and
 threshold, as ``tilerseg eval``), then scores every combination of marker
-threshold, h-depth and minimum area with the challenge's adapted Rand error
+threshold, h-depth, join threshold (``--join-below``; ``off``) and minimum area with the challenge's adapted Rand error
 (fast), and the best few also with the warping error. Run it on the
 validation slices only (20-24 for pipelines/em-membranes.yaml), never on
 held-out ones:
@@ -32,28 +32,31 @@ def main() -> None:
     ap.add_argument("--markers", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.98])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5, 1.5, 3.0])
     ap.add_argument("--min-areas", type=int, nargs="+", default=[0, 20, 60])
+    ap.add_argument("--joins", nargs="+", default=["off", "0.2", "0.3"], help="--join-below values, or off")
     ap.add_argument("--top", type=int, default=4, help="combinations also scored by warping error")
     a = ap.parse_args()
     ev, th = evaluate(a.weights, a.images, a.masks, sweep=True, keep=True)
     canvases = [(s.name, s.canvas) for s in ev.images]
     print(f"threshold {th:g}; {len(canvases)} image(s): {', '.join(n for n, _ in canvases)}")
     results = []
-    for t, m, d, area in itertools.product(a.thresholds or [th], a.markers, a.depths, a.min_areas):
-        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m)
+    joins = [None if j == "off" else float(j) for j in a.joins]
+    for t, m, d, j, area in itertools.product(a.thresholds or [th], a.markers, a.depths, joins, a.min_areas):
+        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m, join=j)
         cells = [label_array(c.prob[None], opts) > 0 for _, c in canvases]
         rand = np.mean([rand_and_vi(c.truth == 1, on, keep=c.truth != IGNORE)["adapted_rand_error"]
                         for (_, c), on in zip(canvases, cells)])
         cm = sum(confusion(c.truth, on.astype(np.uint8), 2) for (_, c), on in zip(canvases, cells))
-        results.append((rand, scores(cm)["pixel_error"], t, m, d, area))
-        print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} min_area {area:<4d} Rand {rand:.4f} pixel error {results[-1][1]:.4f}",
-              flush=True)
+        results.append((rand, scores(cm)["pixel_error"], t, m, d, j or 0, area))
+        print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} join {j or 'off':<4} min_area {area:<4d} Rand {rand:.4f} "
+              f"pixel error {results[-1][1]:.4f}", flush=True)
     print("\nbest by Rand error, with the warping error:")
-    for rand, pe, t, m, d, area in sorted(results)[:a.top]:
+    for rand, pe, t, m, d, j, area in sorted(results)[:a.top]:
         t0 = time.perf_counter()
-        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m)
+        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m, join=j or None)
         s = [segmentation_scores(c.truth == 1, label_array(c.prob[None], opts) > 0, c.prob, t,
                                  keep=c.truth != IGNORE) for _, c in canvases]
-        print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} min_area {area:<4d} Rand {rand:.4f} pixel error {pe:.4f} warping "
+        print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} join {j or 'off':<4} min_area {area:<4d} Rand {rand:.4f} "
+              f"pixel error {pe:.4f} warping "
               f"{np.mean([x['warping_error'] for x in s]):.6f} splits {sum(x['splits'] for x in s)} mergers "
               f"{sum(x['mergers'] for x in s)} ({time.perf_counter() - t0:.0f} s)", flush=True)
 

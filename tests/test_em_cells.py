@@ -71,6 +71,26 @@ def test_markers_watershed_close_the_gap_and_drop_the_speck():
     assert distance.max() == 4 and objects(distance > 0).max() == 3
 
 
+def test_join_below_joins_a_cell_cut_by_a_dim_band_and_nothing_else():
+    """A band of P 0.75 across the lower left cell (above the threshold,
+    below the markers) cuts its sure interior in two, so the markers make
+    two objects of it; their shared boundary has a mean membrane
+    probability of 0.25, the gap's 0.425, the membranes' 0.95."""
+    p = membrane_map()
+    p[0, 30:33, :29] = 0.75
+    split = label_array(p, OPTS)
+    assert split.max() == 5  # the band's cell is two objects
+    joined = label_array(p, InstanceOptions(threshold=0.5, markers=0.9, min_area=10, join=0.3))
+    assert joined.max() == 4 and objects(joined > 0).max() == 4
+    outside = np.ones((H, W), bool)
+    outside[GAP_ROWS, GAP_COLS] = False
+    assert np.array_equal((joined > 0)[outside], expected()[outside])  # the band's parting line is gone
+    assert np.array_equal(label_array(p, InstanceOptions(threshold=0.5, markers=0.9, min_area=10, join=0.3),
+                                      chunk=8), joined)
+    # above the gap's 0.425, the two top cells are one: the threshold is what decides
+    assert label_array(p, InstanceOptions(threshold=0.5, markers=0.9, min_area=10, join=0.5)).max() == 3
+
+
 def test_the_scores_of_the_objects_are_the_challenges_of_their_map():
     """``decided`` turns the objects into a map whose threshold is exactly
     them, and the closed gap is worth a merger less than the threshold."""
@@ -158,3 +178,15 @@ def test_bad_post_process_options_are_one_line(tiny_em):
     assert r.returncode != 0 and "--marker-threshold 1.5" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("eval", "--weights", ckpt, str(root / "image"), str(root / "label"), "--min-area", "5")
     assert r.returncode != 0 and "add --instances" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"join_below": 0.3}, "--join-below joins a membrane map's cells: give --marker-threshold too"),
+    ({"join_below": float("nan"), "marker_threshold": 0.9}, "--join-below nan: give a probability"),
+])
+def test_join_below_is_refused_in_one_line_where_it_means_nothing(options, message):
+    from tilerseg.config import RunConfig
+    from tilerseg.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        RunConfig.from_options(instances=True, **options)

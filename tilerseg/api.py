@@ -417,7 +417,8 @@ def instance_options(o, info: ModelInfo, threshold: float):
                          "(0 is background)")
     threshold = threshold if o.object_threshold is None else o.object_threshold
     return InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
-                           min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold)
+                           min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold,
+                           join=o.join_below)
 
 
 def _window_map(i, input, meta: ImageMeta):

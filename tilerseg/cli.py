@@ -266,11 +266,12 @@ def cmd_eval(a) -> int:
     post = None
     if a.instances:
         post = RunConfig.from_options(instances=True, split_depth=a.split_depth, min_area=a.min_area,
-                                      marker_threshold=a.marker_threshold,
+                                      marker_threshold=a.marker_threshold, join_below=a.join_below,
                                       object_threshold=a.object_threshold).output
-    elif any(v is not None for v in (a.split_depth, a.min_area, a.marker_threshold, a.object_threshold)):
-        raise InputError("--marker-threshold, --object-threshold, --split-depth and --min-area shape --instances: "
-                         "add --instances")
+    elif any(v is not None for v in (a.split_depth, a.min_area, a.marker_threshold, a.object_threshold,
+                                     a.join_below)):
+        raise InputError("--marker-threshold, --object-threshold, --join-below, --split-depth and --min-area shape "
+                         "--instances: add --instances")
     ev, th = evaluate(a.weights, a.images, a.masks, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
                       merge=a.merge, tta=a.tta, threshold=a.threshold, sweep=a.sweep_threshold, level=a.level,
                       mpp=a.mpp, bands=a.bands, device=a.device, workers=a.workers, mask_values=a.mask_values,

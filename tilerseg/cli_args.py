@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--marker-threshold", type=float, help="--instances on a membrane map (EM): markers where "
                    "P(cell) is at least this, a watershed on the membrane probability closes gaps, objects parted "
                    "by one pixel of background (default: off, the distance split)")
+    o.add_argument("--join-below", type=float, help="--instances with --marker-threshold: join neighbouring "
+                   "cells whose shared boundary has a mean membrane probability under this, weakest first "
+                   "(default: off)")
     o.add_argument("--object-threshold", type=float, help="--instances: the objects' foreground threshold, "
                    "when it should differ from the mask's --threshold (e.g. lower, for thin parting lines)")
     o.add_argument("--boundary-class", type=int, help="--instances: the class that marks boundaries in a "
@@ -263,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "makes (their boundaries as class 0), beside the plain threshold (two classes, 2-D)")
     v.add_argument("--marker-threshold", type=float, help="--instances: as for run")
     v.add_argument("--split-depth", type=float, help="--instances: as for run")
+    v.add_argument("--join-below", type=float, help="--instances: as for run")
     v.add_argument("--object-threshold", type=float, help="--instances: as for run")
     v.add_argument("--min-area", type=int, help="--instances: as for run")
     v.add_argument("--json", action="store_true", help='print one JSON object {"images": [...], "overall": {...}}; two-class 2-D images also get the ISBI challenge scores (adapted_rand_error, vi_split, vi_merge, warping_error, splits, mergers)')

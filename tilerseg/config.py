@@ -98,6 +98,7 @@ class OutputOptions:
     boundary_class: int | None = None  # a class that marks boundaries (default: one named boundary/contour)
     marker_threshold: float | None = None  # a membrane map's cells: markers where P >= this, watershed on 1 - P
     object_threshold: float | None = None  # the objects' foreground threshold (default: the threshold's)
+    join_below: float | None = None  # a membrane map's cells: join neighbours whose boundary's mean 1 - P is under this
 
     @property
     def probability_dtype(self) -> str:
@@ -245,7 +246,9 @@ class RunConfig:
             raise InputError("--instances labels objects on the grid the model ran at; drop --output-level")
         if not 0 < o.split_depth < 1e6 or o.min_area < 0:
             raise InputError("--split-depth must be above 0 and --min-area 0 or more")
-        for flag in ("marker_threshold", "object_threshold"):
+        if o.join_below is not None and o.marker_threshold is None:
+            raise InputError("--join-below joins a membrane map's cells: give --marker-threshold too")
+        for flag in ("marker_threshold", "object_threshold", "join_below"):
             v = getattr(o, flag)
             if v is not None and not 0 < v <= 1:  # NaN fails too
                 raise InputError(f"--{flag.replace('_', '-')} {v}: give a probability above 0, at most 1")
