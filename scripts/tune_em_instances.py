@@ -46,13 +46,13 @@ def main() -> None:
         rand = np.mean([rand_and_vi(c.truth == 1, on, keep=c.truth != IGNORE)["adapted_rand_error"]
                         for (_, c), on in zip(canvases, cells)])
         cm = sum(confusion(c.truth, on.astype(np.uint8), 2) for (_, c), on in zip(canvases, cells))
-        results.append((rand, scores(cm)["pixel_error"], t, m, d, j or 0, area))
+        results.append((rand, scores(cm)["pixel_error"], t, m, d, j, area))
         print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} join {j or 'off':<4} min_area {area:<4d} Rand {rand:.4f} "
               f"pixel error {results[-1][1]:.4f}", flush=True)
     print("\nbest by Rand error, with the warping error:")
-    for rand, pe, t, m, d, j, area in sorted(results)[:a.top]:
+    for rand, pe, t, m, d, j, area in sorted(results, key=lambda r: r[:2])[:a.top]:  # j may be None
         t0 = time.perf_counter()
-        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m, join=j or None)
+        opts = InstanceOptions(threshold=t, depth=d, min_area=area, markers=m, join=j)
         s = [segmentation_scores(c.truth == 1, label_array(c.prob[None], opts) > 0, c.prob, t,
                                  keep=c.truth != IGNORE) for _, c in canvases]
         print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} join {j or 'off':<4} min_area {area:<4d} Rand {rand:.4f} "

@@ -198,10 +198,10 @@ def _joined(labels: np.ndarray, prob: np.ndarray, below: float) -> np.ndarray:
     import heapq
 
     m = 1.0 - np.clip(prob.astype(np.float64), 0.0, 1.0)
+    right, down = _contacts(labels)
     a, b, w = [], [], []
-    for la, lb, ma, mb in ((labels[:, :-1], labels[:, 1:], m[:, :-1], m[:, 1:]),
-                           (labels[:-1], labels[1:], m[:-1], m[1:])):
-        edge = (la > 0) & (lb > 0) & (la != lb)
+    for edge, la, lb, ma, mb in ((right, labels[:, :-1], labels[:, 1:], m[:, :-1], m[:, 1:]),
+                                 (down, labels[:-1], labels[1:], m[:-1], m[1:])):
         a.append(np.minimum(la[edge], lb[edge]))
         b.append(np.maximum(la[edge], lb[edge]))
         w.append((ma[edge] + mb[edge]) / 2)
@@ -261,11 +261,19 @@ def _parted(labels: np.ndarray) -> np.ndarray:
     cleared (so no two objects are 4-neighbours, and each keeps all its
     pixels but the line)."""
     out = labels.copy()
-    right = (labels[:, :-1] > 0) & (labels[:, 1:] > 0) & (labels[:, :-1] != labels[:, 1:])
-    down = (labels[:-1] > 0) & (labels[1:] > 0) & (labels[:-1] != labels[1:])
+    right, down = _contacts(labels)
     out[:, :-1][right] = 0
     out[:-1][down] = 0
     return out
+
+
+def _contacts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where two objects touch: ``right[y, x]``, pixel (y, x) and its right
+    neighbour belong to different objects; ``down[y, x]``, it and the pixel
+    below."""
+    right = (labels[:, :-1] > 0) & (labels[:, 1:] > 0) & (labels[:, :-1] != labels[:, 1:])
+    down = (labels[:-1] > 0) & (labels[1:] > 0) & (labels[:-1] != labels[1:])
+    return right, down
 
 
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
