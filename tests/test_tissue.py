@@ -140,17 +140,19 @@ def test_auto_tile_weighs_the_windows_that_run():
     wmap = WindowMap(shape, tissue=lambda side: discs)
     budget, per_px = 4 * 2 ** 30, 150.0
     (plain, _), _, _ = auto_tile(halo, stride, shape, per_px, budget, None)
-    (tile, _), batch, note = auto_tile(halo, stride, shape, per_px, budget, None, runs=wmap.runs)
+    (tile, _), batch, note = auto_tile(halo, stride, shape, per_px, budget, None, skip=wmap)
     side = int(math.sqrt(budget / per_px))
     crops = range(stride, (side - 2 * halo) // stride * stride + 1, stride)
     best = min(trimmed_work(wmap.runs(c, stride), halo) for c in crops)
     assert trimmed_work(wmap.runs(tile - 2 * halo, stride), halo) == best
+    # the bound auto_tile skips crops by never exceeds a crop's work (else it could skip the best)
+    assert all(wmap.covered() * (1 + 2 * halo / c) ** 2 <= trimmed_work(wmap.runs(c, stride), halo) for c in crops)
     assert "of windows run" in note and f"less work than tile {plain}" in note
     full = math.prod(math.ceil(n / (plain - 2 * halo)) for n in shape)
     assert work(full, plain) / best > 2.0  # what skipping and trimming buy on this slide
     # deterministic: the same map gives the same choice (what --resume checks)
     again = WindowMap(shape, tissue=lambda side: discs)
-    assert auto_tile(halo, stride, shape, per_px, budget, None, runs=again.runs)[0] == (tile, tile)
+    assert auto_tile(halo, stride, shape, per_px, budget, None, skip=again)[0] == (tile, tile)
 
 
 def test_nodata_collar_counts_as_skipped_in_the_tile_choice():

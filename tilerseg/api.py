@@ -223,10 +223,10 @@ def _name(info: ModelInfo) -> str:
 
 
 def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, scheduler=None, stacklevel: int = 4,
-                  runs=None):
+                  skip=None):
     """The run's tiling (see :func:`tilerseg.tiling.resolve`), said once;
     sized for the workers of a distributed ``scheduler`` where there is one,
-    and for the windows that will run (``runs``: crop -> count, from a
+    and for the windows that will run (``skip``: a
     :class:`~tilerseg.tissue.WindowMap`)."""
     from .cluster import worker_memory
     from .models import global_context
@@ -235,7 +235,7 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sch
     parts = global_context(predictor.model)
     tiling = resolve(opts, model=predictor.model, info=info, stride=predictor.stride, dims=len(shape),
                      bands=info.spec.in_channels, shape=shape, global_parts=parts,
-                     worker_memory=worker_memory(scheduler), runs=runs)
+                     worker_memory=worker_memory(scheduler), skip=skip)
     if parts:
         warnings.warn(f"{_name(info)} has global context ({', '.join(parts[:4])}): tiled "
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
@@ -253,7 +253,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
-                           runs=wmap.runs if wmap.may_skip else None)
+                           skip=wmap if wmap.may_skip else None)
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)

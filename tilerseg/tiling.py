@@ -96,7 +96,7 @@ def _up(v: int, step: int) -> int:
 
 
 def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: int, shape,
-            global_parts: list[str] = (), worker_memory: int | None = None, runs=None) -> Tiling:
+            global_parts: list[str] = (), worker_memory: int | None = None, skip=None) -> Tiling:
     """Tile, halo, merge and batch for ``model`` on an image of ``shape``.
 
     ``info`` is the model's :class:`~tilerseg.models.ModelInfo` (its
@@ -104,8 +104,9 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
     model's modules with global context (none: the model is local);
     ``worker_memory``: the memory of the processes that will run the
     batches, where that is not this one (dask workers; see
-    :func:`memory_budget`); ``runs`` (crop -> windows that will run: off
-    glass and nodata) lets ``--tile auto`` weigh the windows it skips."""
+    :func:`memory_budget`); ``skip`` (a :class:`~tilerseg.tissue.WindowMap`:
+    the windows that will run, off glass and nodata) lets ``--tile auto``
+    weigh the windows it skips."""
     why = []
     if opts.batch_size is not None and opts.batch_size != 1 and dims == 3:
         raise InputError(f"--batch-size {opts.batch_size}: volumes run one window per forward pass (a 3-D window "
@@ -154,7 +155,7 @@ def resolve(opts: TilingOptions, *, model, info, stride: int, dims: int, bands: 
     elif dims == 2 and not global_parts:
         budget, bnote = memory_budget(model, opts.memory_budget, worker_memory)
         tile, batch, tnote = auto_tile(halo[0], stride, shape, activation_bytes(model, bands, stride), budget,
-                                       opts.batch_size, runs=runs)
+                                       opts.batch_size, skip=skip)
         tnote += f"; budget {bnote}"
     else:
         tile, tnote = _default_tile(halo, stride, shape, dims), "sized to the halo and the image"
@@ -261,7 +262,7 @@ def _gib(n: float) -> str:
 
 
 def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
-              batch: int | None, runs=None) -> tuple[tuple[int, int], int, str]:
+              batch: int | None, skip=None) -> tuple[tuple[int, int], int, str]:
     """``--tile auto``: the window, the batch size and why.
 
     Each window computes ``(crop + 2 halo)^2`` pixels for ``crop^2`` kept
@@ -269,12 +270,15 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
     input pixels per output pixel at 512 px, 1.31 at 1024. The largest
     window is the one whose batch fits ``budget`` (``batch`` windows when
     given, else one); among the crops up to it, on the stride grid, the one
-    whose windows cost least over this image wins (:func:`work`). ``runs``
-    (crop, stride -> the computed area of each window that will run, see
-    :meth:`tilerseg.tissue.WindowMap.runs`) counts only the windows that
+    whose windows cost least over this image wins (:func:`work`). ``skip``
+    (a :class:`tilerseg.tissue.WindowMap`: its ``runs(crop, stride)``, the
+    computed area of each window that will run) counts only the windows that
     are not skipped (tissue, nodata), each trimmed to what it computes: on
     a slide that is mostly glass, smaller windows skip more of it, and the
-    choice weighs that against their larger share of context. The batch is then as many such windows as the
+    choice weighs that against their larger share of context. Crops whose
+    least possible work (``skip.covered()`` grown by the halo's share at
+    that crop) exceeds the best work found are not counted: the choice is
+    the same, found in a fraction of the time. The batch is then as many such windows as the
     budget holds, up to :data:`DEFAULT_BATCH` and the windows that run.
 
     A budget that holds no window whose crop is at least the halo (more
@@ -285,9 +289,25 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
         return math.prod(math.ceil(n / c) for n in shape)
 
     def cost(c: int) -> float:
-        if not runs:
+        if not skip:
             return work(windows(c), c + 2 * halo)
-        return trimmed_work(runs(c, stride), halo)
+        return trimmed_work(skip.runs(c, stride), halo)
+
+    def bound(c: int) -> float:
+        """No less than cost(c): a trimmed box b <= c px a side computes at
+        least (1 + 2 halo / c)^2 times its b^2 px, and the boxes together
+        hold at least what the map covers."""
+        return skip.covered() * (1 + 2 * halo / c) ** 2 if skip else cost(c)
+
+    def cheapest(crops) -> int:
+        """min(crops, key=(cost, -c)), counting crops in order of bound."""
+        best, key = None, None
+        for c in sorted(crops, key=lambda c: (bound(c), -c)):
+            if key is not None and bound(c) > key[0] * (1 + 1e-9):
+                break
+            if key is None or (cost(c), -c) < key:
+                best, key = c, (cost(c), -c)
+        return best
 
     per_window = budget / (batch or 1) / per_pixel
     side = min(MAX_AUTO_TILE, int(math.sqrt(per_window)))
@@ -295,8 +315,8 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
     top = min(max((MAX_AUTO_TILE - 2 * halo) // stride * stride, stride), max(covers))
     cmax = min(max(stride, (side - 2 * halo) // stride * stride), top)
     candidates = range(stride, cmax + 1, stride)
-    best = min(candidates, key=lambda c: (cost(c), -c))
-    free = min(range(stride, top + 1, stride), key=lambda c: (cost(c), -c))  # as if memory were no limit
+    best = cheapest(candidates)
+    free = cheapest(range(stride, top + 1, stride))  # as if memory were no limit
     least = min(_up(max(halo, 1), stride), top)
     if cmax < least or cost(best) > WORST_WORK * cost(free):
         c = least
@@ -309,13 +329,13 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
                         f"{_gib_up(need)} or more (a {c + 2 * halo}-px window), or --tile and --halo")
     tile = best + 2 * halo
     fits = int(budget // (tile * tile * per_pixel))
-    n_run = len(runs(best, stride)) if runs else windows(best)
+    n_run = len(skip.runs(best, stride)) if skip else windows(best)
     if batch is None:
         batch = max(1, min(DEFAULT_BATCH, fits, n_run))
     over = "" if fits >= batch else f", over the budget: no smaller window holds the halo {halo}"
     note = (f"auto: {windows(best)} window(s) of {tile} px in batches of {batch}, about "
             f"{_gib(batch * tile * tile * per_pixel)} of activations{over}")
-    if runs and cost(best) < work(windows(best), tile):
+    if skip and cost(best) < work(windows(best), tile):
         plain = min(candidates, key=lambda c: (work(windows(c), c + 2 * halo), -c))  # the choice without skipping
         share = (cost(best) - n_run * WINDOW_FIXED_PX) / max(1, n_run * tile * tile)
         note += (f"; skipping: {n_run / windows(best):.0%} of windows run, trimmed to {share:.0%} of their "

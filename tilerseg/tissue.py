@@ -201,22 +201,37 @@ class WindowMap:
             self._masks[kind, side] = m
         return self._masks[kind, side]
 
+    def _where(self):
+        """The map of where windows run (tissue and valid), as
+        :class:`Boxes`, and its true share; ``None, 1.0`` without one."""
+        side = self.side(MAP_CROP)  # one map for every candidate: each side is another detection
+        if ("boxes", side) not in self._masks:
+            masks = [m for m in (self._mask("tissue", side), self._mask("valid", side)) if m is not None]
+            if not masks:
+                self._masks["boxes", side] = None, 1.0
+            else:
+                both = masks[0] if len(masks) == 1 else _fit(masks[0], masks[1].shape) & masks[1]
+                self._masks["boxes", side] = Boxes(both), float(both.mean())
+        return self._masks["boxes", side]
+
+    def covered(self) -> float:
+        """Image pixels that the windows' boxes hold together, at least,
+        for any crop: the map's true pixels, each the image area it stands
+        for (a box holds every mask pixel it touches, whole)."""
+        return self._where()[1] * self.shape[0] * self.shape[1]
+
     def runs(self, crop: int, stride: int) -> np.ndarray:
         """``(n, 2)``: the computed output area (rows, columns) of each of
         the ``n`` windows of output side ``crop`` that will run, trimmed to
         the tissue and valid pixels in them on the stride grid."""
         if (crop, stride) not in self._runs:
             n = tuple(max(1, -(-s // crop)) for s in self.shape)
-            side = self.side(MAP_CROP)  # one map for every candidate: each side is another detection
-            masks = [m for m in (self._mask("tissue", side), self._mask("valid", side)) if m is not None]
-            if not masks:
+            where = self._where()[0]
+            if where is None:
                 box = np.zeros((*n, 4), np.int64)
                 box[..., 1::2] = crop
             else:
-                if ("boxes", side) not in self._masks:
-                    both = masks[0] if len(masks) == 1 else _fit(masks[0], masks[1].shape) & masks[1]
-                    self._masks["boxes", side] = Boxes(both)
-                box = self._masks["boxes", side](self.shape, crop, n)
+                box = where(self.shape, crop, n)
             box = snap_boxes(box, crop, stride).reshape(-1, 4)
             size = np.stack([box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]], -1)
             self._runs[crop, stride] = size[size.min(1) > 0]
