@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import threading
 
 import numpy as np
@@ -53,6 +54,8 @@ def pick_device(device: str = "auto") -> str:
 
 def _dask_worker():
     """The dask worker running this task, or None outside one."""
+    if "distributed" not in sys.modules:  # a worker's process has it; importing it here would cost 0.4 s
+        return None
     try:
         from distributed import get_worker
 
