@@ -33,8 +33,6 @@ def unet_weight_map(instances: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     where ``R`` is the distance beyond which the border term falls below
     ``eps`` (28 px for the defaults): pixels farther than ``R`` from their
     second object get a border term < ``eps``, counted as 0."""
-    from scipy import ndimage
-
     inst = np.asarray(instances)
     if inst.ndim != 2:
         raise ValueError(f"instances must be a 2-D label image, got shape {inst.shape}")
@@ -43,23 +41,34 @@ def unet_weight_map(instances: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     if class_weights is not None:
         wc = np.where(fg, class_weights[1], class_weights[0]).astype(np.float32)
     radius = sigma * math.sqrt(2 * math.log(max(w0, eps) / eps)) if w0 > 0 else 0.0
-    r = int(math.ceil(radius)) + 1
+    d1, d2 = nearest_two(inst, int(math.ceil(radius)) + 1)
+    border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))
+    border[fg | ~np.isfinite(border)] = 0
+    return (wc + border).astype(np.float32)
+
+
+def nearest_two(instances: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of a 2-D label image (0 = background), the Euclidean
+    distances to the nearest and the second-nearest object, each object's
+    distance transform taken within ``reach`` px of its box only (``inf``
+    beyond: an object farther than ``reach`` is not counted)."""
+    from scipy import ndimage
+
+    inst = np.asarray(instances)
     d1 = np.full(inst.shape, np.inf, np.float32)
     d2 = np.full(inst.shape, np.inf, np.float32)
     H, W = inst.shape
     for label, box in enumerate(ndimage.find_objects(inst.astype(np.int64)), start=1):
         if box is None:
             continue
-        win = (slice(max(0, box[0].start - r), min(H, box[0].stop + r)),
-               slice(max(0, box[1].start - r), min(W, box[1].stop + r)))
+        win = (slice(max(0, box[0].start - reach), min(H, box[0].stop + reach)),
+               slice(max(0, box[1].start - reach), min(W, box[1].stop + reach)))
         d = ndimage.distance_transform_edt(inst[win] != label).astype(np.float32)
         a, b = d1[win], d2[win]
         closer = d < a
         b[...] = np.where(closer, a, np.minimum(b, d))
         a[...] = np.where(closer, d, a)
-    border = w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma ** 2))
-    border[fg | ~np.isfinite(border)] = 0
-    return (wc + border).astype(np.float32)
+    return d1, d2
 
 
 def _torch():
