@@ -131,11 +131,12 @@ def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions, prob: np.nda
     if opts.markers is not None:
         return _cells(mask, prob, opts)
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    comp, _ = ndimage.label(mask)  # labelled once, for the markers and the flood order
     if opts.boundary_class is not None:  # a boundary class: the interior pieces are the markers
         markers, n = ndimage.label(mask & (cls != opts.boundary_class))
     else:
-        markers, n = ndimage.label(_h_maxima(mask, dist, opts.depth))
-    labels = _flood(mask, markers, n, _flood_order(mask, dist, opts.max_side))
+        markers, n = ndimage.label(_h_maxima(mask, dist, opts.depth, comp))
+    labels = _flood(mask, markers, n, _flood_order(mask, dist, opts.max_side, comp))
     return _small_removed(labels, opts.min_area)
 
 
@@ -174,8 +175,8 @@ def _cells(mask: np.ndarray, prob: np.ndarray, opts: InstanceOptions) -> np.ndar
         raise ValueError("split(..., opts with markers) needs prob, P(foreground)")
     sure = mask & (prob >= opts.markers)
     dist = ndimage.distance_transform_edt(np.pad(sure, 1))[1:-1, 1:-1]
-    peaks = _h_maxima(sure, dist, opts.depth) if sure.any() else sure
     pieces, _ = ndimage.label(sure)  # a sure piece without an h-maximum (one top, or too shallow) is one marker
+    peaks = _h_maxima(sure, dist, opts.depth, pieces) if sure.any() else sure
     has_peak = np.bincount(pieces[peaks], minlength=int(pieces.max()) + 1) > 0
     markers, n = ndimage.label(peaks | (sure & ~has_peak[pieces]))
     labels = _flood(mask, markers, n, _membrane_order(mask, prob, opts.max_side))
@@ -279,7 +280,7 @@ def _contacts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
-def _h_maxima(mask: np.ndarray, dist: np.ndarray, depth: float) -> np.ndarray:
+def _h_maxima(mask: np.ndarray, dist: np.ndarray, depth: float, comp: np.ndarray) -> np.ndarray:
     """skimage's ``h_maxima`` of the distance map (4-connected), component
     by component, only where it can find two markers: a component whose
     pixels that are >= their 4 neighbours form one region has one regional
@@ -287,11 +288,12 @@ def _h_maxima(mask: np.ndarray, dist: np.ndarray, depth: float) -> np.ndarray:
     markers; the others get h_maxima on their own box (the reconstruction
     spreads through 4-neighbours, so a box gives what the whole array
     gives). The whole array's reconstruction took 2.7 s for 2048^2 px of
-    nuclei; this, a tenth."""
+    nuclei; this, a tenth. ``comp``: the mask's 4-connected components
+    (``ndimage.label``), which the caller has."""
     from scipy import ndimage
     from skimage.morphology import h_maxima
 
-    comp, n = ndimage.label(mask)
+    n = int(comp.max())
     d = np.pad(dist, 1, constant_values=-1.0)
     top = mask & (dist >= d[:-2, 1:-1]) & (dist >= d[2:, 1:-1]) & (dist >= d[1:-1, :-2]) & (dist >= d[1:-1, 2:])
     tops, m = ndimage.label(top)
@@ -309,17 +311,18 @@ def _h_maxima(mask: np.ndarray, dist: np.ndarray, depth: float) -> np.ndarray:
 MAX_SIDE = MAX_OBJECT_SIDE  # --max-object's ceiling: the flood keys below stay exact in float64
 
 
-def _flood_order(mask: np.ndarray, dist: np.ndarray, max_side: int) -> np.ndarray:
+def _flood_order(mask: np.ndarray, dist: np.ndarray, max_side: int, comp: np.ndarray | None = None) -> np.ndarray:
     """The watershed's surface, with no two pixels of a component equal:
     farther from the background first, ties broken by the position from
     the component's first pixel. skimage's flood breaks ties among equal
     values by its heap's layout, which other components in the same array
     change; with distinct values it is the component's own order wherever
     the component is cut out. Squared distances are integers, so the keys
-    are exact in float64."""
+    are exact in float64. ``comp``: the mask's components, where the caller has them."""
     from scipy import ndimage
 
-    comp, _ = ndimage.label(mask)
+    if comp is None:
+        comp, _ = ndimage.label(mask)
     values, idx = np.unique(comp.ravel(), return_index=True)
     fr, fc = np.zeros(values.max() + 1, np.int64), np.zeros(values.max() + 1, np.int64)
     fr[values], fc[values] = np.divmod(idx, mask.shape[1])
