@@ -433,5 +433,35 @@ def _on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
+def run(argv=None):
+    """The ``tilerseg`` command (and ``python -m tilerseg.cli``): :func:`main`,
+    then leave without tearing the interpreter down.
+
+    Python's finalisation frees every object of every imported module one by
+    one: with torch, and the sympy, torch._dynamo and triton that smp's
+    imports (timm, torchvision) bring in, over 3,000 modules. Measured on a
+    2-core AMD EPYC, ``tilerseg run`` on a 1024^2 image: 5.1-5.8 s with it,
+    4.0-4.7 s without; about 1.1 s of every command. When :func:`main`
+    returns, every output is closed (each writer closes its own); what the
+    interpreter's exit would still do that matters is done here, in its
+    order: other threads finish (``threading._shutdown``, as at exit), the
+    atexit handlers run (logging's flush, dask's and tempfile's clean-ups),
+    stdout and stderr are flushed; then the process ends with main's code.
+    An exception out of :func:`main` (``--debug``, SystemExit) takes
+    Python's usual exit."""
+    import atexit
+    import threading
+
+    code = main(argv)
+    threading._shutdown()  # what Py_Finalize runs first: non-daemon threads joined, executors' workers told to stop
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`tilerseg models | head`), a closed stream
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
