@@ -275,7 +275,8 @@ def cmd_eval(a) -> int:
     ev, th = evaluate(a.weights, a.images, a.masks, tile=a.tile, halo=a.halo, batch_size=a.batch_size,
                       merge=a.merge, tta=a.tta, threshold=a.threshold, sweep=a.sweep_threshold, level=a.level,
                       mpp=a.mpp, bands=a.bands, device=a.device, workers=a.workers, mask_values=a.mask_values,
-                      mask_suffix=a.mask_suffix, instances=post)
+                      mask_suffix=a.mask_suffix, instances=post, regions=a.regions,
+                      region_classes=a.region_classes)
     rep = ev.report(th)
     if post is not None and "instances" not in rep:
         raise InputError("--instances: the challenge's scores need two classes and 2-D images up to 4096^2 px")

@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score thresholds 0.05..0.95 and report the best (by overall IoU)")
     v.add_argument("--mask-values", type=_ints, help="mask value of each class (default: as in training)")
     v.add_argument("--mask-suffix", default="", help="mask names are image names plus this, e.g. _mask")
+    v.add_argument("--regions", help="vector truth: 'image' (all known), or vector file(s) of the known areas")
+    v.add_argument("--region-classes", type=lambda s: s.split(","), default=["Region"],
+                   help="vector truth: classes marking known areas (comma-separated, default Region)")
     v.add_argument("--device", default="auto")
     v.add_argument("--workers", type=int)
     v.add_argument("--instances", action="store_true", help="also score the objects tilerseg run --instances "

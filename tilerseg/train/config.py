@@ -35,6 +35,10 @@ class TrainConfig:
     class_names: list = field(default_factory=lambda: ["background", "foreground"])
     mask_values: list | None = None    # mask value of each class (default: non-zero = 1 for 2 classes)
     ignore_value: int | None = None    # mask value of unannotated pixels (not trained on, not scored)
+    regions: Any = None                # vector labels: "image", or vector file(s)/folder of known areas (by stem)
+    region_classes: list = field(default_factory=lambda: ["Region"])  # vector classes marking known areas
+    class_attribute: str | None = None # vector attribute naming the class (default classification.name, name, class)
+    label_layer: str | None = None     # GeoPackage layer of the labels
     val_fraction: float = 0.2
     val_names: list | None = None      # hold out these images (by name without extension) instead of a random share
     level: int | None = None
@@ -141,6 +145,8 @@ def load_train_config(path=None, overrides: dict | None = None) -> TrainConfig:
     c = TrainConfig(**cfg)
     for key in ("images", "masks", "val_images", "val_masks", "init_weights"):
         setattr(c, key, _resolve(getattr(c, key), base))
+    if c.regions not in (None, "image"):
+        c.regions = _resolve(c.regions, base)
     _validate(c)
     return c
 
@@ -169,6 +175,8 @@ def _validate(c: TrainConfig) -> None:
     choice("schedule", SCHEDULES)
     choice("precision", PRECISIONS)
     choice("monitor", MONITORS)
+    if isinstance(c.region_classes, str):
+        c.region_classes = [c.region_classes]
     if c.classes < 2:
         raise InputError("class_names: give at least two classes (background first)")
     if c.loss in ("dice_bce", "jaccard_bce") and c.classes != 2:

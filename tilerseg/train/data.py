@@ -16,13 +16,13 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import pad_index
 from ..io import open_reader
 from ..io.base import Reader, read_padded
 from ..io.open import IMAGE_EXT, SLIDE_EXT, TIFF_EXT
+from .labels import SIDECAR_EXT, VECTOR_EXT
 from .metrics import IGNORE
 
-_KNOWN_EXT = IMAGE_EXT | SLIDE_EXT | TIFF_EXT | {".zarr", ".vrt", ".jp2", ".img"}
+_KNOWN_EXT = IMAGE_EXT | SLIDE_EXT | TIFF_EXT | {".zarr", ".vrt", ".jp2", ".img"} | set(VECTOR_EXT)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def _listing(path: str, what: str) -> list[str]:
     if os.path.isdir(path) and not path.rstrip("/").endswith(".zarr"):
         files = [os.path.join(path, f) for f in os.listdir(path)
                  if not f.startswith(".") and (os.path.isfile(os.path.join(path, f)) or f.endswith(".zarr"))]
-        files = [f for f in files if _stem(f) != os.path.basename(f) or f.endswith(".zarr")]
+        files = [f for f in files if (_stem(f) != os.path.basename(f) or f.endswith(".zarr"))
+                 and not f.lower().endswith(SIDECAR_EXT)]  # a shapefile's .dbf/.shx/.prj are not masks
         if not files:
             raise InputError(f"{path}: no image files in this {what} folder")
         return sorted(files, key=lambda f: _natural(_stem(f)))
@@ -86,6 +87,19 @@ def find_pairs(images, masks, *, mask_suffix: str = "") -> list[Pair]:
                          f"{', ...' if len(missing) > 5 else ''}): masks are matched by file name"
                          + (f" with suffix {mask_suffix!r}" if mask_suffix else "") + "; check the mask folder")
     return pairs
+
+
+def region_files(regions, pairs: list[Pair]) -> dict[str, str]:
+    """Image name -> its vector file of known areas (``data.regions``):
+    one file for one image, else matched by name like the masks. None or
+    ``image`` give none (regions then come from the label files)."""
+    if regions in (None, "image"):
+        return {}
+    files = [f for p in _as_list(regions) for f in _listing(p, "regions")]
+    if len(files) == 1 and len(pairs) == 1:
+        return {pairs[0].name: files[0]}
+    by_name = {_stem(f): f for f in files}
+    return {p.name: by_name[p.name] for p in pairs if p.name in by_name}
 
 
 def _as_list(v) -> list:
@@ -138,28 +152,42 @@ class LabelMap:
 
 
 class Source:
-    """One image and its mask. The image is read at ``level``/``mpp`` (as
-    ``tilerseg run`` would), the mask sampled nearest onto that grid."""
+    """One image and its labels. The image is read at ``level``/``mpp``
+    (as ``tilerseg run`` would); the labels, a raster mask or a vector file
+    (:mod:`.labels`), come onto that grid one window at a time. ``vector``
+    (:class:`.labels.VectorOptions`) says how a vector file names classes
+    and known areas; ``regions`` is a vector file of known areas."""
 
-    def __init__(self, pair: Pair, labels: LabelMap, *, level=None, mpp=None, bands=None):
+    def __init__(self, pair: Pair, labels: LabelMap, *, level=None, mpp=None, bands=None, vector=None,
+                 regions: str | None = None):
+        from .labels import open_labels
+
         self.pair, self.labels = pair, labels
         self.image: Reader = open_reader(pair.image, level=level, mpp=mpp, bands=tuple(bands) if bands else None)
-        self.mask: Reader = open_reader(pair.mask)
-        (H, W), (h, w) = self.image.meta.shape, self.mask.meta.shape
-        self.fy, self.fx = h / H, w / W
-        if abs(self.fy / self.fx - 1) > 0.02:
-            raise InputError(f"{pair.mask}: mask is {w}x{h} px, image {pair.image} is {W}x{H}: their aspect "
-                             "ratios differ, so the mask does not belong to this image (or to this level)")
+        try:
+            self.mask = open_labels(pair.mask, self.image.meta, labels, vector, pair.image, regions)
+        except BaseException:
+            self.image.close()
+            raise
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.image.meta.shape
 
+    @property
+    def known_area(self) -> float:
+        """Pixels whose labels are known (crops are drawn in proportion)."""
+        return self.mask.known_area
+
+    def position(self, rng, size):
+        """A crop origin where labels are known, or None: anywhere."""
+        return self.mask.position(rng, size)
+
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Image ``(h, w, bands)`` and labels ``(h, w)`` at ``(y, x)``;
         windows reaching past the border are mirrored (both alike)."""
         data, valid = read_padded(self.image, (y, y + h), (x, x + w), "reflect")
-        labels = self._labels(y, x, h, w)
+        labels = self.mask.window(y, x, h, w)
         if valid is not None:
             labels[~valid] = IGNORE
         return data, labels
@@ -170,19 +198,7 @@ class Source:
     def truth(self, ranges) -> np.ndarray:
         """Class labels of an output block (validation)."""
         (r0, r1), (c0, c1) = ranges
-        return self._labels(r0, c0, r1 - r0, c1 - c0)
-
-    def _labels(self, y, x, h, w) -> np.ndarray:
-        H, W = self.shape
-        mh, mw = self.mask.meta.shape
-        ri = np.minimum(((pad_index(np.arange(y, y + h), H, "reflect")[0] + 0.5) * self.fy).astype(np.int64), mh - 1)
-        ci = np.minimum(((pad_index(np.arange(x, x + w), W, "reflect")[0] + 0.5) * self.fx).astype(np.int64), mw - 1)
-        r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
-        m, mvalid = self.mask.read((r0, r1), (c0, c1))
-        lab = self.labels(m[..., 0] if m.ndim == 3 else m)  # a mask's first band
-        if mvalid is not None:
-            lab[~mvalid] = IGNORE
-        return lab[ri - r0][:, ci - c0]
+        return self.mask.window(r0, c0, r1 - r0, c1 - c0)
 
     def close(self) -> None:
         self.image.close()
@@ -206,6 +222,13 @@ class VolumeSource:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.image.meta.shape
+
+    @property
+    def known_area(self) -> float:
+        return float(np.prod(self.shape))
+
+    def position(self, rng, size):
+        return None
 
     def crop(self, pos, size) -> tuple[np.ndarray, np.ndarray]:
         from ..io.volume import read_padded3
@@ -241,7 +264,7 @@ class CropDataset:
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.augment, self.foreground, self.weight_map = augment, foreground, weight_map
-        area = np.array([np.prod(s.shape) for s in sources], np.float64)
+        area = np.array([s.known_area for s in sources], np.float64)  # sparse labels: by labelled area
         self.p = area / area.sum()
         self.epoch = 0
 
@@ -257,7 +280,8 @@ class CropDataset:
         src = self.sources[int(rng.choice(len(self.sources), p=self.p))]
         want_fg = rng.random() < self.foreground
         for _ in range(20 if want_fg else 1):
-            pos = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(src.shape, self.size)]
+            pos = src.position(rng, self.size) or [int(rng.integers(0, max(n - c, 0) + 1))
+                                                   for n, c in zip(src.shape, self.size)]
             data, labels = src.crop(pos, self.size)
             if not want_fg or ((labels > 0) & (labels != IGNORE)).any():
                 break

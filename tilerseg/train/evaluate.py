@@ -27,7 +27,8 @@ import numpy as np
 
 from ..engine import Output, TileSpec, reduce_blocks, segment_plan, volume_plan
 from ..errors import InputError
-from .data import LabelMap, Source, VolumeSource, find_pairs
+from .data import LabelMap, Source, VolumeSource, find_pairs, region_files
+from .labels import VectorOptions
 from .challenge import MAX_PIXELS, challenge_scores, segmentation_scores
 from .metrics import IGNORE, confusion, scores
 
@@ -237,12 +238,15 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
              merge: str = "auto", tta: str | None = None, threshold: float | None = None, sweep: bool = False,
              level=None, mpp=None, bands=None, device: str = "auto", workers: int | None = None,
              mask_values=None, ignore_value=None, mask_suffix: str = "", instances=None,
-             keep: bool = False) -> tuple[Evaluation, float]:
+             keep: bool = False, regions=None, region_classes=("Region",), class_attribute=None,
+             label_layer=None) -> tuple[Evaluation, float]:
     """``tilerseg eval``: score ``weights`` on image/mask pairs. Mask values
     are read as in training (the checkpoint records how); returns the
     evaluation and the threshold to report (swept, given, the checkpoint's,
     or 0.5). ``instances`` (the run's :class:`tilerseg.config.OutputOptions`):
-    also score the objects ``tilerseg run --instances`` would make with them."""
+    also score the objects ``tilerseg run --instances`` would make with them.
+    Vector truth (:mod:`.labels`) is named by the checkpoint's class names
+    and scored inside its known area only (``regions`` as in training)."""
     from ..api import PredictorRef, check_mpp, choose_tiling, instance_options, model_info
     from ..config import TilingOptions
     from ..infer import pick_device
@@ -256,7 +260,18 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
     if is_volumetric(recorded.spec.arch):
         sources = [VolumeSource(p, labels) for p in pairs]
     else:
-        sources = [Source(p, labels, level=level, mpp=mpp, bands=bands) for p in pairs]
+        vector = VectorOptions(class_names=tuple(names), regions=regions, region_classes=tuple(region_classes),
+                               class_attribute=class_attribute, layer=label_layer)
+        files = region_files(regions, pairs)
+        sources = []
+        try:
+            for p in pairs:
+                sources.append(Source(p, labels, level=level, mpp=mpp, bands=bands, vector=vector,
+                                      regions=files.get(p.name)))
+        except BaseException:
+            for s in sources:
+                s.close()
+            raise
     try:
         probe = sources[0].image.meta.bands
         info = model_info("unet", weights=os.fspath(weights), bands=probe)

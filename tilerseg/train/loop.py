@@ -27,8 +27,9 @@ from ..losses import instance_weights, make_loss
 from ..models import ModelInfo, arch, dtype_scale, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
 from .augment import build_augment
 from .config import TrainConfig
-from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, sample_stats, split
+from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, region_files, sample_stats, split
 from .evaluate import evaluate_sources
+from .labels import VectorOptions
 from .metrics import IGNORE
 
 log = logging.getLogger("tilerseg.train")
@@ -71,9 +72,20 @@ def _open_sources(cfg: TrainConfig) -> tuple[list[Source], list[Source], LabelMa
         train = [VolumeSource(p, labels) for p in train_pairs]
         val = [VolumeSource(p, labels) for p in val_pairs]
     else:
-        kw = dict(level=cfg.level, mpp=cfg.mpp, bands=cfg.bands)
-        train = [Source(p, labels, **kw) for p in train_pairs]
-        val = [Source(p, labels, **kw) for p in val_pairs]
+        vector = VectorOptions(class_names=tuple(cfg.class_names), regions=cfg.regions,
+                               region_classes=tuple(cfg.region_classes), class_attribute=cfg.class_attribute,
+                               layer=cfg.label_layer)
+        regions = region_files(cfg.regions, train_pairs + val_pairs)
+        kw = dict(level=cfg.level, mpp=cfg.mpp, bands=cfg.bands, vector=vector)
+        train, val = [], []
+        try:
+            for pairs, into in ((train_pairs, train), (val_pairs, val)):
+                for p in pairs:
+                    into.append(Source(p, labels, regions=regions.get(p.name), **kw))
+        except BaseException:
+            for s in train + val:
+                s.close()
+            raise
     bands = {s.image.meta.bands for s in train + val}
     if len(bands) > 1:
         raise InputError(f"the images have different band counts ({sorted(bands)}): choose bands with `bands:`")
@@ -285,6 +297,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, progress: bool | N
 def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -> TrainResult:
     import torch
 
+    fresh = not os.path.exists(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if not resume and os.path.exists(last_path):
@@ -298,7 +311,14 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
     train_src, val_src, labels = [], [], None
     try:
         torch.manual_seed(cfg.seed)
-        train_src, val_src, labels = _open_sources(cfg)
+        try:
+            train_src, val_src, labels = _open_sources(cfg)
+        except InputError:  # bad data: leave no run folder behind that looks like a run
+            if fresh:
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         bands = train_src[0].image.meta.bands
         log.info("training on %d image(s), validating on %d: %s", len(train_src), len(val_src),
                  ", ".join(s.pair.name for s in val_src))
