@@ -245,3 +245,88 @@ def test_source_reads_vector_labels_through_the_one_mask_path(tmp_path):
     np.testing.assert_array_equal(labels, lab[10:60, 20:60])
     np.testing.assert_array_equal(src.truth(((0, 128), (0, 96))), lab)
     src.close()
+
+
+TRAIN = """
+data:
+  images: {root}/a.tif
+  masks: {masks}
+  val_images: {root}/b.tif
+  val_masks: {root}/b_mask.tif
+  class_names: [background, Nucleus]
+  crop: 96
+  samples_per_epoch: 16
+model:
+  model: unet
+  encoder: resnet18
+  model_args: {{encoder_depth: 3, decoder_channels: [16, 8, 4]}}
+optim: {{lr: 0.01}}
+train: {{epochs: 2, batch_size: 4}}
+infer: {{tile: 192, halo: 72}}
+"""
+
+
+def _slides(root, size=384):
+    from tilerseg.synthetic import tile, write_nuclei_geojson
+
+    for name, seed in (("a", 0), ("b", 1)):
+        img, nuc = tile(0, 0, size, size, seed)
+        tifffile.imwrite(f"{root}/{name}.tif", img, photometric="rgb", tile=(128, 128))
+        tifffile.imwrite(f"{root}/{name}_mask.tif", nuc.astype(np.uint8))
+    q = size // 2
+    write_nuclei_geojson(f"{root}/a.geojson", (size, size), seed=0, region=(0, 0, q, q))  # a quarter labelled
+    write_nuclei_geojson(f"{root}/b.geojson", (size, size), seed=1, region=(q, 0, size, q))
+    return size
+
+
+@pytest.mark.slow
+def test_train_from_qupath_nuclei_eval_in_region_and_round_trip(tmp_path):
+    """Train from a quarter of a slide's nuclei (a Region marks it), score
+    with vector truth inside its Region only (oracle: the run's mask against
+    the raster truth there), then load the run's own GeoJSON (classes and
+    --instances) back as labels and train again from it."""
+    from PIL import Image
+
+    from tilerseg.io import open_reader
+
+    root = str(tmp_path)
+    size = _slides(root)
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(TRAIN.format(root=root, masks=f"{root}/a.geojson"))
+    r = cli("train", str(cfg), "-o", f"{root}/run", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "known area 1 region(s) (25.0% of the image)" in (tmp_path / "run" / "train.log").read_text()
+    ckpt = f"{root}/run/best.pt"
+    # eval with vector truth: only the Region (rows q.., cols ..q) counts
+    r = cli("eval", "--weights", ckpt, f"{root}/b.tif", f"{root}/b.geojson", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["overall"]
+    r = cli("run", f"{root}/b.tif", "--weights", ckpt, "-o", f"{root}/pred.png", "--quiet")
+    assert r.returncode == 0, r.stderr
+    pred = np.asarray(Image.open(f"{root}/pred.png"))
+    truth = tifffile.imread(f"{root}/b_mask.tif")
+    q = size // 2
+    cm = confusion(truth[q:, :q], (pred[q:, :q] > 0).astype(np.uint8), 2)
+    assert got["pixels"] == q * q == cm.sum()
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    assert got["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
+    # round trip: the run's GeoJSON, with the checkpoint's class name, loads back as the same labels
+    for extra in ([], ["--instances"]):
+        out = f"{root}/pred{'-inst' if extra else ''}.geojson"
+        r = cli("run", f"{root}/b.tif", "--weights", ckpt, "-o", out, "--quiet", *extra)
+        assert r.returncode == 0, r.stderr
+        names = {f["properties"]["classification"]["name"] for f in json.load(open(out))["features"]}
+        assert names == {"Nucleus"}
+        src = Source(Pair(f"{root}/b.tif", out), LabelMap(2), vector=VectorOptions(class_names=("background", "Nucleus")))
+        back = src.truth(((0, size), (0, size)))
+        src.close()
+        if not extra:
+            np.testing.assert_array_equal(back, (pred > 0).astype(np.uint8))
+        else:  # objects: the foreground less the boundaries the split draws between touching ones
+            assert ((back == 1) & (pred == 0)).sum() == 0 and (back == (pred > 0)).mean() > 0.97
+    cfg.write_text(TRAIN.format(root=root, masks=f"{root}/pred-inst.geojson").replace(
+        f"images: {root}/a.tif", f"images: {root}/b.tif").replace("epochs: 2", "epochs: 1"))
+    r = cli("train", str(cfg), "-o", f"{root}/run2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "whole image (detections only, no regions)" in (tmp_path / "run2" / "train.log").read_text()
+    assert open_reader(f"{root}/b.tif").meta.shape == (size, size)

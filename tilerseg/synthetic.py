@@ -156,3 +156,63 @@ def write_tiff(path, shape: tuple[int, int], *, seed: int = 0, tile_size: int = 
         for k in range(1, levels):
             s = 2 ** k
             tw.write(tiles(s), shape=(-(-H // s), -(-W // s), 3), dtype=np.uint8, subfiletype=1, **kw)
+
+
+class NucleiMask:
+    """The generator's nuclei mask as a lazy 2-D array (uint8, 1 = nucleus)
+    that computes only the window asked for; ``region = (y0, x0, y1, x1)``
+    keeps nuclei inside it (zero elsewhere). :func:`tilerseg.io.polygons.
+    write_vector` traces it block by block."""
+
+    ndim, dtype = 2, np.dtype(np.uint8)
+
+    def __init__(self, shape, seed: int = 0, ellipse=None, region=None, chunk: int = 1024):
+        self.shape, self.seed, self.ellipse = tuple(shape), seed, ellipse
+        self.region, self.chunks = region or (0, 0, *self.shape), (chunk, chunk)
+
+    def __getitem__(self, key):
+        rows, cols = key
+        r0, r1, c0, c1 = rows.start or 0, rows.stop, cols.start or 0, cols.stop
+        out = tile(r0, c0, r1 - r0, c1 - c0, self.seed, self.ellipse)[1].astype(np.uint8)
+        y0, x0, y1, x1 = self.region
+        yy, xx = np.arange(r0, r1)[:, None], np.arange(c0, c1)[None]
+        out[~((yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1))] = 0
+        return out
+
+
+def write_nuclei_geojson(path, shape, *, seed: int = 0, ellipse=None, region=None, name: str = "Nucleus") -> int:
+    """Write the nuclei of a synthetic slide as QuPath exports them
+    (a FeatureCollection of ``detection`` polygons in level-0 pixels with
+    ``classification.name``), and with ``region = (y0, x0, y1, x1)`` only
+    those inside it, plus one ``Region`` annotation marking it: sparse
+    labels. Streams; returns the number of nuclei."""
+    import json
+    import os
+    import tempfile
+
+    from .io.polygons import write_vector
+
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(suffix=".geojson", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        n = write_vector(NucleiMask(shape, seed, ellipse, region), tmp, class_names=("background", name))
+        with open(tmp, encoding="utf-8") as src, open(path, "w", encoding="utf-8") as dst:
+            head = src.readline()  # '{"type": "FeatureCollection", "crs": ..., "features": ['
+            dst.write(head)
+            if region is not None:
+                y0, x0, y1, x1 = region
+                ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+                dst.write(json.dumps({"type": "Feature", "id": "region-1", "geometry": {
+                    "type": "Polygon", "coordinates": [ring]}, "properties": {
+                    "objectType": "annotation", "classification": {"name": "Region", "color": [0, 200, 0]}}}))
+                first = src.readline()
+                if first.strip() != "]}":
+                    dst.write(",\n" + first.lstrip(",\n") if first.strip() else first)
+                else:
+                    dst.write("\n" + first)
+            for line in src:
+                dst.write(line)
+    finally:
+        os.remove(tmp)
+    return n

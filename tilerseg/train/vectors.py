@@ -43,19 +43,18 @@ def read_labels(path: str, meta, options: VectorOptions, all_regions: bool = Fal
     """Read ``path`` into :class:`Labels`; ``all_regions``: every polygon
     is a region (a ``regions`` file). Bad input raises one line naming the
     file, the feature and the fix."""
-    import fiona
     import fiona.errors
 
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file: export the annotations again (QuPath: File > Export objects "
                          "as GeoJSON)")
     try:
-        layer = _layer(path, options.layer)
-        with fiona.open(path, layer=layer) as src:
-            crs = _file_crs(path, src, meta)
-            attr = _class_field(path, src, options.class_attribute)
-            out, raw = _features(path, src, attr, options, all_regions)
-    except fiona.errors.FionaError as err:
+        src = _File(path, options.layer)
+        crs = _file_crs(path, src.crs, meta)
+        out, raw = _features(path, src, options, all_regions)
+    except (fiona.errors.FionaError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
         raise InputError(f"{path}: cannot be read as vector labels ({str(err).splitlines()[0]}): check it is "
                          "GeoJSON, a GeoPackage or a shapefile") from err
     if not raw:
@@ -63,6 +62,100 @@ def read_labels(path: str, meta, options: VectorOptions, all_regions: bool = Fal
     move = _to_pixels(path, crs, meta)
     out.geoms, out.regions = move(out.geoms), move(out.regions)
     return out
+
+
+_UNSTATED = "unstated"
+
+
+class _File:
+    """A vector file's CRS (WKT, None for none, :data:`_UNSTATED` for a
+    GeoJSON without a ``crs`` member), attribute names (None: per feature)
+    and its features ``(id, properties, geometry mapping)``, streamed.
+
+    GeoJSON is parsed here, one feature at a time: fiona (GDAL) fails on a
+    feature that lacks a nested attribute others have (QuPath's
+    ``classification`` of an unclassified object)."""
+
+    def __init__(self, path: str, layer: str | None):
+        self.path = path
+        if path.lower().endswith(".geojson"):
+            self.layer, self.fields = None, None
+            self.crs = _geojson_crs(path)
+        else:
+            import fiona
+
+            self.layer = _layer(path, layer)
+            with fiona.open(path, layer=self.layer) as src:
+                wkt = src.crs_wkt or None
+                self.fields = list(src.schema.get("properties", {}))
+            self.crs = wkt
+
+    def __iter__(self):
+        if self.fields is None:
+            for f in _geojson_features(self.path):
+                props = f.get("properties") or {}
+                yield props.get("id", f.get("id")), props, f.get("geometry")
+            return
+        import fiona
+
+        with fiona.open(self.path, layer=self.layer) as src:
+            for f in src:
+                props = dict(f.properties or {})
+                yield props.get("id", f.id), props, (f.geometry.__geo_interface__ if f.geometry else None)
+
+
+def _geojson_crs(path: str):
+    import json
+    import re
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16)
+    m = re.search(r'"crs"\s*:\s*', head.split('"features"')[0])
+    if not m:
+        return _UNSTATED
+    member, _ = json.JSONDecoder().raw_decode(head, m.end())
+    name = ((member or {}).get("properties") or {}).get("name")
+    return None if not name or str(name).startswith(("LOCAL_CS", "ENGCRS")) else str(name)
+
+
+def _geojson_features(path: str, chunk: int = 1 << 20):
+    """The features of a FeatureCollection, a bare array of features or
+    one Feature, decoded one at a time from a sliding buffer."""
+    import json
+    import re
+
+    dec = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf = f.read(chunk)
+        lead = buf.lstrip()[:1]
+        m = None if lead == "[" else re.search(r'"features"\s*:\s*\[', buf)
+        if lead != "[" and m is None:  # one Feature, or a collection whose features come late
+            obj = json.loads(buf + f.read())
+            yield from (obj.get("features") or []) if obj.get("type") == "FeatureCollection" else [obj]
+            return
+        pos = buf.index("[") + 1 if lead == "[" else m.end()
+        while True:
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                    pos += 1
+                if pos < len(buf):
+                    break
+                buf, pos = f.read(chunk), 0
+                if not buf:
+                    raise ValueError("the feature list is not closed: a truncated file")
+            if buf[pos] == "]":
+                return
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+            except json.JSONDecodeError as err:
+                more = f.read(chunk) if err.pos > len(buf) - (1 << 16) else ""  # cut by the buffer, or broken
+                if not more:
+                    raise ValueError(f"not valid JSON near character {f.tell() - len(buf) + err.pos}: "
+                                     f"{err.msg}") from None
+                buf, pos = buf[pos:] + more, 0
+                continue
+            yield obj
+            pos = end
 
 
 def _layer(path: str, layer: str | None):
@@ -80,21 +173,17 @@ def _layer(path: str, layer: str | None):
     return layer
 
 
-def _file_crs(path: str, src, meta):
-    """The file's CRS (WKT), or None for pixel coordinates."""
-    wkt = src.crs_wkt or ""
-    if not wkt or wkt.startswith("LOCAL_CS") or wkt.startswith("ENGCRS"):
+def _file_crs(path: str, crs, meta):
+    """The CRS to reproject from (WKT or a name), or None for pixels."""
+    if crs == _UNSTATED:  # no crs member: QuPath's pixels, or RFC 7946's WGS 84 on a georeferenced image
+        return "EPSG:4326" if meta.georeferenced else None
+    if not crs or crs.startswith(("LOCAL_CS", "ENGCRS")):
         return None
-    if path.lower().endswith(".geojson"):
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-        if b'"crs"' not in head.split(b'"features"')[0]:  # no crs member: QuPath's pixels, or RFC 7946's WGS 84
-            return "EPSG:4326" if meta.georeferenced else None
     if not meta.georeferenced:
-        raise InputError(f"{path}: its coordinates are in a CRS ({_crs_name(wkt)}), but the image has no "
+        raise InputError(f"{path}: its coordinates are in a CRS ({_crs_name(crs)}), but the image has no "
                          "georeference to reproject them to: export the labels in pixel coordinates, or use "
                          "the georeferenced image")
-    return wkt
+    return crs
 
 
 def _crs_name(wkt: str) -> str:
@@ -107,17 +196,22 @@ def _crs_name(wkt: str) -> str:
         return wkt[:60]
 
 
-def _class_field(path: str, src, chosen: str | None) -> str | None:
-    props = list(src.schema.get("properties", {}))
+def _class_field(path: str, fields, chosen: str | None, props: dict):
+    """The attribute naming a feature's class: ``chosen``, else QuPath's
+    ``classification``, else ``name`` or ``class`` (for a QuPath object,
+    whose ``name`` is its own, only ``classification``)."""
     if chosen:
-        if chosen not in props:
+        if fields is not None and chosen not in fields:
             raise InputError(f"{path}: no attribute {chosen!r} (class_attribute); its attributes: "
-                             f"{', '.join(props) or 'none'}")
+                             f"{', '.join(fields) or 'none'}")
         return chosen
-    return next((k for k in ("classification", "name", "class") if k in props), None)
+    keys = fields if fields is not None else list(props)
+    if "classification" in keys or "objectType" in props:
+        return "classification"
+    return next((k for k in ("name", "class") if k in keys), None)
 
 
-def _features(path: str, src, attr, options: VectorOptions, all_regions: bool):
+def _features(path: str, src: _File, options: VectorOptions, all_regions: bool):
     """Check, name and sort every feature (labels or regions)."""
     from shapely.geometry import shape
 
@@ -125,13 +219,12 @@ def _features(path: str, src, attr, options: VectorOptions, all_regions: bool):
     wanted = {str(n).lower(): k for k, n in enumerate(options.class_names)}
     region = {str(n).lower() for n in options.region_classes}
     kinds = set()
-    for i, f in enumerate(src):
+    for i, (fid, props, geom) in enumerate(src):
         raw += 1
-        props = dict(f.properties or {})
-        fid = props.get("id", f.id)
-        if f.geometry is None:
+        if not geom:
             continue
-        g = _polygonal(shape(f.geometry), path, i, fid, repaired)
+        g = _polygonal(shape(geom), path, i, fid, repaired)
+        attr = _class_field(path, src.fields, options.class_attribute, props)
         name = _name(props.get(attr) if attr else None)
         if all_regions or (isinstance(name, str) and name.lower() in region):
             out.regions.append(g)
@@ -144,7 +237,7 @@ def _features(path: str, src, attr, options: VectorOptions, all_regions: bool):
         out.classes.append(k)
     if unknown:
         i, fid, name = unknown[0]
-        found = [str(_name(c)) for c in _names_in(path, attr, options)]
+        found = [_UNCLASSIFIED if c is None else str(c) for c in _names_in(path, src, options)]
         raise InputError(f"{path}: feature {i}{_fid(fid)} has class {(name if name is not None else _UNCLASSIFIED)!r}, "
                          f"not in class_names {list(options.class_names)} ({len(unknown)} such feature(s)); the file "
                          f"holds: {name_counts(found)}: add the names to class_names (or region_classes), or "
@@ -156,14 +249,11 @@ def _features(path: str, src, attr, options: VectorOptions, all_regions: bool):
     return out, raw
 
 
-def _names_in(path: str, attr, options: VectorOptions):
+def _names_in(path: str, src: _File, options: VectorOptions):
     """Every feature's class name (a second pass, only for the error line)."""
-    import fiona
-
-    with fiona.open(path, layer=_layer(path, options.layer)) as src:
-        for f in src:
-            c = _name((f.properties or {}).get(attr) if attr else None)
-            yield _UNCLASSIFIED if c is None else c
+    for _, props, _ in src:
+        attr = _class_field(path, src.fields, options.class_attribute, props)
+        yield _name(props.get(attr) if attr else None)
 
 
 def _fid(fid) -> str:
