@@ -330,3 +330,19 @@ def test_train_from_qupath_nuclei_eval_in_region_and_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "whole image (detections only, no regions)" in (tmp_path / "run2" / "train.log").read_text()
     assert open_reader(f"{root}/b.tif").meta.shape == (size, size)
+
+
+def test_bare_array_export_with_unclassified_objects(tmp_path):
+    """QuPath's export without 'FeatureCollection': an array of features;
+    an unclassified object has no classification at all (fiona fails on
+    that), and is class 1 of two."""
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _square(0, 0, 10, 10)},
+              "properties": {"objectType": "annotation", "classification": {"name": "Region"}}},
+             {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": _square(2, 2, 5, 5)},
+              "properties": {"objectType": "annotation", "name": "my favourite"}}]
+    (tmp_path / "a.geojson").write_text(json.dumps(feats, indent=2))
+    v = VectorLabels(str(tmp_path / "a.geojson"), _meta(20, 20), VectorOptions(class_names=("background", "Tumor")))
+    want = np.full((20, 20), IGNORE, np.uint8)
+    want[:10, :10] = 0
+    want[2:5, 2:5] = 1
+    np.testing.assert_array_equal(v.window(0, 0, 20, 20), want)
