@@ -346,3 +346,17 @@ def test_bare_array_export_with_unclassified_objects(tmp_path):
     want[:10, :10] = 0
     want[2:5, 2:5] = 1
     np.testing.assert_array_equal(v.window(0, 0, 20, 20), want)
+
+
+def test_crs_that_cannot_be_reprojected_is_one_line(tmp_path):
+    """Mars to UTM: PROJ has no operation between two bodies."""
+    from shapely.geometry import box
+
+    from tilerseg.io import open_reader
+
+    _geotiff(tmp_path / "scene.tif")
+    _write_gpkg(tmp_path / "mars.gpkg", [box(2.0, 48.0, 2.1, 48.1)], "IAU_2015:49900")
+    meta = open_reader(str(tmp_path / "scene.tif")).meta
+    with pytest.raises(InputError, match="mars.gpkg: cannot reproject its coordinates .*export the labels in the "
+                                         "image's CRS"):
+        VectorLabels(str(tmp_path / "mars.gpkg"), meta, VectorOptions(regions="image"))

@@ -170,7 +170,7 @@ class VectorLabels:
         else:
             out = np.full((h, w), IGNORE, np.uint8)
             if self.mode == "regions":
-                rasterize([(self.regions, 0)], out=out, transform=tr)
+                rasterize(_shapes(np.asarray([self.regions], object), np.zeros(1, np.uint8)), out=out, transform=tr)
         if self.tree is not None:
             hit = np.sort(self.tree.query(win, predicate="intersects"))
             if len(hit):  # in file order: a later polygon is drawn over an earlier one

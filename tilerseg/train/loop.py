@@ -29,7 +29,7 @@ from .augment import build_augment
 from .config import TrainConfig
 from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, region_files, sample_stats, split
 from .evaluate import evaluate_sources
-from .labels import VectorOptions
+from .labels import VectorOptions, is_vector
 from .metrics import IGNORE
 
 log = logging.getLogger("tilerseg.train")
@@ -67,6 +67,9 @@ def _open_sources(cfg: TrainConfig) -> tuple[list[Source], list[Source], LabelMa
         train_pairs, val_pairs = split(find_pairs(cfg.images, cfg.masks, mask_suffix=cfg.mask_suffix),
                                        cfg.val_fraction, cfg.seed)
     if is_volumetric(cfg.model):
+        vector = next((p.mask for p in train_pairs + val_pairs if is_vector(p.mask)), None)
+        if vector:
+            raise InputError(f"{vector}: vector labels are 2-D; a volume needs a label volume of its shape")
         if any(v is not None for v in (cfg.level, cfg.mpp, cfg.bands)):
             raise InputError("level, mpp and bands apply to 2-D images; volumes are read whole-resolution")
         train = [VolumeSource(p, labels) for p in train_pairs]
