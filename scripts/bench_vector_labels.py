@@ -178,23 +178,26 @@ def bench_speed(root: str, size: int, polygons_at: int, large: int, crops: int) 
         _disc_geojson(geo, size, int(round(polygons_at * (size / large) ** 2)))
     _raster_of(geo, mask, size)
     opts = VectorOptions(class_names=("background", "Nucleus"), regions="image")
-    res = {}
-    for tag, m in (("raster", mask), ("vector", geo)):
-        src = Source(Pair(img, m), LabelMap(2), vector=opts)
-        ds = CropDataset([src], crop=256, length=crops, seed=0, scale=255, mean=[0.5] * 3, std=[0.2] * 3)
-        ds.sample(0)  # warm the caches
-        t0 = time.perf_counter()
-        for i in range(crops):
-            ds.sample(i)
-        total = time.perf_counter() - t0
-        rng = np.random.default_rng(0)
-        t0 = time.perf_counter()
-        for _ in range(crops):
-            y, x = rng.integers(0, size - 256, 2)
-            src.mask.window(int(y), int(x), 256, 256)
-        labels_only = time.perf_counter() - t0
+    sources = {tag: Source(Pair(img, m), LabelMap(2), vector=opts) for tag, m in (("raster", mask), ("vector", geo))}
+    best = {tag: {"crops": np.inf, "labels": np.inf} for tag in sources}
+    for _ in range(3):  # alternate, best of three: the machine is shared
+        for tag, src in sources.items():
+            ds = CropDataset([src], crop=256, length=crops, seed=0, scale=255, mean=[0.5] * 3, std=[0.2] * 3)
+            ds.sample(0)  # warm the caches
+            t0 = time.perf_counter()
+            for i in range(crops):
+                ds.sample(i)
+            best[tag]["crops"] = min(best[tag]["crops"], time.perf_counter() - t0)
+            rng = np.random.default_rng(0)
+            t0 = time.perf_counter()
+            for _ in range(crops):
+                y, x = rng.integers(0, size - 256, 2)
+                src.mask.window(int(y), int(x), 256, 256)
+            best[tag]["labels"] = min(best[tag]["labels"], time.perf_counter() - t0)
+    res = {tag: {"crops_per_s": round(crops / b["crops"], 1), "labels_ms_per_crop": round(1e3 * b["labels"] / crops, 2)}
+           for tag, b in best.items()}
+    for src in sources.values():
         src.close()
-        res[tag] = {"crops_per_s": round(crops / total, 1), "labels_ms_per_crop": round(1e3 * labels_only / crops, 2)}
     res["ratio"] = res["vector"]["crops_per_s"] / res["raster"]["crops_per_s"]
     return res
 

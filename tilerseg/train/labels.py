@@ -163,18 +163,18 @@ class VectorLabels:
         from shapely import box, contains
 
         tr, win = Affine.translation(x, y), box(x, y, x + w, y + h)
-        if self.mode == "image":
-            out = np.zeros((h, w), np.uint8)
-        elif self.mode == "regions" and contains(self.regions, win):
+        geoms, values = np.empty(0, object), np.empty(0, np.uint8)
+        if self.mode == "image" or (self.mode == "regions" and contains(self.regions, win)):
             out = np.zeros((h, w), np.uint8)
         else:
             out = np.full((h, w), IGNORE, np.uint8)
-            if self.mode == "regions":
-                rasterize(_shapes(np.asarray([self.regions], object), np.zeros(1, np.uint8)), out=out, transform=tr)
+            if self.mode == "regions":  # background 0 inside the regions, drawn first
+                geoms, values = np.asarray([self.regions], object), np.zeros(1, np.uint8)
         if self.tree is not None:
-            hit = np.sort(self.tree.query(win, predicate="intersects"))
-            if len(hit):  # in file order: a later polygon is drawn over an earlier one
-                rasterize(_shapes(self.geoms[hit], self.values[hit]), out=out, transform=tr)
+            hit = np.sort(self.tree.query(win))  # by bounding box; file order: a later polygon is drawn on top
+            geoms, values = np.concatenate([geoms, self.geoms[hit]]), np.concatenate([values, self.values[hit]])
+        if len(geoms):  # one call: each costs rasterio's environment and checks
+            rasterize(_shapes(geoms, values), out=out, transform=tr)
         return out
 
     def close(self) -> None:
