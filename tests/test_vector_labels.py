@@ -310,6 +310,9 @@ def test_train_from_qupath_nuclei_eval_in_region_and_round_trip(tmp_path):
     assert got["pixels"] == q * q == cm.sum()
     tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
     assert got["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
+    r = cli("eval", "--weights", ckpt, f"{root}/b.tif", f"{root}/b.geojson", "--json", "--regions", "image")
+    assert r.returncode == 0, r.stderr  # the whole image known: the nuclei outside the Region count as background
+    assert json.loads(r.stdout)["overall"]["pixels"] == size * size
     # round trip: the run's GeoJSON, with the checkpoint's class name, loads back as the same labels
     for extra in ([], ["--instances"]):
         out = f"{root}/pred{'-inst' if extra else ''}.geojson"
