@@ -363,3 +363,26 @@ def test_crs_that_cannot_be_reprojected_is_one_line(tmp_path):
     with pytest.raises(InputError, match="mars.gpkg: cannot reproject its coordinates .*export the labels in the "
                                          "image's CRS"):
         VectorLabels(str(tmp_path / "mars.gpkg"), meta, VectorOptions(regions="image"))
+
+
+def test_tilerseg_gpkg_by_name_or_class_id_and_a_regions_file(tmp_path):
+    from tilerseg.train.data import region_files
+
+    lab = _blobs(120, 100)
+    write_vector(lab, str(tmp_path / "a.gpkg"), class_names=("bg", "a", "b"))
+    names = ("bg", "a", "b")
+    for attr in (None, "class"):  # the name attribute, or the integer class id
+        v = VectorLabels(str(tmp_path / "a.gpkg"), _meta(120, 100),
+                         VectorOptions(class_names=names, regions="image", class_attribute=attr))
+        np.testing.assert_array_equal(v.window(0, 0, 120, 100), lab)
+    # known areas from a file of their own (one file for one image)
+    _qupath(tmp_path / "a_regions.geojson", [(_square(0, 0, 50, 60), "anything", "annotation")])
+    pairs = [Pair(str(tmp_path / "a.tif"), str(tmp_path / "a.gpkg"))]
+    assert region_files(str(tmp_path / "a_regions.geojson"), pairs) == {"a": str(tmp_path / "a_regions.geojson")}
+    v = VectorLabels(str(tmp_path / "a.gpkg"), _meta(120, 100), VectorOptions(class_names=names),
+                     regions_path=str(tmp_path / "a_regions.geojson"))
+    got, inside = v.window(0, 0, 120, 100), np.zeros((120, 100), bool)
+    inside[:60, :50] = True
+    np.testing.assert_array_equal(got[inside], lab[inside])
+    np.testing.assert_array_equal(got[~inside & (lab == 0)], IGNORE)  # outside: only the polygons are known
+    np.testing.assert_array_equal(got[~inside & (lab > 0)], lab[~inside & (lab > 0)])
