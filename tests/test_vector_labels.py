@@ -386,3 +386,17 @@ def test_tilerseg_gpkg_by_name_or_class_id_and_a_regions_file(tmp_path):
     np.testing.assert_array_equal(got[inside], lab[inside])
     np.testing.assert_array_equal(got[~inside & (lab == 0)], IGNORE)  # outside: only the polygons are known
     np.testing.assert_array_equal(got[~inside & (lab > 0)], lab[~inside & (lab > 0)])
+
+
+def test_a_gigapixel_image_costs_its_polygons_not_its_area(tmp_path):
+    """200,000² px (a 40 GB mask as uint8): opening, sampling and labelling
+    windows must not make anything image-sized (it would not fit)."""
+    path = _qupath(tmp_path / "q.geojson", [(_square(150000, 90000, 150400, 90300), "Region", "annotation"),
+                                            (_square(150100, 90100, 150120, 90110), "Tumor", "annotation")])
+    v = VectorLabels(path, _meta(200000, 200000), VectorOptions(class_names=("background", "Tumor")))
+    assert v.known_area == 400 * 300
+    y, x = v.position(np.random.default_rng(0), (256, 256))
+    assert 90000 - 128 <= y <= 90300 and 150000 - 128 <= x <= 150400
+    got = v.window(90090, 150090, 40, 40)
+    assert (got == 1).sum() == 200 and (got == 0).sum() == 1600 - 200
+    assert (v.window(0, 0, 64, 64) == IGNORE).all()
