@@ -58,10 +58,12 @@ def _qupath(path, features):
 
 def test_traced_geojson_rasterises_back_to_its_mask_in_any_window(tmp_path):
     lab = _blobs(300, 260)
+    lab[100:160, 100:160], lab[120:140, 120:140], lab[125:130, 125:130] = 1, 0, 2  # a hole, an island in it
     path = str(tmp_path / "l.geojson")
     write_vector(lab, path, class_names=("bg", "a", "b"))
     v = VectorLabels(path, _meta(300, 260), VectorOptions(class_names=("bg", "a", "b")))
     assert v.mode == "image"  # tilerseg run's detections: the whole image is labelled
+    assert any(len(g.interiors) for g in v.geoms)
     for y, x, h, w in [(0, 0, 300, 260), (17, 33, 64, 80), (250, 200, 50, 60)]:
         np.testing.assert_array_equal(v.window(y, x, h, w), lab[y:y + h, x:x + w])
     # past the border: mirrored as images are

@@ -211,30 +211,39 @@ def _class_field(path: str, fields, chosen: str | None, props: dict):
     return next((k for k in ("name", "class") if k in keys), None)
 
 
-def _features(path: str, src: _File, options: VectorOptions, all_regions: bool):
-    """Check, name and sort every feature (labels or regions)."""
-    from shapely.geometry import shape
-
+def _features(path: str, src: _File, options: VectorOptions, all_regions: bool, batch: int = 8192):
+    """Check, name and sort every feature (labels or regions); geometries
+    are built a batch at a time (:func:`_geometries`)."""
     out, raw, repaired, unknown = Labels(), 0, [], []
     wanted = {str(n).lower(): k for k, n in enumerate(options.class_names)}
     region = {str(n).lower() for n in options.region_classes}
-    kinds = set()
+    kinds, pending = set(), []
+
+    def flush():
+        for (i, fid, k, _), g in zip(pending, _geometries(path, pending, repaired)):
+            (out.regions if k is None else out.geoms).append(g)
+            if k is not None:
+                out.classes.append(k)
+        pending.clear()
+
     for i, (fid, props, geom) in enumerate(src):
         raw += 1
         if not geom:
             continue
-        g = _polygonal(shape(geom), path, i, fid, repaired)
         attr = _class_field(path, src.fields, options.class_attribute, props)
         name = _name(props.get(attr) if attr else None)
         if all_regions or (isinstance(name, str) and name.lower() in region):
-            out.regions.append(g)
-            continue
-        k = _class_id(name, wanted, len(options.class_names))
-        if k is None:
-            unknown.append((i, fid, name))
-        kinds.add(str(props.get("objectType") or "").lower())
-        out.geoms.append(g)
-        out.classes.append(k)
+            k = None
+        else:
+            k = _class_id(name, wanted, len(options.class_names))
+            if k is None:
+                unknown.append((i, fid, name))
+                k = 0
+            kinds.add(str(props.get("objectType") or "").lower())
+        pending.append((i, fid, k, geom))
+        if len(pending) >= batch:
+            flush()
+    flush()
     if unknown:
         i, fid, name = unknown[0]
         found = [_UNCLASSIFIED if c is None else str(c) for c in _names_in(path, src, options)]
@@ -276,6 +285,36 @@ def _class_id(name, wanted: dict, classes: int):
     if isinstance(name, int):
         return name if 0 <= name < classes else None
     return wanted.get(name.lower())
+
+
+def _geometries(path: str, pending: list, repaired: list) -> list:
+    """Shapely geometries of ``pending`` ``(index, id, class, GeoJSON-like
+    geometry)``, checked by :func:`_polygonal`. Plain polygons (nearly all
+    of them: QuPath's cells, traced masks) are built together from one
+    coordinate array, about 3x faster than one ``shape()`` each."""
+    import shapely
+    from shapely.geometry import shape
+
+    simple = [n for n, p in enumerate(pending) if p[3].get("type") == "Polygon" and p[3].get("coordinates")
+              and all(len(r) >= 4 for r in p[3]["coordinates"])]
+    built = [None] * len(pending)
+    if simple:
+        flat, ring_len, ring_poly = [], [], []
+        for j, n in enumerate(simple):
+            for ring in pending[n][3]["coordinates"]:
+                flat.extend(ring)
+                ring_len.append(len(ring))
+                ring_poly.append(j)
+        try:
+            xy = np.asarray(flat, np.float64)
+        except ValueError:  # rings mixing 2-D and 3-D vertices: one by one below
+            xy = None
+        if xy is not None and xy.ndim == 2 and xy.shape[1] >= 2:
+            rings = shapely.linearrings(xy[:, :2], indices=np.repeat(np.arange(len(ring_len)), ring_len))
+            for n, g in zip(simple, shapely.polygons(rings, indices=np.asarray(ring_poly))):
+                built[n] = g
+    return [_polygonal(g if g is not None else shape(p[3]), path, p[0], p[1], repaired)
+            for g, p in zip(built, pending)]
 
 
 def _polygonal(g, path: str, i: int, fid, repaired: list):
