@@ -26,8 +26,8 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, Writer
-from .models import (SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale, is_volumetric,
-                     resolve_weights)
+from .models import (FILE_ARCHS, SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale,
+                     is_volumetric, resolve_weights)
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ def _settle_backend(cfg: RunConfig, ref: PredictorRef, predictor, tiling, window
 def _name(info: ModelInfo) -> str:
     """``unet/resnet34``; tilerseg's own architectures have no --encoder; an
     ONNX model is its file."""
-    if info.spec.arch == "onnx":
-        return os.path.basename(info.weights or "") or "the ONNX model"
+    if info.spec.arch in FILE_ARCHS:  # a file that is its own architecture (ONNX, TorchScript, export)
+        return os.path.basename(info.weights or "") or f"the {info.spec.arch} model"
     return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 
