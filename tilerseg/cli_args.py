@@ -116,10 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "done, and finish unfinished outputs from their finished blocks instead of starting over")
     r.add_argument("--config", help="YAML of run options (see pipelines/); flags override it")
     _input_args(r)
+    r.add_argument("--ignore-pixel-size", action="store_true", help="run a model whose declared pixel size is in "
+                   "another unit than the image's (µm against a CRS's metres); refused by default")
     m = r.add_argument_group("model")
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
     m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
-                   "an .onnx file (your own model: bands, classes and metadata read from it), or `demo` for the "
+                   "an ONNX file, a TorchScript or torch.export program (your own model: bands, classes and metadata "
+                   "read from it; the format is read from the content), hf://ORG/NAME[@REV], or `demo` for the "
                    "shipped nuclei model (`tilerseg:demo` names it where a path named demo exists)")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
