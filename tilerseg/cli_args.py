@@ -214,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="reader threads (default: sized to the machine)")
     g.add_argument("--overwrite", action="store_true")
 
-    sub.add_parser("models", help="list the model registry")
+    ms = sub.add_parser("models", help="list the model registry, or describe weights (--describe)")
+    ms.add_argument("--describe", metavar="WEIGHTS", help="what a weights file or hf:// repository is: format, "
+                    "bands, classes, pixel size, halo, preprocessing, seam-exact or not")
+    ms.add_argument("--model", default="unet", help="architecture of a bare state dict (default unet)")
+    ms.add_argument("--encoder", default="resnet34", help="its encoder (default resnet34)")
+    ms.add_argument("--classes", type=int, default=1, help="its classes (default 1)")
 
     c = sub.add_parser("cluster-script", help="print the batch job script --cluster would submit")
     c.add_argument("cluster_config", metavar="CONFIG", help="cluster YAML, e.g. pipelines/cluster-slurm-gpu.yaml")
