@@ -123,11 +123,11 @@ def test_missing_zarr_chunks_are_refused_or_masked(tmp_path):
     assert gone.exists()
     gone.unlink()
     out = tmp_path / "out.tif"
-    _one_error(cli("run", str(src), "--weights", "demo", "-o", str(out)), "1 of 42 chunks", "rows 256:384",
+    _one_error(cli("run", str(src), "--weights", "demo", "--ignore-pixel-size", "-o", str(out)), "1 of 42 chunks", "rows 256:384",
                "--missing-chunks nodata")
     assert not out.exists()
     _one_error(cli("info", str(src)), "missing")
-    r = cli("run", str(src), "--weights", "demo", "--missing-chunks", "nodata", "-o", str(out), "--quiet")
+    r = cli("run", str(src), "--weights", "demo", "--ignore-pixel-size", "--missing-chunks", "nodata", "-o", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     import rasterio
 

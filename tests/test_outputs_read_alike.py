@@ -22,10 +22,10 @@ def scene_vectors(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vectors")
     src = data(SCENE)
     zarr_out = tmp / "scene.zarr"
-    assert cli("run", src, "--weights", "demo", "-o", str(zarr_out), "--quiet").returncode == 0
+    assert cli("run", src, "--weights", "demo", "--ignore-pixel-size", "-o", str(zarr_out), "--quiet").returncode == 0
     out = {}
     for name, extra in (("wgs84.geojson", ()), ("native.geojson", ("--vector-crs", "native")), ("objects.gpkg", ())):
-        r = cli("run", src, "--weights", "demo", "-o", str(tmp / name), "--quiet", *extra)
+        r = cli("run", src, "--weights", "demo", "--ignore-pixel-size", "-o", str(tmp / name), "--quiet", *extra)
         assert r.returncode == 0, r.stderr
         out[name] = tmp / name
     return out
@@ -93,13 +93,13 @@ def test_binary_probability_band_is_named_after_the_foreground(tmp_path):
     import rasterio
 
     out = tmp_path / "p.tif"
-    r = cli("run", data("rasterio/rgb-byte-tenth.tif"), "--weights", "demo", "--probabilities", "-o", str(out),
+    r = cli("run", data("rasterio/rgb-byte-tenth.tif"), "--weights", "demo", "--ignore-pixel-size", "--probabilities", "-o", str(out),
             "--quiet")
     assert r.returncode == 0, r.stderr
     with rasterio.open(out) as f:
         assert f.descriptions == ("nucleus",)
     ome = tmp_path / "p.ome.tif"
-    assert cli("run", data("rasterio/rgb-byte-tenth.tif"), "--weights", "demo", "--probabilities", "-o",
+    assert cli("run", data("rasterio/rgb-byte-tenth.tif"), "--weights", "demo", "--ignore-pixel-size", "--probabilities", "-o",
                str(ome), "--quiet").returncode == 0
     import tifffile
 
@@ -147,7 +147,7 @@ def test_ome_zarr_coordinates_give_rasterios_pixel_centres_on_every_level(tmp_pa
 
     out = tmp_path / "m.zarr"
     args = ("--probabilities",) if probabilities else ()
-    assert cli("run", data(SCENE), "--weights", "demo", "-o", str(out), "--quiet", *args).returncode == 0
+    assert cli("run", data(SCENE), "--weights", "demo", "--ignore-pixel-size", "-o", str(out), "--quiet", *args).returncode == 0
     with rasterio.open(data(SCENE)) as f:
         t, crs = f.transform, f.crs
     group = zarr.open_group(str(out), mode="r")
@@ -198,7 +198,7 @@ def test_georeferenced_ome_tiff_has_the_pixel_size_in_metres(tmp_path):
 
     src = data("rasterio/rgb-byte-tenth.tif")  # 3004.2 x 3034.2 m pixels
     out = tmp_path / "m.ome.tif"
-    assert cli("run", src, "--weights", "demo", "-o", str(out), "--quiet").returncode == 0
+    assert cli("run", src, "--weights", "demo", "--ignore-pixel-size", "-o", str(out), "--quiet").returncode == 0
     with tifffile.TiffFile(out) as t:
         pixels = tifffile.xml2dict(t.ome_metadata)["OME"]["Image"]["Pixels"]
     with rasterio.open(src) as f:

@@ -26,8 +26,8 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.writers import OutputInfo, Writer
-from .models import (SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale, is_volumetric,
-                     resolve_weights)
+from .models import (FILE_ARCHS, SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale,
+                     is_volumetric, resolve_weights)
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,13 @@ def _settle_backend(cfg: RunConfig, ref: PredictorRef, predictor, tiling, window
 def _name(info: ModelInfo) -> str:
     """``unet/resnet34``; tilerseg's own architectures have no --encoder; an
     ONNX model is its file."""
-    if info.spec.arch == "onnx":
-        return os.path.basename(info.weights or "") or "the ONNX model"
+    if info.spec.arch in FILE_ARCHS:  # a file that is its own architecture (ONNX, TorchScript, export)
+        return os.path.basename(info.weights or "") or f"the {info.spec.arch} model"
     return f"{info.spec.arch}/{info.spec.encoder}" if arch(info.spec.arch).smp else info.spec.arch
 
 
 def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, scheduler=None, stacklevel: int = 4,
-                  skip=None):
+                  skip=None, note: str = ""):
     """The run's tiling (see :func:`tilerseg.tiling.resolve`), said once;
     sized for the workers of a distributed ``scheduler`` where there is one,
     and for the windows that will run (``skip``: a
@@ -241,19 +241,19 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sch
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
                       f"{tiling.halo[0]} (a larger --tile reduces the difference)", NonLocalModelWarning,
                       stacklevel=stacklevel)
-    log.info("tiling: %s", tiling.summary())
+    log.info("tiling: %s", tiling.summary() + (f"; {note}" if note else ""))
     return tiling
 
 
 def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress) -> RunReport:
     i, o, e = cfg.input, cfg.output, cfg.engine
     info = fit_bands(info, src.meta.bands)
-    check_mpp(info, src.meta, os.fspath(input))
+    pixels = check_mpp(info, src.meta, os.fspath(input), i.ignore_pixel_size)
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
-                           skip=wmap if wmap.may_skip else None)
+                           skip=wmap if wmap.may_skip else None, note=pixels.note)
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
@@ -265,7 +265,8 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
                        class_names=info.class_names, source=os.fspath(input),
                        model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
-                       probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances)
+                       probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances,
+                       pixel_size=pixels.record)
     render = None
     if o.preview:
         from .preview import render as draw
@@ -348,19 +349,11 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "settings": readable}
 
 
-MPP_TOLERANCE = 0.25
+def check_mpp(info: ModelInfo, meta: ImageMeta, path: str, ignore: bool = False):
+    """The model's pixel size against the image's (:mod:`tilerseg.pixelsize`)."""
+    from .pixelsize import check
 
-
-def check_mpp(info: ModelInfo, meta: ImageMeta, path: str) -> None:
-    """Refuse an image whose resolution is far from the one the weights
-    were trained at (when both are known)."""
-    if not info.mpp or not meta.mpp:
-        return
-    ratio = meta.mpp / info.mpp
-    if abs(ratio - 1) > MPP_TOLERANCE:
-        raise InputError(f"{path}: the image is read at {meta.mpp:.4g} µm/px, but the weights were trained at "
-                         f"{info.mpp:.4g} µm/px ({ratio:.2f}x): pass --mpp {info.mpp:g} (or the --level that "
-                         "matches) so objects have the size the model learnt")
+    return check(info.mpp, meta, path, ignore=ignore, stacklevel=4)
 
 
 class InputRangeWarning(UserWarning):

@@ -212,6 +212,7 @@ def _export(model, path: str, *, in_channels: int, dims: int, stride: int) -> No
     import torch
 
     device = next(iter(model.parameters()), torch.zeros(())).device
+    model = getattr(model, "onnx_target", None) or model  # a TorchScript program exports itself, not its wrapper
     x = torch.zeros((1, in_channels) + (2 * stride,) * dims, device=device)
     axes = {0: "batch", **{2 + i: f"d{i}" for i in range(dims)}}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():

@@ -176,16 +176,25 @@ def cmd_ingest(a) -> int:
 def cmd_models(a) -> int:
     from .models import ARCHITECTURES
 
+    if a.describe:
+        from .models.card import card
+        from .models.registry import ModelSpec
+
+        for key, text in card(a.describe, ModelSpec(arch=a.model, encoder=a.encoder, classes=a.classes)):
+            print(f"{key + ':':<15}{text}")
+        return 0
+
     print(f"{'name':<16}{'class':<16}{'dims':<6}{'seam-exact':<12}aliases / why not")
     for name, row in sorted(ARCHITECTURES.items()):
-        if name == "onnx":  # a file, not an architecture: said below
+        if name in ("onnx", "torchscript", "exported"):  # a file, not an architecture: said below
             continue
         why = ", ".join(row.aliases) if row.local else row.why
         print(f"{name:<16}{row.cls:<16}{row.dims:<6}{'yes' if row.local else 'no':<12}{why}")
     print("\n--encoder takes any segmentation-models-pytorch encoder (default resnet34); tilerseg's own "
           "architectures (ternausnet, transunet, unet2d, unet3d) have fixed encoders.")
-    print("\nyour own model: --weights model.onnx runs an ONNX file (2-D, on ONNX Runtime); seam-exact unless "
-          "its graph pools globally or attends (the run says so)")
+    print("\nyour own model: --weights model.onnx runs an ONNX file (2-D, on ONNX Runtime), --weights model.pt a "
+          "TorchScript or torch.export program, hf://ORG/NAME a Hub repository; seam-exact unless it pools "
+          "globally or attends (the run says so; `tilerseg models --describe WEIGHTS` shows it)")
     print("\ntrained weights shipped with tilerseg (no download):\n"
           f"{'demo':<16}{'unet':<16}{'2':<6}{'yes':<12}nuclei on H&E-like RGB uint8 at 0.5 µm/px, 2 classes "
           "(background, nucleus): --weights demo (tilerseg:demo where a path named demo exists), or "

@@ -116,10 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "done, and finish unfinished outputs from their finished blocks instead of starting over")
     r.add_argument("--config", help="YAML of run options (see pipelines/); flags override it")
     _input_args(r)
+    r.add_argument("--ignore-pixel-size", action="store_true", help="run a model whose declared pixel size is in "
+                   "another unit than the image's (µm against a CRS's metres); refused by default")
     m = r.add_argument_group("model")
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
     m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
-                   "an .onnx file (your own model: bands, classes and metadata read from it), or `demo` for the "
+                   "an ONNX file, a TorchScript or torch.export program (your own model: bands, classes and metadata "
+                   "read from it; the format is read from the content), hf://ORG/NAME[@REV], or `demo` for the "
                    "shipped nuclei model (`tilerseg:demo` names it where a path named demo exists)")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")
@@ -211,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="reader threads (default: sized to the machine)")
     g.add_argument("--overwrite", action="store_true")
 
-    sub.add_parser("models", help="list the model registry")
+    ms = sub.add_parser("models", help="list the model registry, or describe weights (--describe)")
+    ms.add_argument("--describe", metavar="WEIGHTS", help="what a weights file or hf:// repository is: format, "
+                    "bands, classes, pixel size, halo, preprocessing, seam-exact or not")
+    ms.add_argument("--model", default="unet", help="architecture of a bare state dict (default unet)")
+    ms.add_argument("--encoder", default="resnet34", help="its encoder (default resnet34)")
+    ms.add_argument("--classes", type=int, default=1, help="its classes (default 1)")
 
     c = sub.add_parser("cluster-script", help="print the batch job script --cluster would submit")
     c.add_argument("cluster_config", metavar="CONFIG", help="cluster YAML, e.g. pipelines/cluster-slurm-gpu.yaml")

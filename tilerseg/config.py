@@ -40,6 +40,7 @@ class InputOptions:
     reader: Literal["auto", "openslide", "tifffile", "rasterio", "pillow", "zarr"] = "auto"
     tissue: str | None = None
     force_resample: bool = False  # allow --mpp to resample more than 8x
+    ignore_pixel_size: bool = False  # run a model whose pixel size is in another unit than the image's
     missing_chunks: Literal["refuse", "nodata", "fill"] = "refuse"  # zarr inputs with chunks not stored
 
     def reader_options(self) -> dict[str, Any]:
@@ -141,7 +142,7 @@ CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MO
 # probabilities by 1e-4 at most): left out of the resume fingerprint
 # (memory_budget only sizes the tile, and the tiling chosen is in the fingerprint)
 NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
-                      "memory_budget", "force_resample", "concurrent"}
+                      "memory_budget", "force_resample", "concurrent", "ignore_pixel_size"}
 UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
          "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
 

@@ -72,6 +72,7 @@ class OutputInfo:
     vector_crs: str = "wgs84"           # GeoJSON coordinates: RFC 7946 lon/lat, or the input's CRS (native)
     instances: bool = False             # uint32 object ids (0 = none) from the probabilities, by ``post``
     objects: dict | None = None         # an instance output's summary (objects per class, median area)
+    pixel_size: dict | None = None      # the model's pixel size against the image's, where they differ
 
     @property
     def out_meta(self) -> ImageMeta:
@@ -91,6 +92,12 @@ class OutputInfo:
 
     def kind(self) -> dict:
         """What the file holds, for `tilerseg info` and readers of the output."""
+        out = self._kind()
+        if self.pixel_size:
+            out["pixel_size"] = self.pixel_size
+        return out
+
+    def _kind(self) -> dict:
         m = self.out_meta
         if self.instances:
             return {"kind": "instances", "dtype": "uint32", "classes": self.classes,

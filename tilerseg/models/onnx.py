@@ -326,6 +326,16 @@ def describe_onnx(path: str, spec: ModelSpec) -> dict:
                 threshold=threshold)
 
 
+def describe(path: str, spec: ModelSpec) -> dict:
+    """:func:`describe_onnx` under the name every format module has."""
+    return describe_onnx(path, spec)
+
+
+def build(info) -> "OnnxModel":
+    """:func:`build_onnx` under the name every format module has."""
+    return build_onnx(info)
+
+
 def not_buildable(**_):
     raise ModelError("onnx: an ONNX model is a file, not an architecture to build or train: run it with "
                      "--weights model.onnx")

@@ -70,7 +70,12 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
     _own("unet3d", "UNet", "unet:unet3d", dims=3),
     # an ONNX file given as --weights: its graph is the architecture (built from the file, never here)
     _own("onnx", "OnnxModel", "onnx:not_buildable"),
+    # a TorchScript or torch.export program given as --weights: likewise its own architecture
+    _own("torchscript", "ProgramModel", "program:not_buildable"),
+    _own("exported", "ProgramModel", "program:not_buildable"),
 )}
+# the architectures that are a file given as --weights, never built here
+FILE_ARCHS = ("onnx", "torchscript", "exported")
 ALIASES = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
 
 # the builder arguments a spec holds as fields (weights decide them: models.weights.describe)

@@ -1,6 +1,11 @@
 """Loading weights: smp ``save_pretrained`` folders, bare state dicts
-(``.safetensors``/``.pt``), self-describing tilerseg checkpoints and ONNX
-files (:mod:`tilerseg.models.onnx`)."""
+(``.safetensors``/``.pt``) and self-describing tilerseg checkpoints here;
+ONNX files (:mod:`tilerseg.models.onnx`), TorchScript
+(:mod:`tilerseg.models.torchscript`) and ``torch.export`` programs
+(:mod:`tilerseg.models.exported`) and Hub repositories
+(:mod:`tilerseg.models.hub`) in their own modules. Which one a path is,
+is decided by its content (:func:`tilerseg.models.detect.detect`); after
+:func:`describe`, nothing downstream knows the format."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ModelError
-from .registry import IO_ARGS, ModelSpec, build, canonical
+from .detect import HUB_PREFIX, detect
+from .registry import FILE_ARCHS, IO_ARGS, ModelSpec, build, canonical
 
 log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "tilerseg_checkpoint"
@@ -145,7 +151,7 @@ def _lift_io_args(spec: ModelSpec) -> ModelSpec:
 
 def _where(weights: str | None, spec: ModelSpec) -> str:
     """Which layers of a plain state dict said so (empty for other files)."""
-    if weights is None or is_onnx(weights, spec) or os.path.isdir(weights):
+    if weights is None or os.path.isdir(weights) or detect(weights) not in ("torch", "safetensors"):
         return ""
     ends = _io_layers(load_state(weights), spec)
     if ends is None:
@@ -160,17 +166,24 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
             raise ModelError("--model onnx runs an ONNX file: give it as --weights model.onnx")
         return ModelInfo(spec=spec)
     weights = os.fspath(weights)
+    if weights.startswith(HUB_PREFIX):
+        from .hub import resolve
+
+        weights = resolve(weights)
     if not os.path.exists(weights):
         import difflib
 
         near = " (did you mean 'demo', the shipped model?)" if difflib.get_close_matches(weights, ["demo"]) else ""
         raise ModelError(f"{weights}: weights not found{near}; check the --weights path")
-    if is_onnx(weights, spec):
-        from .onnx import describe_onnx
-
-        fields = describe_onnx(weights, spec)
+    fmt = "onnx" if is_onnx(weights, spec) else detect(weights)
+    if fmt in FILE_ARCHS:
+        fields = _file_module(fmt).describe(weights, spec)
         mean, std, scale = fields.pop("normalization")
         return ModelInfo(weights=weights, normalization=Normalization(mean=mean, std=std, scale=scale), **fields)
+    if fmt in ("bioimageio", "monai"):
+        what = {"bioimageio": "a bioimage.io package", "monai": "a MONAI bundle"}[fmt]
+        raise ModelError(f"{weights}: {what}, which tilerseg does not run yet; give its TorchScript or ONNX "
+                         "weights file from inside it as --weights")
     if os.path.isdir(weights):
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.exists(cfg_path):
@@ -212,10 +225,8 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
 def instantiate(info: ModelInfo):
     """Build the module of ``info`` and load its weights, in eval mode (an
     ONNX file: the module that runs its graph)."""
-    if info.spec.arch == "onnx":
-        from .onnx import build_onnx
-
-        return build_onnx(info)
+    if info.spec.arch in FILE_ARCHS:
+        return _file_module(info.spec.arch).build(info)
     spec = info.spec if info.weights is None else replace(info.spec, encoder_weights=None)
     model = build(spec)
     try:
@@ -223,6 +234,14 @@ def instantiate(info: ModelInfo):
     except ModelError as err:
         raise ModelError(f"{err}{_shadow_hint(info.weights)}") from err
     return model.eval()
+
+
+def _file_module(fmt: str):
+    """The module of a format that is its own architecture (FILE_ARCHS):
+    each has ``describe(path, spec)`` and ``build(info)``."""
+    import importlib
+
+    return importlib.import_module(f".{fmt}", __package__)
 
 
 def _load_weights(model, info: ModelInfo) -> None:
