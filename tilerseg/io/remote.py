@@ -210,7 +210,7 @@ def gdal_options() -> dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-BLOCK = 64 * 1024  # header and small reads: one request per 64 KiB block
+BLOCK = 16 * 1024  # header reads (IFDs, tags, OME-XML): one request per run of 16 KiB blocks
 CACHE_BYTES = 64 * 2 ** 20  # per open file; tiles read by neighbouring windows' halos come from here
 
 
@@ -232,7 +232,7 @@ class RemoteFile:
             raise InputError(f"{display(url)}: the server does not say the object's size (no Content-Length); "
                              "serve it from a server that does, or copy it locally")
         self._blocks: collections.OrderedDict = collections.OrderedDict()
-        self._lock, self._pos, self.closed = threading.Lock(), 0, False
+        self._lock, self._pos, self.closed, self._held = threading.Lock(), 0, False, 0
         self.name = display(url)
 
     def pread(self, n: int, offset: int) -> bytes:
@@ -263,6 +263,19 @@ class RemoteFile:
         joined = b"".join(have[k] for k in range(first, last + 1))
         return joined[offset - first * BLOCK:end - first * BLOCK]
 
+    def tile(self, n: int, offset: int) -> bytes:
+        """A tile's ``n`` bytes at ``offset``, fetched exactly (no rounding
+        to blocks: neighbours outside the windows are not fetched) and kept
+        in the LRU cache, so a tile under two windows' halos is fetched once."""
+        key = ("tile", offset, n)
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                return self._blocks[key]
+        data = self._fetch(offset, min(offset + n, self.size))
+        self._keep({key: data})
+        return data
+
     def check_ranges(self) -> None:
         """Fetch the last two bytes: a server that ignores ``Range`` sends
         the whole object, and is refused before any window is read."""
@@ -275,9 +288,9 @@ class RemoteFile:
             raise fail(self.url, err) from None
         count(len(data))
         if len(data) > end - start:
-            raise InputError(f"{display(self.url)}: the server ignores range requests (asked for bytes {start}-"
-                             f"{end - 1}, got {len(data)} bytes), so the image cannot be read window by window; "
-                             "serve it from a server that supports them (nginx, S3), or copy it locally")
+            raise InputError(f"{display(self.url)}: the server does not support HTTP range requests (asked for "
+                             f"bytes {start}-{end - 1}, it sent {len(data)}), so the image cannot be read window by "
+                             "window; serve it from a server that does (nginx, S3), or copy it locally")
         if len(data) < end - start:
             raise InputError(f"{display(self.url)}: truncated: the server sent {len(data)} of bytes {start}-{end - 1} "
                              f"of a {self.size}-byte object; upload it again")
@@ -285,9 +298,10 @@ class RemoteFile:
 
     def _keep(self, blocks: dict) -> None:
         with self._lock:
+            self._held += sum(len(v) for k, v in blocks.items() if k not in self._blocks)
             self._blocks.update(blocks)
-            while len(self._blocks) * BLOCK > CACHE_BYTES:
-                self._blocks.popitem(last=False)
+            while self._held > CACHE_BYTES and self._blocks:
+                self._held -= len(self._blocks.popitem(last=False)[1])
 
     # the file protocol tifffile uses to parse the header
     def seek(self, offset: int, whence: int = 0) -> int:

@@ -107,7 +107,7 @@ class TiffReader(Reader):
 
     def _pread(self, n: int, offset: int) -> bytes:
         """A tile's bytes: ``os.pread`` locally, the block cache by URL."""
-        return os.pread(self._fd, n, offset) if self._remote is None else self._remote.pread(n, offset)
+        return os.pread(self._fd, n, offset) if self._remote is None else self._remote.tile(n, offset)
 
     def close(self) -> None:
         if self._fd is not None:
