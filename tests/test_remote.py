@@ -272,3 +272,49 @@ def test_dask_workers_open_the_url_themselves(files, http, tmp_path, tiny_model_
     assert sum(1 for v in by_worker.values() if v) == 2  # both workers read
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "remote.zarr"), mode="r")["0"][:],
                                   zarr.open_group(str(tmp_path / "local.zarr"), mode="r")["0"][:])
+
+
+@pytest.mark.parametrize("ext", ["ome.tif", "tif", "geojson"])
+def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_model_dir, capsys, monkeypatch,
+                                                ext):
+    """-o s3://.../mask.EXT: written in the staging folder, uploaded once
+    complete; the object reads as the local run's file; nothing stays behind."""
+    import s3fs
+    import tifffile
+
+    from tilerseg import cli
+
+    monkeypatch.setenv("TILERSEG_STAGING", str(tmp_path / "staging"))
+    src = "cogeo.tif" if ext == "tif" else "tiled.tif"  # .tif: a COG, georeferenced from the input
+    common = ["--weights", tiny_model_dir, "--halo", "24", "--tile", "512", "--quiet"]
+    local = tmp_path / f"local.{ext}"
+    assert cli.main(["run", os.path.join(files, src), *common, "-o", str(local)]) == 0
+    url = f"s3://{BUCKET}/out/mask-{ext}.{ext}"
+    assert cli.main(["run", f"s3://{BUCKET}/{src}", *common, "-o", url]) == 0
+    assert f"wrote {url}:" in capsys.readouterr().out
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    got = tmp_path / f"got.{ext}"
+    fs.get_file(url, str(got))
+    if ext == "geojson":
+        a, b = (json.loads(p.read_text()) for p in (local, got))
+        assert [f["geometry"] for f in a["features"]] == [f["geometry"] for f in b["features"]] and a["features"]
+    else:
+        with tifffile.TiffFile(local) as ta, tifffile.TiffFile(got) as tb:
+            assert len(ta.series[0].levels) == len(tb.series[0].levels)
+            np.testing.assert_array_equal(ta.asarray(), tb.asarray())
+    assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))  # the local copy went
+    assert cli.main(["run", f"s3://{BUCKET}/{src}", *common, "-o", url]) == 1  # exists: not replaced
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_nothing_at_the_output_url(http, s3, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import s3fs
+
+    from tilerseg import cli
+
+    monkeypatch.setenv("TILERSEG_STAGING", str(tmp_path / "staging"))
+    url = f"s3://{BUCKET}/out/failed.ome.tif"
+    assert cli.main(["run", f"{http.url}/truncated/tiled.tif", "--weights", tiny_model_dir, "-o", url, "--quiet"]) == 1
+    assert "truncated" in capsys.readouterr().err
+    assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url)
+    assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))
