@@ -372,13 +372,15 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     # tilerseg's own messages (progress, level choice) as "tilerseg: ..."; other libraries' warnings by name
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # other libraries' lines (GDAL's errors, aiohttp) name URLs too
+        h.setFormatter(_Masked("%(name)s: %(message)s"))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Masked("tilerseg: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     shown = warnings.showwarning
-    warnings.showwarning = lambda msg, cat, *rest: print(f"tilerseg: warning: {msg}", file=sys.stderr)
+    warnings.showwarning = lambda msg, cat, *rest: print(mask_text(f"tilerseg: warning: {msg}"), file=sys.stderr)
     try:
         with warnings.catch_warnings():
             if not args.debug:
