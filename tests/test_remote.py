@@ -318,3 +318,24 @@ def test_a_failed_run_leaves_nothing_at_the_output_url(http, s3, tmp_path, tiny_
     assert "truncated" in capsys.readouterr().err
     assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(url)
     assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))
+
+
+def test_a_server_that_never_answers_times_out_in_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A listening socket that accepts and says nothing: the run ends after
+    TILERSEG_REMOTE_TIMEOUT with one line, instead of hanging."""
+    import socket
+    import time
+
+    from tilerseg import cli
+
+    monkeypatch.setenv("TILERSEG_REMOTE_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+        t0 = time.perf_counter()
+        code = cli.main(["run", f"http://127.0.0.1:{s.getsockname()[1]}/a.tif", "--weights", tiny_model_dir,
+                         "-o", str(tmp_path / "m.zarr"), "--quiet"])
+        took = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "cannot reach the server" in err[0], err
+    assert took < 20 and not (tmp_path / "m.zarr").exists()

@@ -59,7 +59,7 @@ def filesystem(url: str):
 
     scheme = url.split("://", 1)[0].lower()
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **_timeouts(scheme))
     except (ImportError, ValueError) as err:
         known = known_implementations.get(scheme)
         if known:
@@ -68,6 +68,25 @@ def filesystem(url: str):
                              f"pip install {package} (or pip install 'tilerseg[remote]' for S3)") from None
         raise InputError(f"{display(url)}: no fsspec backend knows the scheme {scheme}://; use https://, s3://, "
                          f"gs:// or az:// ({' '.join(str(err).split())[:120]})") from None
+
+
+def timeout() -> float:
+    """Seconds to wait for a server to connect or answer a read
+    (``TILERSEG_REMOTE_TIMEOUT``, 30 by default): a server that hangs is
+    an error, not a run that never ends."""
+    return float(os.environ.get("TILERSEG_REMOTE_TIMEOUT", "30"))
+
+
+def _timeouts(scheme: str) -> dict:
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout(),
+                                                                   sock_read=timeout())}}
+    if scheme in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout(), "read_timeout": timeout(),
+                                  "retries": {"max_attempts": 2}}}
+    return {}
 
 
 def fail(url: str, err: BaseException, doing: str = "cannot read it") -> InputError:
@@ -105,7 +124,7 @@ def _network(text: str) -> bool:
     return any(w in low for w in ("name or service not known", "cannot connect", "connect call failed", "timeout",
                                   "timed out", "temporary failure in name resolution", "could not resolve",
                                   "nodename nor servname", "connection refused", "couldn't resolve",
-                                  "could not connect"))
+                                  "could not connect", "timeouterror", "read timed out"))
 
 
 def _short(text: str, url: str = "") -> str:
@@ -200,7 +219,7 @@ def gdal_options() -> dict:
     """GDAL configuration for remote reads: no directory listing on open,
     and an S3-compatible endpoint from ``AWS_ENDPOINT_URL`` (as boto reads it)."""
     opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "1",
-            "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", "30"),
+            "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", str(int(timeout()))),
             "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": None}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
