@@ -263,8 +263,8 @@ def test_zarr_output_to_an_fsspec_url_equals_a_local_one(tmp_path, tiny_model_di
     assert remote.attrs["ome"] == local.attrs["ome"]
     fs = fsspec.filesystem("memory")
     assert not fs.exists("/tilerseg-test/.out.zarr.tilerseg")
-    r = cli("run", src, "-o", "memory://x/out.tif", "--weights", tiny_model_dir, cwd=tmp_path)  # its ledger: cwd
-    assert r.returncode == 1 and "URLs take .zarr outputs" in r.stderr
+    r = cli("run", src, "-o", "memory://x/out.png", "--weights", tiny_model_dir, cwd=tmp_path)  # its ledger: cwd
+    assert r.returncode == 1 and "write PNGs to a local path" in r.stderr  # file outputs by URL: test_remote
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from .errors import InputError, ModelError
 from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
+from .io.remote import display, fingerprint as url_fingerprint, is_url
 from .io.writers import OutputInfo, Writer
 from .models import (FILE_ARCHS, SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale,
                      is_volumetric, resolve_weights)
@@ -80,6 +81,9 @@ class RunReport:
     tiling: str = ""
     backend: str = ""  # what ran the forward pass and why (auto: the probe's figures); "" for plain torch
     objects: dict | None = None  # --instances: objects per class and their median area
+    input: str = ""  # the input as printed (a URL masked)
+    bytes_read: int = 0  # an input by URL: bytes fetched for this run (here and on the workers)
+    bytes_total: int = 0  # ... of the object's size
 
     @property
     def windows_skipped(self) -> int:
@@ -161,11 +165,29 @@ def execute(input, output, cfg: RunConfig, *, progress=None) -> RunReport:
         if is_volumetric(info.spec.arch):
             writer.check_volume()
             return _run_volume(input, writer, info, cfg, progress)
+        before = _bytes_read(e.scheduler) if is_url(os.fspath(input)) else None
         src = open_reader(input, **i.reader_options())
         try:
-            return _run_image(src, input, writer, info, cfg, progress)
+            report = _run_image(src, input, writer, info, cfg, progress)
         finally:
             src.close()
+        if before is None:
+            return report
+        from .io.remote import stat
+
+        return replace(report, input=display(os.fspath(input)), bytes_read=_bytes_read(e.scheduler) - before,
+                       bytes_total=stat(os.fspath(input))["size"] or 0)
+
+
+def _bytes_read(scheduler) -> int:
+    """Bytes fetched by URL so far, in this process and on a distributed
+    scheduler's workers (each opens the URL itself)."""
+    from .io import remote
+
+    n = remote.bytes_read()
+    if hasattr(scheduler, "run"):
+        n += sum(scheduler.run(remote.bytes_read).values())
+    return n
 
 
 def _volume_by_name(m: ModelOptions) -> bool | None:
@@ -263,7 +285,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     out = Output(probabilities=bool(o.probabilities) or o.instances, threshold=threshold, merge=tiling.merge)
     plan = segment_plan(src, ref, grid, tiles, out, info.spec.classes, active=active)
     oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
-                       class_names=info.class_names, source=os.fspath(input),
+                       class_names=info.class_names, source=display(os.fspath(input)),
                        model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
                        probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances,
                        pixel_size=pixels.record)
@@ -308,7 +330,7 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
                            info.spec.classes, pad_mode=tiling.pad_mode)
         warm_workers(e.scheduler, ref)
         oinfo = OutputInfo(meta=src.meta, probabilities=bool(o.probabilities), classes=info.spec.classes,
-                           class_names=info.class_names, source=os.fspath(input), model=info.spec.arch)
+                           class_names=info.class_names, source=display(os.fspath(input)), model=info.spec.arch)
         t0 = time.perf_counter()
         stats = writer.write(plan, lambda p, z, marks: store_plan(
             p, z, workers=e.workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
@@ -331,6 +353,8 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     import json
 
     def stat(path):
+        if is_url(path):  # the server's size and ETag (or last-modified), the URL without credentials
+            return url_fingerprint(path)
         try:
             st = os.stat(path)
             return [os.path.abspath(path), st.st_size, st.st_mtime_ns]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import InputError, Terminated, TilersegError
+from .io.remote import mask_text
 
 log = logging.getLogger(__name__)
 LEDGER = "tilerseg-ledger.jsonl"
@@ -177,8 +178,21 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _exists(path: str) -> bool:
+    """An output, local or at a URL."""
+    if "://" not in path:
+        return os.path.exists(path)
+    from .io.remote import filesystem
+
+    fs, root = filesystem(path)
+    return fs.exists(root)
+
+
 def _key(job: Job) -> tuple[str, str]:
-    return os.fspath(job.input), os.fspath(job.output)
+    """The ledger's names for a job: URLs with credentials masked."""
+    from .io.remote import display
+
+    return display(os.fspath(job.input)), display(os.fspath(job.output))
 
 
 def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = False,
@@ -198,7 +212,7 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
     todo = []
     for job in jobs:
         prev = before.get(_key(job))
-        if resume and prev and prev.get("status") == "done" and os.path.exists(job.output):
+        if resume and prev and prev.get("status") == "done" and _exists(job.output):
             log.info("%s: done in the ledger (%s), skipped", job.input, job.output)
             continue
         todo.append(job)
@@ -220,9 +234,9 @@ def run_jobs(jobs: list[Job], ledger: str, run: Callable, *, resume: bool = Fals
             raise
         except Exception as err:  # recorded; the next input goes on
             if isinstance(err, TilersegError):
-                text = str(err)
+                text = mask_text(str(err))
             else:
-                text = (f"internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]} (rerun with "
+                text = (f"internal error: {type(err).__name__}: {mask_text(' '.join(str(err).split())[:300])} (rerun with "
                         "--debug for the traceback and report it)")
                 log.debug("%s failed", job.input, exc_info=True)
             entry.update(status="failed", windows_computed=None, windows_total=None,

@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from .cli_args import build_parser
+from .io.remote import mask_text
 
 log = logging.getLogger("tilerseg")
 EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
@@ -53,14 +54,14 @@ def cmd_run(a) -> int:
 
         def one(input, output):
             if many:
-                print(f"[{number[input, output]}/{len(jobs)}] {input} -> {output}", flush=True)
+                print(mask_text(f"[{number[input, output]}/{len(jobs)}] {input} -> {output}"), flush=True)
             progress, bar = _progress(a.quiet or at_once > 1)  # no bars from inputs running together
             with bar:
                 return execute(input, output, job_cfg, progress=progress)
 
         def done(job, entry, report) -> None:
             if entry["status"] == "failed":
-                print(f"tilerseg: error: {entry['error']}", file=sys.stderr, flush=True)
+                print(mask_text(f"tilerseg: error: {entry['error']}"), file=sys.stderr, flush=True)
             else:
                 _print_report(a, report)
 
@@ -71,7 +72,7 @@ def cmd_run(a) -> int:
               f"(already done); ledger {ledger}")
     if failed and many:
         print(f"tilerseg: {len(failed)} of {len(jobs)} inputs failed (errors above and in the ledger): "
-              + ", ".join(e["input"] for e in failed), file=sys.stderr)
+              + mask_text(", ".join(e["input"] for e in failed)), file=sys.stderr)
     return EXIT_ERROR if failed else 0
 
 
@@ -79,9 +80,12 @@ def _print_report(a, report) -> None:
     size = "x".join(str(v) for v in reversed(report.shape))
     unit = "voxels" if len(report.shape) == 3 else "px"
     tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
-    print(f"wrote {report.output}: {size} {unit}, {report.windows} windows of {tile} px "
+    print(f"wrote {mask_text(report.output)}: {size} {unit}, {report.windows} windows of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
+    if report.bytes_total:
+        print(f"read {_megabytes(report.bytes_read)} of {_megabytes(report.bytes_total)} from "
+              f"{mask_text(report.input)}")
     if report.backend:
         print(f"backend: {report.backend}")
     if report.objects is not None:
@@ -97,6 +101,11 @@ def _print_report(a, report) -> None:
         why = "no tissue or all nodata" if a.tissue else "all nodata"
         print(f"skipped {report.windows_skipped} of {report.windows} windows "
               f"({report.windows_skipped / report.windows:.1%}): {why}")
+
+
+def _megabytes(n: int) -> str:
+    """``84 MB``, ``1.2 MB``: the run summary's transfer figure."""
+    return f"{n / 1e6:.3g} MB" if n < 1e8 else f"{n / 1e6:,.0f} MB"
 
 
 def _progress(quiet: bool):
@@ -373,13 +382,15 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     # tilerseg's own messages (progress, level choice) as "tilerseg: ..."; other libraries' warnings by name
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # other libraries' lines (GDAL's errors, aiohttp) name URLs too
+        h.setFormatter(_Masked("%(name)s: %(message)s"))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("tilerseg: %(message)s"))
+    handler.setFormatter(_Masked("tilerseg: %(message)s"))
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.DEBUG if args.debug else logging.INFO)
     shown = warnings.showwarning
-    warnings.showwarning = lambda msg, cat, *rest: print(f"tilerseg: warning: {msg}", file=sys.stderr)
+    warnings.showwarning = lambda msg, cat, *rest: print(mask_text(f"tilerseg: warning: {msg}"), file=sys.stderr)
     try:
         with warnings.catch_warnings():
             if not args.debug:
@@ -391,6 +402,13 @@ def main(argv=None) -> int:
         warnings.showwarning = shown
 
 
+class _Masked(logging.Formatter):
+    """Log lines with every URL's userinfo and query string masked (credentials)."""
+
+    def format(self, record) -> str:
+        return mask_text(super().format(record))
+
+
 def _command(args) -> int:
     from .errors import Terminated, TilersegError
 
@@ -400,7 +418,7 @@ def _command(args) -> int:
     except TilersegError as err:
         if args.debug:
             raise
-        print(f"tilerseg: error: {err}", file=sys.stderr)
+        print(mask_text(f"tilerseg: error: {err}"), file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `tilerseg models | head`: the reader left
         sys.stderr.close()
@@ -413,7 +431,7 @@ def _command(args) -> int:
     except Exception as err:  # a bug, not a user error: still one line unless --debug
         if args.debug:
             raise
-        text = " ".join(str(err).split())[:400]
+        text = mask_text(" ".join(str(err).split())[:400])
         print(f"tilerseg: internal error: {type(err).__name__}: {text} (rerun with --debug for the traceback "
               "and report it)", file=sys.stderr)
         return EXIT_ERROR

@@ -102,8 +102,11 @@ def reopen(cls, *args):
     between threads. The last few are kept; older ones close when their
     last task lets go of them."""
     try:
-        st = os.stat(args[0])
-        key = (cls, args, st.st_size, st.st_mtime_ns)
+        if isinstance(args[0], str) and "://" in args[0]:  # a URL: the same object for the run's length
+            key = (cls, args)
+        else:
+            st = os.stat(args[0])
+            key = (cls, args, st.st_size, st.st_mtime_ns)
         hash(key)
     except (OSError, TypeError, IndexError, ValueError):
         return cls(*args)

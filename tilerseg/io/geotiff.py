@@ -1,11 +1,13 @@
 """GeoTIFF and COG through rasterio: CRS, transform, nodata, masks and bands."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 
 from ..errors import FormatError, InputError
+from . import remote
 from .base import ImageMeta, Reader, reopen
 
 
@@ -21,11 +23,19 @@ class GeoReader(Reader):
         import rasterio
         from rasterio.enums import ColorInterp, MaskFlags
 
-        self.path, self.level = str(path), int(level)
+        self._src, self.level = str(path), int(level)
+        self.path = remote.display(self._src)
+        url = remote.is_url(self._src)
+        where = remote.gdal_path(self._src) if url else self._src
+        if url:  # read at every request GDAL makes, not only at open: the process environment
+            for k, v in remote.gdal_options().items():
+                os.environ.setdefault(k, v)
         try:
             kwargs = {"overview_level": self.level - 1} if self.level else {}
-            self._ds = rasterio.open(self.path, **kwargs)
+            self._ds = rasterio.open(where, **kwargs)
         except Exception as err:
+            if url:
+                raise remote.fail(self._src, err, "GDAL cannot open it") from None
             raise FormatError(f"{self.path}: GDAL cannot open it ({err}); it is corrupt or not a raster "
                               "(or --level is beyond its overviews)") from err
         ds = self._ds
@@ -41,7 +51,7 @@ class GeoReader(Reader):
             any(ci == ColorInterp.alpha for ci in ds.colorinterp)
         self._lock = threading.Lock()
         t = ds.transform
-        with rasterio.open(self.path) as full:
+        with rasterio.open(where) as full:
             levels = [full.shape] + [(-(-full.height // f), -(-full.width // f)) for f in full.overviews(1)]
         self.meta = ImageMeta(
             shape=ds.shape, bands=len(self._bands), dtype=np.dtype(ds.dtypes[self._bands[0] - 1]),
@@ -63,4 +73,4 @@ class GeoReader(Reader):
             self._ds.close()
 
     def __reduce__(self):
-        return (reopen, (GeoReader, self.path, self.level, self._bands_req))
+        return (reopen, (GeoReader, self._src, self.level, self._bands_req))

@@ -8,6 +8,7 @@ from typing import Literal
 
 from ..config import READERS
 from ..errors import FormatError, InputError
+from . import remote
 from .base import Reader, ResampledReader, pick_level
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,12 @@ def open_reader(path, *, level: int | None = None, mpp: float | None = None,
     ``force_resample`` (it is far more often a wrong scale than a wish).
     The choice is logged and kept in ``reader.meta.note``."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if remote.is_url(path):
+        name = _detect_url(path, reader)
+    elif not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory; check the path")
-    name = _detect(path) if reader == "auto" else reader
+    else:
+        name = _detect(path) if reader == "auto" else reader
     if level is not None and mpp is not None:
         raise InputError("give --level or --mpp, not both")
     r = _open(name, path, level or 0, bands, missing_chunks)
@@ -96,15 +100,90 @@ def _detect(path: str) -> str:
                       "(force a backend with --reader)")
 
 
-def _is_geotiff(path: str) -> bool:
+TIFF_SLIDE_EXT = {".svs", ".scn", ".bif"}  # slides that are TIFFs tifffile reads tile by tile (remote: no openslide)
+
+
+def _detect_url(url: str, reader: str) -> str:
+    """The backend for a URL: openslide reads only local files, so
+    TIFF-based slides go to tifffile and the others are refused."""
+    info = remote.stat(url)
+    low = remote.strip_query(url).lower().rstrip("/")
+    ext = os.path.splitext(low)[1]
+    if reader not in ("auto", "openslide"):
+        return reader
+    if reader == "openslide" or (ext in SLIDE_EXT and ext not in TIFF_SLIDE_EXT):
+        raise FormatError(f"{remote.display(url)}: openslide reads only local files and this slide format "
+                          f"({ext or 'openslide'}) is not a TIFF tifffile reads tile by tile; copy it locally "
+                          "first (aws s3 cp / curl -O) and run on the copy")
+    if info.get("directory") or low.endswith(".zarr"):
+        return "zarr"
+    if url.split("://", 1)[0].lower() in ("http", "https") and info["size"]:
+        remote.RemoteFile(url, info["size"]).check_ranges()
+    if ext in TIFF_SLIDE_EXT:
+        _is_geotiff(url, info["size"])  # the header parses and the data is all there
+        return "tifffile"
+    if ext in TIFF_EXT:
+        return "rasterio" if _is_geotiff(url, info["size"]) else "tifffile"
+    if ext in GEO_EXT:
+        return "rasterio"
+    if ext in IMAGE_EXT:
+        raise FormatError(f"{remote.display(url)}: {ext} images are read whole, not window by window; copy it "
+                          "locally first, or convert it to a tiled TIFF")
+    raise FormatError(f"{remote.display(url)}: unsupported file type {ext or '(no extension)'!r}; by URL tilerseg "
+                      "reads TIFF/OME-TIFF/GeoTIFF/COG, SVS and zarr (force a backend with --reader)")
+
+
+def _is_geotiff(path: str, size: int | None = None) -> bool:
     import tifffile
 
+    url = remote.is_url(path)
+    where = remote.display(path) if url else path
     try:
-        with tifffile.TiffFile(path) as tif:
+        with (remote.RemoteFile(path, size) if url else open(path, "rb")) as fh, _tifffile_warnings() as said, \
+                tifffile.TiffFile(fh) as tif:
             tags = tif.pages[0].tags
+            tif.pages.useframes, n = False, len(tif.pages)  # every IFD parsed now: one past the end is logged
+            check_complete(tif, size if url else os.path.getsize(path), where)
+            if said and n:
+                raise FormatError(f"{where}: truncated or corrupt: {said[0]}; copy or upload it again")
             return any(t in tags for t in _GEO_TAGS)
+    except InputError:
+        raise
     except Exception as err:
-        raise FormatError(f"{path}: not a readable TIFF ({err}); it is corrupt or truncated") from err
+        raise FormatError(f"{where}: not a readable TIFF ({remote.mask_text(str(err))}); it is corrupt or "
+                          "truncated") from err
+
+
+class _tifffile_warnings:
+    """Collect what tifffile logs while parsing (an IFD offset past the end
+    of a truncated file is logged, not raised), instead of printing it."""
+
+    def __enter__(self):
+        import logging as lg
+
+        self.said, self.logger = [], lg.getLogger("tifffile")
+        self.handler = lg.Handler()
+        self.handler.emit = lambda rec: self.said.append(" ".join(rec.getMessage().split())[:160])
+        self.logger.addHandler(self.handler)
+        self.propagate, self.logger.propagate = self.logger.propagate, False
+        return self.said
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = self.propagate
+
+
+def check_complete(tif, size: int, where: str) -> None:
+    """Refuse a TIFF whose pages point past its end (cut short in a copy or
+    an upload) before any window is read, rather than failing half-way."""
+    need = 0
+    for page in tif.pages:
+        counts = getattr(page, "databytecounts", ()) or ()
+        if counts:
+            need = max(need, max(o + n for o, n in zip(page.dataoffsets, counts)))
+    if need > size:
+        raise FormatError(f"{where}: truncated: {size} bytes, but its image data reaches byte {need}; copy or "
+                          "upload it again")
 
 
 def _open(name: str, path: str, level: int, bands, missing_chunks: str = "refuse") -> Reader:

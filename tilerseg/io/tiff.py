@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, InputError
+from . import remote
 from .base import ImageMeta, Reader, reopen, resolution_mpp
 
 _CHANNEL_AXES = "SC"
@@ -24,12 +25,16 @@ class TiffReader(Reader):
         import tifffile
         import zarr
 
-        self.path, self.level = str(path), int(level)
+        self._src, self.level = str(path), int(level)
+        self._remote = remote.RemoteFile(self._src) if remote.is_url(self._src) else None
+        self.path = remote.display(self._src)
         try:
-            self._tif = tifffile.TiffFile(self.path)
+            self._tif = tifffile.TiffFile(self._remote or self._src)
             series = self._tif.series[0]
+        except InputError:
+            raise
         except Exception as err:
-            raise FormatError(f"{self.path}: not a readable TIFF ({err})") from err
+            raise FormatError(f"{self.path}: not a readable TIFF ({remote.mask_text(str(err))})") from err
         if not 0 <= self.level < len(series.levels):
             raise FormatError(f"{self.path}: has levels 0..{len(series.levels) - 1}, not {self.level}: "
                               "pick one of those with --level")
@@ -42,8 +47,9 @@ class TiffReader(Reader):
         _check_strips(series.levels[self.level], axes, self.path)
         self._z = zarr.open_array(series.aszarr(level=self.level), mode="r")
         self._page, self._fd = _tiled_page(series.levels[self.level], axes), None
+        if self._page is not None and self._remote is None:
+            self._fd = os.open(self._src, os.O_RDONLY)
         if self._page is not None:
-            self._fd = os.open(self.path, os.O_RDONLY)
             jpeg = self._page.compression in (6, 7, 34892, 33007)
             self._decodeargs = dict(jpegtables=self._page.jpegtables, jpegheader=self._page.jpegheader) if jpeg \
                 else {}
@@ -87,7 +93,7 @@ class TiffReader(Reader):
         for ty in range(rows[0] // th, (rows[1] - 1) // th + 1):
             for tx in range(cols[0] // tw, (cols[1] - 1) // tw + 1):
                 i = ty * nx + tx
-                raw = os.pread(self._fd, p.databytecounts[i], p.dataoffsets[i]) if p.databytecounts[i] else None
+                raw = self._pread(p.databytecounts[i], p.dataoffsets[i]) if p.databytecounts[i] else None
                 tile = p.decode(raw, i, **self._decodeargs)[0]
                 y0, x0 = max(rows[0], ty * th), max(cols[0], tx * tw)
                 y1, x1 = min(rows[1], (ty + 1) * th), min(cols[1], (tx + 1) * tw)
@@ -99,6 +105,10 @@ class TiffReader(Reader):
                 out[y0 - rows[0]:y1 - rows[0], x0 - cols[0]:x1 - cols[0]] = part
         return out
 
+    def _pread(self, n: int, offset: int) -> bytes:
+        """A tile's bytes: ``os.pread`` locally, the block cache by URL."""
+        return os.pread(self._fd, n, offset) if self._remote is None else self._remote.tile(n, offset)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -106,7 +116,7 @@ class TiffReader(Reader):
         self._tif.close()
 
     def __reduce__(self):
-        return (reopen, (TiffReader, self.path, self.level))
+        return (reopen, (TiffReader, self._src, self.level))
 
 
 def _tiled_page(level, axes: str):
@@ -146,8 +156,13 @@ def _mpp(tif) -> tuple[float | None, str]:
     """Microns per pixel at level 0: OME PhysicalSizeX, else the resolution
     tags where they are a plausible scale (:func:`resolution_mpp`); and why
     not, when a tag was there."""
+    import re
+
+    if tif.is_svs:  # Aperio: "... |MPP = 0.4990|..." in the first page's description (as openslide reads it)
+        m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", tif.pages[0].description or "")
+        if m:
+            return float(m.group(1)), ""
     if tif.is_ome:
-        import re
 
         m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")

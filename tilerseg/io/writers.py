@@ -27,6 +27,7 @@ from .base import LABEL_NODATA, PROBABILITY_SCALE, ImageMeta
 from .lock import OutputLock
 from .marks import ChunkMarks
 from .pyramid import Parallel, serial
+from .remote import display, mask_text
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +167,9 @@ def check_output(path: str, overwrite: bool, probabilities: bool | str = False, 
     if is_url(path):
         import fsspec
 
-        if fmt != "zarr":
-            raise OutputError(f"{path}: URLs take .zarr outputs (written chunk by chunk through fsspec); write "
-                              f"other formats to a local or shared path")
+        if fmt not in ("zarr", "ome-tiff", "tiff", "vector"):
+            raise OutputError(f"{path}: URLs take .zarr (written chunk by chunk), .ome.tif, .tif, .geojson and "
+                              ".gpkg outputs (written locally, then uploaded); write PNGs to a local path")
         try:
             fs, root = fsspec.core.url_to_fs(path)
         except (ImportError, ValueError) as err:
@@ -226,6 +227,9 @@ class Writer:
         if volume:
             self.check_volume()
         check_output(self.path, overwrite, probabilities, instances)
+        self.upload = None  # a file output at a URL: written at a local staging path, uploaded when complete
+        if self.remote and self.format != "zarr":
+            self.upload, self.path, self.remote = self.path, staging_path(self.path), False
         _not_an_input(self.path, "-o", inputs)
         self.table = table_path(self.path) if instances else None
         self.objects: dict | None = None  # an instance run's summary, once written
@@ -318,6 +322,10 @@ class Writer:
         first_name = "processed" if target else "probabilities" if info.instances else "0"
         owned, stream = False, None
         try:
+            if self.upload:
+                log.info("%s: written first to %s (room needed there: up to about %.3g MB, the work zarr and the "
+                         "file), uploaded once complete", display(self.upload), os.path.dirname(self.path),
+                         2 * np.prod(source.shape) * np.dtype(source.dtype).itemsize / 1e6)
             group, resumed = self._open_state(first_name, fingerprint)
             owned = True
             first = group[first_name] if resumed and first_name in group else \
@@ -348,6 +356,8 @@ class Writer:
             self._place(products)
             owned = False
             self._remove(self.state)
+            if self.upload:
+                self._upload()
             return result
         except OSError as err:
             if err.errno == errno.ENOSPC:
@@ -366,6 +376,24 @@ class Writer:
                     self._remove(self.state)
                     if self.remote:
                         self._remove(self.path)
+
+    def _upload(self) -> None:
+        """Put the finished local file at its URL in one upload (an object
+        store shows an object only once its upload completes: the output
+        appears whole or not at all), then remove the local copy."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.upload)
+        if fs.exists(root) and not self.overwrite:
+            raise OutputError(f"{display(self.upload)}: appeared while this run was writing; it was left alone. The "
+                              f"finished file is {self.path}: upload it yourself, or rerun with --overwrite")
+        try:
+            fs.put_file(self.path, root)
+        except Exception as err:
+            raise OutputError(f"{display(self.upload)}: upload failed ({mask_text(' '.join(str(err).split()))[:200]}); "
+                              f"the finished file is kept at {self.path}: upload it, or rerun") from None
+        os.remove(self.path)
+        self.path = self.upload
 
     def _instances(self, group, probabilities, info: OutputInfo, post: Callable):
         """The object labels of the finished probabilities, as level ``0``,
@@ -533,6 +561,23 @@ class Writer:
             _move_no_replace(tmp, final)
             if old:
                 shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
+
+
+def staging_path(url: str) -> str:
+    """Where a file output bound for ``url`` is written first: a folder
+    named after the URL in ``TILERSEG_STAGING`` (else the system's temporary
+    folder), the same on every run, so ``--resume`` finds the work of an
+    interrupted one. It needs room for the output and its work zarr."""
+    import hashlib
+    import tempfile
+
+    from .remote import strip_query
+
+    base = os.environ.get("TILERSEG_STAGING") or tempfile.gettempdir()
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder = os.path.join(base, f"tilerseg-upload-{key}")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, os.path.basename(strip_query(url).rstrip("/")))
 
 
 def _uid(fingerprint: dict) -> str | None:
