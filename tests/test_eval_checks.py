@@ -75,3 +75,17 @@ def test_instance_ids_are_scored_as_their_objects(em, grey_model):
     got = json.loads(_eval(em, "ids", grey_model, "--instances", "--json").stdout)
     want = json.loads(_eval(em, "binary", grey_model, "--instances", "--json").stdout)
     assert got["overall"] == want["overall"] and got["instances"]["overall"] == want["instances"]["overall"]
+
+
+def test_eval_instances_json_holds_the_figures_the_table_prints(em, grey_model):
+    """Scripts and CI read --json: its objects' figures are the printed row's."""
+    printed = _eval(em, "binary", grey_model, "--instances")
+    assert printed.returncode == 0, printed.stderr
+    row = next(ln for ln in printed.stdout.splitlines() if ln.startswith("objects (--instances)"))
+    pixel, rand, warping, splits, mergers, objects = row.split()[-6:]
+    rep = json.loads(_eval(em, "binary", grey_model, "--instances", "--json").stdout)
+    o = rep["instances"]["overall"]
+    assert (f"{o['pixel_error']:.4f}", f"{o['adapted_rand_error']:.4f}", f"{o['warping_error']:.6f}") == \
+        (pixel, rand, warping)
+    assert (o["splits"], o["mergers"], o["objects"]) == (int(splits), int(mergers), int(objects))
+    assert {d["image"] for d in rep["instances"]["images"]} == {"a"}

@@ -2,6 +2,7 @@
 instance pass, the conversion, between and after the moves into place)
 resumes with --resume to the bytes of an uninterrupted run, for each kind
 of output; and a resume never trusts a mark whose data is gone."""
+import json
 import os
 import shutil
 import subprocess
@@ -115,3 +116,20 @@ def test_resume_recomputes_marked_blocks_whose_data_is_gone(tmp_path, tmp_path_f
     assert r.returncode == 0, r.stderr
     assert "have no data; computing them again" in r.stderr
     assert _tree(out) == ref and (tmp_path / "out.csv").read_text() == table
+
+
+@pytest.mark.slow
+def test_a_resume_may_change_the_instance_options_and_reuses_every_window(tmp_path, tmp_path_factory, image,
+                                                                         tiny_model_dir):
+    """--max-object too small refuses after the windows; the resume with it
+    raised computes no window again (the probabilities do not depend on
+    the objects' options) and gives the bytes of a run with it from the start."""
+    ref, table = _reference(tmp_path_factory, image, tiny_model_dir, ".ome.tif")
+    out = tmp_path / "out.ome.tif"
+    r = cli(*_args(image, tiny_model_dir, out), "--max-object", "2")
+    assert r.returncode == 1 and "raise --max-object" in r.stderr, r.stderr
+    r = cli(*_args(image, tiny_model_dir, out), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert _tree(out) == ref and (tmp_path / "out.csv").read_text() == table
+    entry = json.loads((tmp_path / "tilerseg-ledger.jsonl").read_text().splitlines()[-1])
+    assert entry["status"] == "done" and entry["windows_computed"] == 0

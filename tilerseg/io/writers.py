@@ -616,7 +616,7 @@ def fsspec_path(url: str) -> str:
 def _uid(fingerprint: dict) -> str | None:
     """The OME UUID, from the run's fingerprint: a resumed run writes the same bytes."""
     fp = fingerprint.get("fingerprint")
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, fp)) if fp else None
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, fp + fingerprint.get("post", ""))) if fp else None
 
 
 def _move_no_replace(tmp: str, final: str) -> None:
