@@ -175,3 +175,31 @@ def test_nodata_collar_counts_as_skipped_in_the_tile_choice():
         assert exact <= got <= exact + 0.1 * n[0] * n[1], (crop, exact, got)
         if crop == 64:
             assert got < 0.9 * n[0] * n[1]  # the collar's windows are counted out
+
+
+@pytest.mark.parametrize("colours", [[(225, 150, 190)], [(128, 128, 128)], [(225, 150, 190), (95, 55, 140)],
+                                     [(60, 60, 60), (150, 150, 150)]])
+def test_an_image_of_tissue_without_glass_is_all_tissue(colours):
+    """One stain, or two and no glass: nothing looks like glass (bright and
+    grey), so nothing is skipped, whatever Otsu's split."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    for k, c in enumerate(colours):
+        img[:, k * 64 // len(colours):] = c
+    assert tissue_from_rgb(img).all()
+
+
+@pytest.mark.slow
+def test_tissue_auto_on_an_image_all_tissue_equals_the_run_without_it(tmp_path, tiny_model_dir):
+    import tifffile
+    import zarr
+
+    src = tmp_path / "pink.tif"
+    tifffile.imwrite(src, np.full((400, 400, 3), (225, 150, 190), np.uint8), tile=(256, 256), photometric="rgb")
+    outs = []
+    for name, extra in (("all", []), ("tissue", ["--tissue", "auto"])):
+        out = tmp_path / f"{name}.zarr"
+        r = cli("run", str(src), "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "-o", str(out),
+                "--quiet", "--probabilities", *extra)
+        assert r.returncode == 0, r.stderr
+        outs.append(zarr.open_array(str(out / "0"), mode="r")[...])
+    assert np.array_equal(outs[0], outs[1])

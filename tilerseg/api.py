@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import ModelOptions, RunConfig, TilingOptions
+from .config import POSTPROCESS, ModelOptions, RunConfig, TilingOptions
 from .engine import (Output, StoreStats, compute_into, lazy_array, lazy_image, segment_plan, store_plan,
                      thread_map, volume_plan, warm_workers)
 from .errors import InputError, ModelError
@@ -348,7 +348,9 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     files (path, size, modification time), the model, every setting that
     decides the bytes (:meth:`RunConfig.settings`), the tiling chosen and
     the tissue mask. ``--resume`` continues an unfinished run only when
-    these agree."""
+    these agree. For ``--instances`` the post-process options
+    (:data:`~tilerseg.config.POSTPROCESS`) are apart, in ``post``: the
+    probabilities a resume reuses do not depend on them."""
     import hashlib
     import json
 
@@ -362,6 +364,7 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
             return [repr(path)]
 
     readable = cfg.settings()
+    post = {k: readable.pop(k) for k in POSTPROCESS if k in readable} if cfg.output.instances else {}
     readable["tiling"] = repr(replace(tiling, why=""))
     readable["input"] = stat(os.fspath(input)) if isinstance(input, (str, os.PathLike)) else [repr(input)]
     readable["model"] = repr(info.spec)
@@ -370,7 +373,11 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     readable["tissue"] = hashlib.sha256(np.ascontiguousarray(active).tobytes()).hexdigest() \
         if active is not None else None
     text = json.dumps(readable, sort_keys=True, default=str)
-    return {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "settings": readable}
+    out = {"fingerprint": hashlib.sha256(text.encode()).hexdigest(), "settings": readable}
+    if post:  # the objects' options: in the output's identity (its OME UUID), not in what a resume must match
+        out["post"] = hashlib.sha256(json.dumps(post, sort_keys=True).encode()).hexdigest()
+        out["post_settings"] = post
+    return out
 
 
 def check_mpp(info: ModelInfo, meta: ImageMeta, path: str, ignore: bool = False):

@@ -142,7 +142,12 @@ CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MO
 # probabilities by 1e-4 at most): left out of the resume fingerprint
 # (memory_budget only sizes the tile, and the tiling chosen is in the fingerprint)
 NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
-                      "memory_budget", "force_resample", "concurrent", "ignore_pixel_size"}
+                      "memory_budget", "force_resample", "concurrent",
+                      "ignore_pixel_size"}
+# what turns an --instances run's probabilities into objects: the probabilities do not depend on it, so it is
+# left out of the resume fingerprint of such a run (a resume may change it), and a checkpoint may record it
+POSTPROCESS = ("threshold", "object_threshold", "marker_threshold", "split_depth", "min_area", "join_below",
+               "boundary_class", "max_object")
 UNITS = {"": 1, "b": 1, "k": 2 ** 10, "kb": 2 ** 10, "kib": 2 ** 10, "m": 2 ** 20, "mb": 2 ** 20, "mib": 2 ** 20,
          "g": 2 ** 30, "gb": 2 ** 30, "gib": 2 ** 30, "t": 2 ** 40, "tb": 2 ** 40, "tib": 2 ** 40}
 

@@ -4,7 +4,8 @@ Most of a slide is glass: running the model there wastes hours. Tissue is
 found on a thumbnail (a coarse pyramid level, or strided reads): stained
 tissue is saturated and glass is not, so Otsu's threshold on HSV
 saturation separates them (grey or single-band images use darkness
-instead). Holes are filled, specks removed, and the mask is dilated by a
+instead), and only what looks like glass (bright, unsaturated) is ever
+skipped. Holes are filled, specks removed, and the mask is dilated by a
 margin so faint tissue at an edge still runs. ``--tissue MASK`` takes a
 mask file instead (any readable image; non-zero is tissue), stretched
 over the image's extent."""
@@ -38,10 +39,27 @@ def detect(path: str, *, side: int = SIDE, bands=None, reader: str = "auto") -> 
     return tissue_from_rgb(img)
 
 
+GLASS_VALUE = 0.7       # glass is bright: its brightest band at least this share of 255
+GLASS_SATURATION = 0.2  # and grey: (max - min) / max of its bands at most this
+
+
+def glass_like(hi: np.ndarray, lo: np.ndarray, grey: bool) -> np.ndarray:
+    """The pixels that can be glass: bright and (for colour images)
+    unsaturated. Only these are ever skipped: a uniform or dark or coloured
+    area is not glass, whatever Otsu's split says (in doubt, run)."""
+    bright = hi >= GLASS_VALUE * 255
+    if grey:
+        return bright
+    return bright & ((hi - lo) <= GLASS_SATURATION * np.maximum(hi, 1e-6))
+
+
 def tissue_from_rgb(img: np.ndarray, margin: int = 2) -> np.ndarray:
     """Otsu on saturation (or darkness for grey images), centred between the
     two classes' means, holes filled,
-    objects under 0.05% of the thumbnail removed, dilated by ``margin``."""
+    objects under 0.05% of the thumbnail removed, dilated by ``margin``.
+    A pixel is glass only when it is on the glass side of the split and
+    looks like glass (:func:`glass_like`): an image all of one stain, or of
+    two stains and no glass, is all tissue, not half or none of it."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
@@ -49,17 +67,19 @@ def tissue_from_rgb(img: np.ndarray, margin: int = 2) -> np.ndarray:
     hi = functools.reduce(np.maximum, bands).astype(np.float32)
     lo = functools.reduce(np.minimum, bands).astype(np.float32)
     grey = np.percentile(hi - lo, 99) < 8  # no colour to speak of: grey-scale or one band
+    glass = glass_like(hi, lo, grey)
     signal = 1 - hi / 255 if grey else np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0)
-    if np.ptp(signal) < 1e-3:  # one colour: no tissue can be told from glass
-        return np.zeros(signal.shape, bool)
+    if np.ptp(signal) < 1e-3:  # one colour: glass if it looks like glass, else all tissue
+        return ~glass
     t = threshold_otsu(signal)
     # two tight clusters (glass, stain) leave Otsu's criterion flat across the gap
     # and its first maximum at the glass cluster's edge: centre it between the means
     below, above = signal[signal <= t], signal[signal > t]
     if below.size and above.size:
         t = 0.5 * (below.mean() + above.mean())
-    mask = signal > t
-    mask = ndimage.binary_closing(mask, iterations=2)
+    mask = (signal > t) | ~glass
+    # closed on an edge-padded copy: closing erodes from outside the array, which cut tissue at its corners
+    mask = ndimage.binary_closing(np.pad(mask, 2, mode="edge"), iterations=2)[2:-2, 2:-2]
     mask = ndimage.binary_fill_holes(mask)
     lab, _ = ndimage.label(mask)
     keep = np.bincount(lab.ravel()) >= max(4, int(mask.size * 5e-4))

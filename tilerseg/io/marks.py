@@ -23,6 +23,13 @@ class ChunkMarks:
         fs, path = self._fs()
         fs.touch(f"{path}/{'.'.join(map(str, block))}")
 
+    def forget(self, block: tuple) -> None:
+        """The block is to be computed again (its data is gone)."""
+        fs, path = self._fs()
+        name = f"{path}/{'.'.join(map(str, block))}"
+        if fs.exists(name):
+            fs.rm(name)
+
     def has(self, block: tuple) -> bool:
         fs, path = self._fs()
         return fs.exists(f"{path}/{'.'.join(map(str, block))}")

@@ -52,6 +52,7 @@ VOLUME_FORMATS = ("zarr", "ome-tiff", "tiff")
 FORMATS = {".zarr": "zarr", ".ome.zarr": "zarr", ".ome.tif": "ome-tiff", ".ome.tiff": "ome-tiff",
            ".tif": "tiff", ".tiff": "tiff", ".png": "png", ".geojson": "vector", ".gpkg": "vector"}
 LABELS_ONLY = {"png": "PNG holds", "vector": "polygon outputs hold"}
+PLACING = "placing.json"  # in the state folder: the products being moved into place
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,11 @@ def table_path(path: str) -> str:
     return low + ".csv"
 
 
-def check_output(path: str, overwrite: bool, probabilities: bool | str = False, instances: bool = False) -> None:
-    """Fail before any work when the output cannot be written or cannot hold the result."""
+def check_output(path: str, overwrite: bool, probabilities: bool | str = False, instances: bool = False,
+                 ours=frozenset()) -> None:
+    """Fail before any work when the output cannot be written or cannot hold
+    the result. ``ours``: paths an interrupted run of this output had moved
+    into place, which its resume may replace."""
     fmt = output_format(path)
     if instances and fmt == "png":
         raise OutputError(f"{path}: PNG holds class masks only; write --instances to .zarr, .ome.tif, .tif, "
@@ -155,7 +159,7 @@ def check_output(path: str, overwrite: bool, probabilities: bool | str = False, 
     if instances and is_url(path):
         raise OutputError(f"{path}: --instances writes a table beside the output; write it to a local or "
                           "shared path")
-    if instances and os.path.exists(table_path(path)) and not overwrite:
+    if instances and os.path.exists(table_path(path)) and not overwrite and table_path(path) not in ours:
         raise OutputError(f"{table_path(path)}: already exists (the object table of {os.path.basename(path)}); "
                           "pass --overwrite to replace it")
     if probabilities == "uint8" and fmt == "zarr":
@@ -184,7 +188,7 @@ def check_output(path: str, overwrite: bool, probabilities: bool | str = False, 
         raise OutputError(f"{path}: output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{path}: output folder {parent} is not writable; choose another -o")
-    if os.path.exists(path) and not overwrite:
+    if os.path.exists(path) and not overwrite and path not in ours:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
 
 
@@ -224,12 +228,17 @@ class Writer:
         self.format = output_format(self.path)
         self.overwrite, self.resume, self.parallel = overwrite, resume, parallel
         self.preview = preview
-        if volume:
-            self.check_volume()
-        check_output(self.path, overwrite, probabilities, instances)
         self.upload = None  # a file output at a URL: written at a local staging path, uploaded when complete
         if self.remote and self.format != "zarr":
+            check_output(self.path, overwrite, probabilities, instances)  # the URL: refused if there, unless --overwrite
             self.upload, self.path, self.remote = self.path, staging_path(self.path), False
+        head, tail = self.path.rsplit("/", 1) if self.remote else os.path.split(self.path)
+        self.fs = fsspec.core.url_to_fs(self.path)[0] if self.remote else fsspec.filesystem("file")
+        self.state = f"{head}/.{tail}.tilerseg"
+        self._ours = self._placed_before() if resume else set()
+        if volume:
+            self.check_volume()
+        check_output(self.path, overwrite, probabilities, instances, ours=self._ours)
         _not_an_input(self.path, "-o", inputs)
         self.table = table_path(self.path) if instances else None
         self.objects: dict | None = None  # an instance run's summary, once written
@@ -237,13 +246,26 @@ class Writer:
             _not_an_input(self.table, "the object table", inputs)
         if preview is not None:
             self._check_preview(preview, inputs)
-        head, tail = self.path.rsplit("/", 1) if self.remote else os.path.split(self.path)
-        self.fs = fsspec.core.url_to_fs(self.path)[0] if self.remote else fsspec.filesystem("file")
-        self.state = f"{head}/.{tail}.tilerseg"
         self._tmp_zarr = self.path if self.remote else f"{self.state}/work.zarr"
+        self._src_zarr = f"{self.state}/source.zarr"  # what the model computed, when the output is made from it
         self._tmp_file = f"{self.state}/out.partial{os.path.splitext(tail)[1]}"
         self.marks_dir = f"{self.state}/done"
         self._lock = None if self.remote else OutputLock(self.path)
+
+    def _placed_before(self) -> set[str]:
+        """The finished files an interrupted run had begun to move into
+        place (its ``placing.json``): a resume of that run may replace
+        them, as they are its own."""
+        import json
+
+        record = f"{self.state}/{PLACING}"
+        if self.remote or not os.path.exists(record):
+            return set()
+        try:
+            with open(record, encoding="utf-8") as f:
+                return {os.path.abspath(p) for p in json.load(f)}
+        except (OSError, ValueError, TypeError):
+            return set()
 
     def check_volume(self) -> None:
         """Refuse an output format that cannot hold a volume."""
@@ -263,7 +285,7 @@ class Writer:
             raise OutputError(f"--preview {path}: folder {parent} does not exist; create it first")
         if not os.access(parent, os.W_OK):
             raise OutputError(f"--preview {path}: folder {parent} is not writable; choose another path")
-        if os.path.exists(path) and not self.overwrite:
+        if os.path.exists(path) and not self.overwrite and path not in self._ours:
             raise OutputError(f"--preview {path}: already exists; pass --overwrite to replace it")
 
     def __enter__(self) -> "Writer":
@@ -275,9 +297,10 @@ class Writer:
         if self._lock is not None:
             self._lock.release()
 
-    def _open_state(self, first: str, fingerprint: dict):
-        """The zarr group to compute into: the earlier run's when resuming it
-        (keeping only the array computed block by block), else a new one."""
+    def _open_state(self, fingerprint: dict):
+        """The zarr group the output is made in: the earlier run's when
+        resuming it (its arrays made from the computed blocks are made
+        again), else a new one; and whether it is resumed."""
         import json
 
         import zarr
@@ -290,10 +313,8 @@ class Writer:
                 raise OutputError(f"{self.path}: the unfinished run in {self.state} used other settings "
                                   f"({_differences(old, fingerprint)}); rerun without --resume to "
                                   "start over, or with that run's settings")
-            group = zarr.open_group(self._tmp_zarr, mode="r+")
-            for name in [n for n in group.array_keys() if n != first]:
-                del group[name]
-            return group, True
+            fs.makedirs(self.marks_dir, exist_ok=True)
+            return zarr.open_group(self._tmp_zarr, mode="a"), True  # "a": a .zarr moved into place is made anew
         if fs.exists(self.state):
             log.info("%s: discarding the unfinished run in %s%s", self.path, self.state,
                      "" if self.resume else " (pass --resume to continue it instead)")
@@ -302,6 +323,51 @@ class Writer:
         with fs.open(stamp, "w") as f:
             json.dump(fingerprint, f, indent=1, default=str)
         return zarr.open_group(self._tmp_zarr, mode="w"), False
+
+    def _source(self, group, name: str, source, info: OutputInfo, resumed: bool):
+        """The array the blocks are computed into, and the marks it backs.
+
+        Level ``0`` itself when the output is that array; else
+        (``processed``, resampled afterwards; ``probabilities``, labelled
+        afterwards) an array of its own in ``source.zarr``, kept until the
+        output is in place, so that a run interrupted while the output is
+        made from it resumes from it. Every other array of ``group`` is
+        made from it, so a resume removes them. Marks whose block has no
+        stored chunk any more are forgotten (see :meth:`_trust_marks`)."""
+        import zarr
+
+        home = group if name == "0" else zarr.open_group(self._src_zarr, mode="a" if resumed else "w")
+        for other in [n for n in group.array_keys() if not (home is group and n == name)]:
+            del group[other]
+        first = home[name] if resumed and name in home else \
+            self._create(home, name, source.shape, source.chunks, source.dtype, info)
+        if tuple(first.shape) != tuple(source.shape):
+            raise OutputError(f"{self.path}: the unfinished run in {self.state} has another shape; rerun "
+                              "without --resume")
+        if resumed:
+            self._trust_marks(first, f"{self._tmp_zarr if home is group else self._src_zarr}/{name}")
+        return first
+
+    def _trust_marks(self, array, root: str) -> None:
+        """Forget the marks of blocks whose chunk is not stored in ``array``
+        (at ``root``): a mark promises the block's data, and a resume
+        skips what is marked. Every chunk of the array is written, nodata
+        too (``write_empty_chunks``), so a missing chunk is lost data:
+        a removed or damaged state folder, or a level 0 already moved
+        into place as the output."""
+        marks = ChunkMarks(self.marks_dir)
+        done = marks.done()
+        if not done:
+            return
+        path = fsspec_path(root) if self.remote else root
+        stored = {p[len(path) + 1:] for p in self.fs.find(path)} if self.fs.exists(path) else set()
+        lost = [b for b in done if array.metadata.encode_chunk_key((0,) * (array.ndim - len(b)) + tuple(b))
+                not in stored]
+        for b in lost:
+            marks.forget(b)
+        if lost:
+            log.warning("%s: %d of the %d blocks marked finished in %s have no data; computing them again",
+                        self.path, len(lost), len(done), self.state)
 
     def write(self, source, compute: Callable, info: OutputInfo, fingerprint: dict | None = None,
               render_preview: Callable | None = None, post: Callable | None = None):
@@ -314,8 +380,10 @@ class Writer:
         ``post(probabilities, labels, imap)`` (:func:`tilerseg.instances.label`)
         fills the uint32 labels from them and returns the object table,
         which is written beside the output (:func:`table_path`); the
-        probabilities are not kept. A resumed run keeps the finished
-        probabilities and labels them again."""
+        probabilities are not part of the output. Nothing computed is
+        removed before every product is in place: a run interrupted at any
+        point resumes from its finished blocks (their marks checked against
+        their data) to the bytes of an uninterrupted run."""
         self._check_held("write")
         fingerprint = fingerprint or {}
         target = info.target
@@ -326,13 +394,9 @@ class Writer:
                 log.info("%s: written first to %s (room needed there: up to about %.3g MB, the work zarr and the "
                          "file), uploaded once complete", display(self.upload), os.path.dirname(self.path),
                          2 * np.prod(source.shape) * np.dtype(source.dtype).itemsize / 1e6)
-            group, resumed = self._open_state(first_name, fingerprint)
+            group, resumed = self._open_state(fingerprint)
             owned = True
-            first = group[first_name] if resumed and first_name in group else \
-                self._create(group, first_name, source.shape, source.chunks, source.dtype, info)
-            if tuple(first.shape) != tuple(source.shape):
-                raise OutputError(f"{self.path}: the unfinished run in {self.state} has another shape; rerun "
-                                  "without --resume")
+            first = self._source(group, first_name, source, info, resumed)
             if os.path.exists(self._tmp_file):  # left by an interrupted conversion
                 os.remove(self._tmp_file)
             stream = self._stream(source, group, info, fingerprint)
@@ -342,7 +406,6 @@ class Writer:
 
                 z0 = self._create(group, "0", (*source.shape[:-2], *target.shape), source.chunks, source.dtype, info)
                 upsample_into(first, z0, info.probabilities, parallel=self.parallel)
-                del group["processed"]
             products = []
             if info.instances:
                 info, table_tmp = self._instances(group, first, info, post)
@@ -353,9 +416,10 @@ class Writer:
                 tmp_png = f"{self.state}/preview.partial.png"
                 render_preview(group["0"], tmp_png)
                 products.insert(0, (tmp_png, os.path.abspath(self.preview)))
+            self._record_placing(products)
             self._place(products)
             owned = False
-            self._remove(self.state)
+            self._remove(self.state)  # the computed blocks go only now, with the output whole in place
             if self.upload:
                 self._upload()
             return result
@@ -371,7 +435,9 @@ class Writer:
             if owned:  # failed or interrupted: keep finished blocks worth resuming, else leave nothing
                 if ChunkMarks(self.marks_dir).done():
                     log.warning("%s: not finished; the finished blocks are kept in %s: rerun the same command "
-                                "with --resume to compute only the rest", self.path, self.state)
+                                "with --resume to compute only the rest%s", self.path, self.state,
+                                " (the --instances options may change: the probabilities do not depend on them)"
+                                if info.instances else "")
                 else:
                     self._remove(self.state)
                     if self.remote:
@@ -395,6 +461,20 @@ class Writer:
         os.remove(self.path)
         self.path = self.upload
 
+    def _record_placing(self, products) -> None:
+        """Say in the state folder which files are about to be moved into
+        place, before the first is moved: a run killed between the moves
+        (or before the state is removed) has its resume replace them."""
+        import json
+
+        if self.remote:
+            return
+        finals = [os.path.abspath(final) for tmp, final in products if tmp != final]
+        tmp = f"{self.state}/{PLACING}.partial"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(finals, f)
+        os.replace(tmp, f"{self.state}/{PLACING}")
+
     def _instances(self, group, probabilities, info: OutputInfo, post: Callable):
         """The object labels of the finished probabilities, as level ``0``,
         and the object table (CSV at a temporary path)."""
@@ -406,7 +486,6 @@ class Writer:
         labels = group.create_array("0", shape=shape, chunks=chunks, dtype=np.uint32, fill_value=0,
                                     compressors=compressors(np.uint32), dimension_names=("y", "x"), overwrite=True)
         table = post(probabilities, labels, getattr(self.parallel, "imap", map))
-        del group["probabilities"]
         info = replace(info, objects=summary(table, info.class_names, info.out_meta))
         self._objects, self.objects = table, info.objects
         tmp = f"{self.state}/objects.partial.csv"
@@ -449,7 +528,7 @@ class Writer:
         axes = ("z", "y", "x") if info.volume else ("y", "x")
         floats = info.probabilities or info.instances  # instances: the probabilities they are made from
         return group.create_array(name, shape=shape, chunks=tuple(c[0] for c in chunks), dtype=dtype,
-                                  compressors=compressors(dtype),
+                                  compressors=compressors(dtype), config={"write_empty_chunks": True},
                                   fill_value=np.nan if floats else LABEL_NODATA,
                                   dimension_names=("c", *axes) if floats else axes)
 
@@ -550,7 +629,7 @@ class Writer:
         for tmp, final in products:
             if tmp == final:  # written in place (a URL)
                 continue
-            if os.path.lexists(final) and not self.overwrite:
+            if os.path.lexists(final) and not self.overwrite and os.path.abspath(final) not in self._ours:
                 raise OutputError(f"{final}: appeared while this run was writing; it was left alone. Remove it "
                                   f"or rerun with --overwrite (add --resume to reuse the finished blocks in "
                                   f"{self.state})")
@@ -580,10 +659,17 @@ def staging_path(url: str) -> str:
     return os.path.join(folder, os.path.basename(strip_query(url).rstrip("/")))
 
 
+def fsspec_path(url: str) -> str:
+    """The path of ``url`` in its filesystem (what its ``find`` lists)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)[1]
+
+
 def _uid(fingerprint: dict) -> str | None:
     """The OME UUID, from the run's fingerprint: a resumed run writes the same bytes."""
     fp = fingerprint.get("fingerprint")
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, fp)) if fp else None
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, fp + fingerprint.get("post", ""))) if fp else None
 
 
 def _move_no_replace(tmp: str, final: str) -> None:

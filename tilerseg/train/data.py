@@ -9,6 +9,7 @@ index)``, so a run is reproducible, with any number of loader workers and
 across a resume."""
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -127,6 +128,7 @@ class LabelMap:
 
     def __init__(self, classes: int, values: Sequence[int] | None = None, ignore: int | None = None):
         self.classes, self.ignore = classes, ignore
+        self.instance_ids = False  # the mask holds object ids (0 = background): see Source.check_values
         self.values = tuple(int(v) for v in values) if values is not None else None
         if self.values is not None and len(self.values) != classes:
             raise InputError(f"mask_values {list(self.values)} name {len(self.values)} classes, but there are "
@@ -135,7 +137,11 @@ class LabelMap:
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         m = np.asarray(mask).astype(np.int64)  # one band: (h, w), or (z, y, x) for volumes
         out = np.full(m.shape, IGNORE, np.uint8)
-        if self.values is not None:
+        if self.instance_ids:  # objects parted by a line of background, as a membrane map's truth
+            from ..instances import _parted
+
+            out[:] = _parted(m) > 0 if m.ndim == 2 else m > 0
+        elif self.values is not None:
             for k, v in enumerate(self.values):
                 out[m == v] = k
         elif self.classes == 2:
@@ -147,8 +153,37 @@ class LabelMap:
             out[m == self.ignore] = IGNORE
         return out
 
+    def named(self) -> set[int] | None:
+        """The mask values that name a class or the ignore value; None:
+        any value up to one non-zero (two classes without ``values``)."""
+        extra = {self.ignore} if self.ignore is not None else set()
+        if self.values is not None:
+            return set(self.values) | extra
+        if self.classes == 2:
+            return None
+        return set(range(self.classes)) | extra
+
     def as_dict(self) -> dict:
         return {"values": list(self.values) if self.values is not None else None, "ignore": self.ignore}
+
+
+def fits(mask: tuple[int, int], image: tuple[int, int]) -> bool:
+    """Whether a mask of shape ``mask`` is an image of shape ``image`` at
+    an integer factor (a pyramid level's rounding either way)."""
+    (h, w), (H, W) = mask, image
+    big, small = ((H, W), (h, w)) if H >= h else ((h, w), (H, W))
+    k = max(1, round(big[0] / max(small[0], 1)))
+    return all(s in (b // k, -(-b // k)) for b, s in zip(big, small))
+
+
+def mask_values(reader: Reader, rows: int = 1024) -> set[int]:
+    """Every value of a mask's first band, read a strip of rows at a time."""
+    H, W = reader.meta.shape[:2]
+    found: set[int] = set()
+    for r in range(0, H, rows):
+        m, _ = reader.read((r, min(r + rows, H)), (0, W))
+        found.update(int(v) for v in np.unique(m[..., 0] if m.ndim == 3 else m))
+    return found
 
 
 class Source:
@@ -169,6 +204,37 @@ class Source:
         except BaseException:
             self.image.close()
             raise
+
+    def check_values(self, instances: bool = False) -> None:
+        """Refuse raster mask values that name no class (``tilerseg eval``:
+        a value taken as another class changes every score). With
+        ``instances`` (``eval --instances``) and two classes, a mask of
+        more values than the classes name is read as object ids (0 =
+        background): touching objects are then parted by a line of
+        background, as the challenge's truth is. Vector labels name their
+        classes, checked when they are read."""
+        from .labels import RasterLabels
+
+        if not isinstance(self.mask, RasterLabels):
+            return
+        named = self.labels.named()
+        found = mask_values(self.mask.reader)
+        if named is None:
+            unknown = sorted(v for v in found if v != 0)[1:] if len([v for v in found if v != 0]) > 1 else []
+        else:
+            unknown = sorted(found - named)
+        if not unknown:
+            return
+        if instances and self.labels.classes == 2:
+            self.labels = copy.copy(self.labels)
+            self.labels.instance_ids = True
+            self.mask.labelmap = self.labels
+            return
+        shown = ", ".join(str(v) for v in unknown[:8]) + (f" ... ({len(unknown)} values)" if len(unknown) > 8 else "")
+        what = (f"mask_values {sorted(self.labels.values)} name the classes" if self.labels.values is not None else
+                "without mask_values, 0 is background and one other value the object class")
+        raise InputError(f"{self.pair.mask}: mask values {shown} name no class ({what}): give --mask-values "
+                         "(one value per class), or with --instances a mask of object ids")
 
     @property
     def shape(self) -> tuple[int, int]:

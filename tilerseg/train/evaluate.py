@@ -273,6 +273,9 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
                 s.close()
             raise
     try:
+        for s in sources:
+            if isinstance(s, Source):
+                s.check_values(instances=instances is not None)
         probe = sources[0].image.meta.bands
         info = model_info("unet", weights=os.fspath(weights), bands=probe)
         ref = PredictorRef(info, probe, np.dtype(sources[0].image.meta.dtype).str, pick_device(device),

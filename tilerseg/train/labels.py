@@ -58,16 +58,26 @@ def _mirrored(start: int, n: int, size: int) -> np.ndarray:
 class RasterLabels:
     """A raster mask through a :class:`~tilerseg.train.data.LabelMap`."""
 
-    def __init__(self, path: str, shape, labelmap, image_path: str = ""):
+    def __init__(self, path: str, meta, labelmap, image_path: str = ""):
         from ..io import open_reader
+        from .data import fits
 
-        self.path, self.shape, self.labelmap = path, tuple(shape), labelmap
+        self.path, self.shape, self.labelmap = path, tuple(meta.shape[:2]), labelmap
         self.reader = open_reader(path)
-        (H, W), (h, w) = self.shape, self.reader.meta.shape
+        (H, W), (h, w) = self.shape, self.reader.meta.shape[:2]
         self.fy, self.fx = h / H, w / W
-        if abs(self.fy / self.fx - 1) > 0.02:
-            raise InputError(f"{path}: mask is {w}x{h} px, image {image_path} is {W}x{H}: their aspect "
-                             "ratios differ, so the mask does not belong to this image (or to this level)")
+        try:
+            if abs(self.fy / self.fx - 1) > 0.02:
+                raise InputError(f"{path}: mask is {w}x{h} px, image {image_path} is {W}x{H}: their aspect "
+                                 "ratios differ, so the mask does not belong to this image (or to this level)")
+            shapes = [(H, W), *(tuple(s) for s in (meta.levels or ()))]
+            if not any(fits((h, w), s) for s in shapes):
+                raise InputError(f"{path}: mask is {w}x{h} px, image {image_path} is {W}x{H}: a mask is the "
+                                 "image's size or that of one of its levels (an integer factor smaller or larger), "
+                                 "so this one would be stretched; give the mask made for this image")
+        except InputError:
+            self.reader.close()
+            raise
         self.known_area = float(H * W)
 
     def position(self, rng, size):
@@ -78,8 +88,10 @@ class RasterLabels:
         ri = np.minimum(((_mirrored(y, h, H) + 0.5) * self.fy).astype(np.int64), mh - 1)
         ci = np.minimum(((_mirrored(x, w, W) + 0.5) * self.fx).astype(np.int64), mw - 1)
         r0, r1, c0, c1 = int(ri.min()), int(ri.max()) + 1, int(ci.min()), int(ci.max()) + 1
-        m, mvalid = self.reader.read((r0, r1), (c0, c1))
-        lab = self.labelmap(m[..., 0] if m.ndim == 3 else m)  # a mask's first band
+        more = int(self.labelmap.instance_ids)  # ids: a row and column more, for the partings at the block's edge
+        m, mvalid = self.reader.read((r0, min(r1 + more, mh)), (c0, min(c1 + more, mw)))
+        lab = self.labelmap(m[..., 0] if m.ndim == 3 else m)[:r1 - r0, :c1 - c0]  # a mask's first band
+        mvalid = None if mvalid is None else mvalid[:r1 - r0, :c1 - c0]
         if mvalid is not None:
             lab[~mvalid] = IGNORE
         return lab[ri - r0][:, ci - c0]
@@ -207,7 +219,7 @@ def open_labels(mask: str, meta, labelmap, options: VectorOptions | None, image_
     if regions_path:
         raise InputError(f"{regions_path}: regions go with vector labels; for a raster mask mark unlabelled "
                          "pixels with ignore_value")
-    return RasterLabels(mask, meta.shape, labelmap, image_path)
+    return RasterLabels(mask, meta, labelmap, image_path)
 
 
 def name_counts(names) -> str:
