@@ -6,12 +6,21 @@ in command-line order) and static assets come from a fixed list read at
 start, so nothing outside the files given on the command line can be
 reached (``..``, absolute paths and symlinks all end in 404). Tiles carry
 ``Cache-Control`` and an ``ETag`` (the file's size and modification time,
-also in the tile URLs as ``v=``, so a rewritten output gets new URLs)."""
+also in the tile URLs as ``v=``, so a rewritten output gets new URLs).
+
+Every request must name this server in its ``Host`` header (the loopback
+names and the ``--host`` given, with the port it listens on): a web page on
+any other origin can point its own name at 127.0.0.1 (DNS rebinding) and
+would otherwise read the slide through the browser, and slides are patient
+data. No CORS header is sent, so other origins cannot read answers either."""
 from __future__ import annotations
 
 import os
+import re
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -22,11 +31,53 @@ STATIC = os.path.join(os.path.dirname(__file__), "static")
 ASSETS = {"openseadragon.min.js": "text/javascript", "viewer.js": "text/javascript", "viewer.css": "text/css",
           "LICENSE-openseadragon.txt": "text/plain"}
 TILE_CACHE = "public, max-age=86400"
+_HOST = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[^:\[\]/@]+)(?::(\d{1,5}))?")  # name or [IPv6], then :port
 MAX_FEATURES = 5000  # polygons sent for one view at most (the largest first); the page says how many it left out
 
 
-def create_app(view) -> Starlette:
-    """The app serving ``view`` (a :class:`tilerseg.view.View`)."""
+def allowed_names(host: str) -> list[str]:
+    """The host names that name this server: ``127.0.0.1``, ``localhost``,
+    ``[::1]`` and ``host`` (for ``0.0.0.0``/``::``: this machine's name and
+    addresses, which another machine would type)."""
+    import socket
+
+    names = {"127.0.0.1", "localhost", "::1", host.lower()}
+    if host in ("0.0.0.0", "::", ""):
+        me = socket.gethostname()
+        names |= {me.lower(), socket.getfqdn().lower()}
+        try:
+            names |= {info[4][0] for info in socket.getaddrinfo(me, None)}
+        except OSError:
+            pass
+    names -= {"0.0.0.0", "::", ""}
+    return sorted(f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names)
+
+
+class _SamePort:
+    """With Starlette's TrustedHostMiddleware (the name): refuse (400, one
+    line) a ``Host`` header with another port than this server's, and say
+    which address to open (an SSH tunnel from another local port is told to
+    use the same port at both ends)."""
+
+    def __init__(self, app, port: int):
+        self.app, self.port = app, port
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            raw = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+            m = _HOST.fullmatch(raw)
+            if m is None or int(m[1] or 80) != self.port:
+                text = (f"Host {(raw or '')[:100]!r} is not this viewer's address: open http://127.0.0.1:{self.port}/ "
+                        f"(through an SSH tunnel, the same port at both ends: ssh -L {self.port}:127.0.0.1:"
+                        f"{self.port} host)")
+                await Response(text, status_code=400, media_type="text/plain")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
+    """The app serving ``view`` (a :class:`tilerseg.view.View`) on
+    ``host:port``: requests naming another address are refused."""
     layers = [view.image, *view.layers]
     root = os.path.realpath(STATIC)
     assets = {name: os.path.join(root, name) for name in ASSETS  # a symlink leading out of the folder is not served
@@ -115,4 +166,6 @@ def create_app(view) -> Starlette:
     routes = [Route("/", index), Route("/favicon.ico", lambda request: Response(status_code=204)), Route("/static/{name}", static), Route("/api/info", info),
               Route("/tiles/{layer:int}/{level:int}/{col:int}_{row:int}", tile), Route("/api/point", point),
               Route("/api/features/{layer:int}", features), Route("/api/properties/{layer:int}/{fid:int}", properties)]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_names(host), www_redirect=False),
+        Middleware(_SamePort, port=port)])
