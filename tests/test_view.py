@@ -165,7 +165,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
         # the GeoPackage (the scene's CRS) lands on the same pixels as the GeoJSON (WGS 84)
         r2 = c.get("/api/features/3", params={"x0": 0, "y0": 0, "x1": 791, "y1": 718, "limit": 100000}).json()
         assert r2["total"] == r["total"]
-        for fid, cls, rings in r2["features"][:50]:
+        for fid, cls, rings, _ in r2["features"][:50]:
             other = feats[fid]
             assert cls == other[1] and np.allclose(rings[0], other[2][0], atol=1e-3)
     with rasterio.open(geo["image"]) as ds:  # the map coordinate of the pixel's centre, by rasterio
@@ -173,7 +173,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
     import shapely
 
     lab = geo["labels"]
-    for fid, cls, rings in list(feats.values())[:50]:
+    for fid, cls, rings, _ in list(feats.values())[:50]:
         xy = np.asarray(rings[0]).reshape(-1, 2)
         assert np.abs(xy - np.round(xy)).max() < 1e-3  # reprojected back onto pixel corners
         poly = shapely.Polygon(xy, [np.asarray(r).reshape(-1, 2) for r in rings[1:]])
