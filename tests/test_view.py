@@ -21,6 +21,13 @@ from tilerseg.view.app import create_app  # noqa: E402
 pytestmark = pytest.mark.xdist_group("view")  # the module's files are made once, on one worker
 
 
+PORT = 8765  # the port the in-process app takes itself to serve (Host: 127.0.0.1:PORT)
+
+
+def _client(view) -> TestClient:
+    return TestClient(create_app(view, port=PORT), base_url=f"http://127.0.0.1:{PORT}")
+
+
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     return viewdata.slide_set(tmp_path_factory.mktemp("view"))
@@ -29,7 +36,7 @@ def slide(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(slide):
     view = open_view([slide["image"], slide["ome"], slide["zarr"], slide["pzarr"], slide["p8"], slide["geojson"]])
-    with TestClient(create_app(view)) as c:
+    with _client(view) as c:
         yield c, view
     view.close()
 
@@ -122,7 +129,7 @@ def test_each_band_of_multiclass_probabilities_is_its_own_ramp(slide, tmp_path):
     view = open_view([out])
     ramp = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
     stored = zarr.open_group(out, mode="r")["1"][:]
-    with TestClient(create_app(view)) as c:
+    with _client(view) as c:
         assert c.get("/api/info").json()["layers"][0]["bands"] == list(viewdata.NAMES)
         for band in (0, 2):
             got = _level(c, 1, view.layers[0].max_level - 1, stored.shape[1:], f"?band={band}")
@@ -145,7 +152,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
             lut[k] = rgba[:3]
         levels = [ds.read(1)] + [rasterio.open(geo["cog"], overview_level=i).read(1) for i in range(len(ds.overviews(1)))]
     top = view.layers[0].max_level
-    with TestClient(create_app(view)) as c:
+    with _client(view) as c:
         for k, want in enumerate(levels):
             h, w = want.shape  # GDAL rounds an overview's size down (791 -> 395): Deep Zoom's is rounded up
             got = _level(c, 1, top - k, (-(-718 // 2 ** k), -(-791 // 2 ** k)), "?hide=")
@@ -158,7 +165,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
         # the GeoPackage (the scene's CRS) lands on the same pixels as the GeoJSON (WGS 84)
         r2 = c.get("/api/features/3", params={"x0": 0, "y0": 0, "x1": 791, "y1": 718, "limit": 100000}).json()
         assert r2["total"] == r["total"]
-        for fid, cls, rings in r2["features"][:50]:
+        for fid, cls, rings, _ in r2["features"][:50]:
             other = feats[fid]
             assert cls == other[1] and np.allclose(rings[0], other[2][0], atol=1e-3)
     with rasterio.open(geo["image"]) as ds:  # the map coordinate of the pixel's centre, by rasterio
@@ -166,7 +173,7 @@ def test_cog_label_tiles_and_polygons_of_a_geotiff(tmp_path):
     import shapely
 
     lab = geo["labels"]
-    for fid, cls, rings in list(feats.values())[:50]:
+    for fid, cls, rings, _ in list(feats.values())[:50]:
         xy = np.asarray(rings[0]).reshape(-1, 2)
         assert np.abs(xy - np.round(xy)).max() < 1e-3  # reprojected back onto pixel corners
         poly = shapely.Polygon(xy, [np.asarray(r).reshape(-1, 2) for r in rings[1:]])
@@ -245,7 +252,7 @@ def test_a_symlinked_asset_that_leads_out_is_not_served(tmp_path, monkeypatch, c
     secret.write_text("secret")
     os.symlink(secret, static / "viewer.js")
     monkeypatch.setattr(app_mod, "STATIC", str(static))
-    with TestClient(app_mod.create_app(client[1])) as c:
+    with TestClient(app_mod.create_app(client[1], port=PORT), base_url=f"http://127.0.0.1:{PORT}") as c:
         assert c.get("/static/viewer.css").status_code == 200
         assert c.get("/static/viewer.js").status_code == 404
 

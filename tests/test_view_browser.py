@@ -6,7 +6,6 @@ against fiona. ``TILERSEG_UPDATE_SCREENSHOT=1`` writes the page's picture to
 docs/viewer.png (the README shows it)."""
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -37,25 +36,7 @@ def files(tmp_path_factory):
 
 
 def _serve(paths):
-    """Serve ``tilerseg view PATHS`` on a free loopback port in a thread; yields the URL."""
-    import uvicorn
-
-    from tilerseg.view import open_view
-    from tilerseg.view.app import create_app
-    from tilerseg.view.server import bind, url_of
-
-    view = open_view(paths)
-    sock = bind("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(create_app(view), log_level="warning", lifespan="off"))
-    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not srv.started:
-        time.sleep(0.02)
-    yield url_of(sock, "127.0.0.1")
-    srv.should_exit = True
-    t.join(10)
-    sock.close()
-    view.close()
+    yield from viewdata.serve(paths)
 
 
 @pytest.fixture(scope="module")

@@ -88,3 +88,32 @@ def geo_set(root, src: str) -> dict:
             "cog": write(os.path.join(root, "geo.tif"), lab, meta, source=src),
             "geojson": write(os.path.join(root, "geo.geojson"), lab, meta, source=src),
             "gpkg": write(os.path.join(root, "geo.gpkg"), lab, meta, source=src)}
+
+
+def serve(paths, host: str = "127.0.0.1"):
+    """Serve ``tilerseg view PATHS`` on a free port of ``host`` in a thread
+    (the real uvicorn server ``tilerseg view`` runs); yields the URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tilerseg.view import open_view
+    from tilerseg.view.app import create_app
+    from tilerseg.view.server import bind, url_of
+
+    view = open_view(paths)
+    sock = bind(host, 0)
+    app = create_app(view, host=host, port=sock.getsockname()[1])
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        yield url_of(sock, host)
+    finally:
+        srv.should_exit = True
+        t.join(10)
+        sock.close()
+        view.close()

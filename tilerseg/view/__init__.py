@@ -27,6 +27,7 @@ class View:
 
     def __init__(self, image: RasterLayer, layers: list):
         self.image, self.layers = image, layers
+        self._to_wgs84 = None
 
     def info(self) -> dict:
         m = self.image.meta
@@ -37,6 +38,28 @@ class View:
         return {"image": self.image.info(), "layers": [layer.info() for layer in self.layers],
                 "unit": unit, "pixelSize": size, "transform": t,
                 "palette": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in PALETTE]}
+
+    def lonlat(self, x: float, y: float) -> dict:
+        """``{"lonlat": [lon, lat]}`` of map coordinate ``(x, y)`` of a
+        georeferenced image whose CRS is not WGS 84 already, else ``{}``."""
+        m = self.image.meta
+        if not m.crs:
+            return {}
+        if self._to_wgs84 is None:
+            from rasterio.crs import CRS
+
+            crs = CRS.from_user_input(m.crs)
+            self._to_wgs84 = (crs,) if not crs.is_geographic else ()
+        if not self._to_wgs84:
+            return {}
+        from rasterio.warp import transform
+
+        try:
+            xs, ys = transform(self._to_wgs84[0], "EPSG:4326", [x], [y])
+        except Exception:  # a CRS that PROJ cannot invert here: the map units alone
+            return {}
+        lon, lat = float(xs[0]), float(ys[0])
+        return {"lonlat": [lon, lat]} if math.isfinite(lon) and math.isfinite(lat) else {}
 
     def close(self) -> None:
         for layer in [self.image, *self.layers]:
@@ -84,6 +107,10 @@ def open_view(paths: list[str]) -> View:
                 log.info("%s: reading its polygons", p)
                 layers.append(VectorLayer(p, image.meta, image.shape))
                 log.info("%s: %d polygons indexed in %.1f s", p, layers[-1].count, time.perf_counter() - t0)
+                if layers[-1].skipped:
+                    log.warning("%s: skipped %d features that are not drawable polygons (%s)", p,
+                                sum(layers[-1].skipped.values()),
+                                ", ".join(f"{n} {why}" for why, n in sorted(layers[-1].skipped.items())))
                 continue
             if not rec:
                 raise InputError(f"{p}: not a segmentation written by tilerseg (no tilerseg record in it); give the "

@@ -312,5 +312,19 @@ def encode(rgba: np.ndarray, png: bool = False) -> tuple[bytes, str]:
 
 
 def dumps(obj) -> str:
-    """Compact JSON (polygons are sent by the thousand)."""
-    return json.dumps(obj, separators=(",", ":"))
+    """Compact JSON (polygons are sent by the thousand), valid for a
+    browser: NaN and infinities (a GPKG's REAL field may hold them) as null."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -63,7 +63,7 @@ def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = 
                     "given here readable by anyone who finds the port; keep the default (127.0.0.1) and use an "
                     "SSH tunnel (ssh -L PORT:127.0.0.1:PORT host) unless that is what you want", host)
     url = url_of(sock, host)
-    config = uvicorn.Config(create_app(view), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(create_app(view, host=host, port=sock.getsockname()[1]), log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     echo(f"tilerseg view: {url} (Ctrl-C to stop)", flush=True)
     if open_browser and _has_display():

@@ -27,21 +27,17 @@ class VectorLayer:
     def __init__(self, path: str, meta, image_shape: tuple[int, int]):
         self.path = path
         self.kind = "polygons"
-        coords, rings, feats, self.props = _load(path, meta)
+        coords, rings, feats, self.props, self.ids, self.skipped = _load(path, meta)
         self.coords, self.ring_off, self.feat_off = coords, rings, feats
         n = len(feats) - 1
         self.count = n
-        first = rings[feats[:-1]] if n else np.zeros(0, np.int64)
-        last = rings[feats[1:]] if n else np.zeros(0, np.int64)
+        first = rings[feats[:-1]]  # every feature kept has a ring of 3 vertices or more (see _rings)
         # bounding boxes from the vertices of each feature (reduceat over its vertex range)
         if n:
             self.x0 = np.minimum.reduceat(coords[:, 0], first)
             self.y0 = np.minimum.reduceat(coords[:, 1], first)
             self.x1 = np.maximum.reduceat(coords[:, 0], first)
             self.y1 = np.maximum.reduceat(coords[:, 1], first)
-            empty = last == first
-            for a in (self.x0, self.y0, self.x1, self.y1):
-                a[empty] = np.nan
         else:
             self.x0 = self.y0 = self.x1 = self.y1 = np.zeros(0, np.float32)
         self._index(image_shape)
@@ -93,18 +89,24 @@ class VectorLayer:
         return np.sort(ids), total
 
     def features(self, ids) -> list:
-        """``[id, class, [ring as flat x, y, ...], ...]`` for each id, vertices to 0.01 px."""
+        """``[position, class, [ring as flat x, y, ...], own id]`` for each
+        position (the handle of :meth:`properties`), vertices to 0.01 px."""
         out = []
-        cls = self.props.column("class")
+        cls, own = self.props.column("class"), self.ids.column("id")
         for i in ids:
             i = int(i)
             rings = [np.round(self.coords[self.ring_off[r]:self.ring_off[r + 1]], 2).ravel().tolist()
                      for r in range(self.feat_off[i], self.feat_off[i + 1])]
-            out.append([i, cls(i), rings])
+            out.append([i, cls(i), rings, own(i)])
         return out
 
     def info(self) -> dict:
-        return {"kind": "polygons", "name": os.path.basename(self.path), "count": self.count}
+        return {"kind": "polygons", "name": os.path.basename(self.path), "count": self.count,
+                "skipped": dict(sorted(self.skipped.items()))}
+
+    def own_id(self, i: int):
+        """The feature's own id (what the file calls it) at position ``i``."""
+        return self.ids.column("id")(i)
 
     def close(self) -> None:
         pass
@@ -180,8 +182,9 @@ def _load(path: str, meta):
     except Exception as err:
         raise InputError(f"{path}: not a readable GeoJSON/GeoPackage ({' '.join(str(err).split())[:200]})") from err
     to_pixels = _to_pixels(path, src, meta)
-    done, batch, ring_len, feat_rings = [], [], array("q"), array("q")
+    done, batch, ring_len, feat_rings, skipped = [], [], array("q"), array("q"), {}
     props = Columns((src.schema or {}).get("properties", {}))
+    ids = Columns(["id"])
 
     def flush():
         if batch:
@@ -189,26 +192,83 @@ def _load(path: str, meta):
             batch.clear()
 
     with src:
-        for f in src:
-            g = f.geometry
-            polys = [] if g is None else (g.coordinates if g.type == "MultiPolygon" else
-                                          [g.coordinates] if g.type == "Polygon" else [])
-            n = 0
-            for poly in polys:
-                for ring in poly:
-                    a = np.asarray(ring, np.float64)[:, :2]
-                    batch.append(a)
-                    ring_len.append(len(a))
-                    n += 1
-            feat_rings.append(n)
+        for n_read, f in enumerate(_features(path, src)):
+            rings, why = _rings(f.geometry)
+            if why:
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            for a in rings:
+                batch.append(a)
+                ring_len.append(len(a))
+            feat_rings.append(len(rings))
             props.add(dict(f.properties))
+            ids.add({"id": _own_id(f.id, n_read)})
             if len(batch) >= 20000:
                 flush()
     flush()
     coords = np.concatenate(done) if done else np.zeros((0, 2), np.float32)
     rings = np.concatenate([[0], np.cumsum(np.frombuffer(ring_len, np.int64))]).astype(np.int64)
     feats = np.concatenate([[0], np.cumsum(np.frombuffer(feat_rings, np.int64))]).astype(np.int64)
-    return coords, rings, feats, props.freeze()
+    return coords, rings, feats, props.freeze(), ids.freeze(), skipped
+
+
+def _features(path: str, src):
+    """The file's features; a feature GDAL cannot read ends the load in one line."""
+    n = 0
+    try:
+        for f in src:
+            yield f
+            n += 1
+    except Exception as err:
+        raise InputError(f"{path}: feature {n + 1} cannot be read ({' '.join(str(err).split())[:200]}); "
+                         "fix or drop it") from err
+
+
+LIMIT = 1e15  # |coordinate| beyond any image's pixels or any CRS's units: a broken vertex (1e308 overflows float32)
+
+
+def _rings(g) -> tuple[list, str | None]:
+    """The rings of a (Multi)Polygon (those inside a GeometryCollection
+    too) as ``(n, 2)`` float64 arrays, or ``([], why)`` for what is not a
+    polygon or cannot be drawn: another geometry type (named), no rings,
+    a ring of fewer than 3 vertices, a vertex not finite or absurdly far."""
+    if g is None:
+        return [], "no geometry"
+    parts = [g] if g.type != "GeometryCollection" else list(getattr(g, "geometries", None) or [])
+    polys = []
+    for part in parts:
+        if part.type == "Polygon":
+            polys.append(part.coordinates)
+        elif part.type == "MultiPolygon":
+            polys.extend(part.coordinates)
+    if not polys:
+        return [], g.type if g.type != "GeometryCollection" else "GeometryCollection without polygons"
+    rings = []
+    try:
+        for poly in polys:
+            for ring in poly:
+                a = np.asarray(ring, np.float64)
+                if a.ndim != 2 or a.shape[1] < 2 or len(a) < 3:
+                    return [], "a ring of fewer than 3 vertices"
+                rings.append(np.ascontiguousarray(a[:, :2]))
+    except (TypeError, ValueError):
+        return [], "malformed coordinates"
+    if not rings:
+        return [], "a polygon without rings"
+    if not all(np.isfinite(a).all() and np.abs(a).max() <= LIMIT for a in rings):
+        return [], "coordinates not finite or beyond 1e15"
+    return rings, None
+
+
+def _own_id(fid, position: int):
+    """A feature's own ``id`` (GeoJSON's, a GeoPackage's fid) as a number
+    when it is one, else as written; its position when it has none."""
+    if fid is None:
+        return position
+    try:
+        return int(fid)
+    except (TypeError, ValueError):
+        return str(fid)
 
 
 def _to_pixels(path: str, src, meta):

@@ -200,7 +200,7 @@
         e.preventDefaultAction = true;
         selected = { layer: ly.id, id: hit[0] };
         const props = await (await fetch(`api/properties/${ly.id}/${hit[0]}`)).json();
-        box.textContent = `${ly.L.name} #${hit[0]}\n` + JSON.stringify(props, null, 1);
+        box.textContent = `${ly.L.name} #${hit[3]}\n` + JSON.stringify(props, null, 1);
         box.hidden = false; drawVectors();
         return;
       }
