@@ -491,7 +491,7 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
             pad_mode: str = "reflect", probabilities: bool = True, threshold: float = 0.5, valid=None,
             classes: int | None = None, mean=None, std=None, scale=None, device: str = "auto", tta: str = "none",
             merge: str = "crop", bands=None, backend: str = "torch", instances: bool = False,
-            split_depth: float = 1.5, workdir: str | None = None):
+            split_depth: float | None = None, workdir: str | None = None):
     """Segment an in-memory or lazy array; returns a lazy dask array.
 
     ``array`` is numpy, dask or zarr, shaped (H, W) or (H, W, bands) or a
@@ -539,7 +539,7 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     return _segment_instances(plan, threshold, split_depth, workdir)
 
 
-def _segment_instances(plan, threshold: float, depth: float, workdir: str | None):
+def _segment_instances(plan, threshold: float, depth: float | None, workdir: str | None):
     """``segment(..., instances=True)``: the probabilities stored chunk by
     chunk in a zarr folder (``workdir``, else a temporary one), labelled
     there (:func:`tilerseg.instances.label`), and the uint32 labels given

@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--instances", action="store_true", default=None,
                    help="objects, not only pixels: uint32 labels (0 = background, one id per object, the same "
                    "whatever the tiling), polygons with area, centroid and mean probability, and a .csv table")
-    o.add_argument("--split-depth", type=float, help="--instances: how much narrower a neck between touching "
-                   "objects must be than either (px of the distance transform; default 1.5, lower splits more)")
+    o.add_argument("--split-depth", type=float, help="--instances: split by h-maxima of this depth (px of the "
+                   "distance transform: how much narrower a neck between touching objects must be than either) "
+                   "instead of the default rule, which scales with each object's radius")
     o.add_argument("--min-area", type=int, help="--instances: drop objects under this many px (default 0)")
     o.add_argument("--max-object", type=int, help="--instances: refuse a foreground region wider or taller "
                    "than this, instead of cutting it (default 4096 px)")

@@ -93,7 +93,7 @@ class OutputOptions:
     overwrite: bool = False
     vector_crs: Literal["wgs84", "native"] = "wgs84"  # GeoJSON: RFC 7946 lon/lat, or the input's CRS
     instances: bool = False          # objects: uint32 labels, one id each (tilerseg.instances)
-    split_depth: float = 1.5         # h-maxima depth (px) of the distance transform that splits touching objects
+    split_depth: float | None = None  # h-maxima depth (px) splitting touching objects (None: the radius rule)
     min_area: int = 0                # objects smaller than this (px) are dropped
     max_object: int = 4096           # a foreground region wider or taller than this (px) is refused
     boundary_class: int | None = None  # a class that marks boundaries (default: one named boundary/contour)
@@ -250,7 +250,7 @@ class RunConfig:
                              "probability is in its table)")
         if o.instances and o.output_level is not None:
             raise InputError("--instances labels objects on the grid the model ran at; drop --output-level")
-        if not 0 < o.split_depth < 1e6 or o.min_area < 0:
+        if (o.split_depth is not None and not 0 < o.split_depth < 1e6) or o.min_area < 0:
             raise InputError("--split-depth must be above 0 and --min-area 0 or more")
         if o.join_below is not None and o.marker_threshold is None:
             raise InputError("--join-below joins a membrane map's cells: give --marker-threshold too")

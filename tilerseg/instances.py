@@ -27,9 +27,10 @@ Why the blocks cannot change it (the argument for pixels is in
 A component whose box exceeds ``max_side``² px is refused, not cut: cutting
 it would make the result depend on the cut.
 
-Memory: one block of probabilities at a time, the faces, and a few numbers
-per component and per object (first pixel, area, centroid, mean
-probability); never the label image.
+Memory: one block of probabilities at a time, the faces, a few numbers per
+component and per object (first pixel, area, centroid, mean probability),
+and the labels of the components that cross blocks (each split once, kept
+until painted, a byte a pixel of their boxes); never the label image.
 """
 from __future__ import annotations
 
@@ -43,16 +44,23 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 MAX_ID = 2 ** 32 - 1  # uint32 labels: 0 is background
+MEMBRANE_DEPTH = 1.5  # h-maxima depth (px) of a membrane map's sure interiors, unless given
 
 
 @dataclass(frozen=True)
 class InstanceOptions:
     """How the foreground is split into objects.
 
-    ``threshold``: P(foreground) of a binary model. ``depth``: the h-maxima
-    depth (px) of the distance transform: two touching round objects are
-    split when the neck between them is at least this much narrower than
-    either; lower splits more. ``boundary_class``: the index of a class
+    ``threshold``: P(foreground) of a binary model. ``reach`` (the
+    default split, :func:`_radius_split`): a peak of the distance transform
+    closer to a higher peak than ``reach`` x that peak's radius is the same
+    object; lower splits more. The rule scales with each object (no object
+    size to give), which a fixed minimum distance or depth cannot: on dense
+    nuclei of radii 6-30 px it scores F1 0.95 where a fixed h-maxima depth
+    scored 0.77 (``scripts/bench_instances.py --fixtures``). ``depth``
+    (px): instead, h-maxima of that depth of the distance transform as
+    markers and a watershed of it: two touching round objects are split
+    when the neck between them is at least this much narrower than either. ``boundary_class``: the index of a class
     that marks boundaries (a 3-class background / interior / boundary
     model): its interior pieces are then the markers. ``min_area``: objects
     smaller than this many px are dropped (merged into background).
@@ -73,7 +81,8 @@ class InstanceOptions:
     interior has dim patches; its pieces share no membrane)."""
 
     threshold: float = 0.5
-    depth: float = 1.5
+    depth: float | None = None
+    reach: float = 1.15
     boundary_class: int | None = None
     min_area: int = 0
     max_side: int = 4096
@@ -132,12 +141,88 @@ def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions, prob: np.nda
         return _cells(mask, prob, opts)
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     comp, _ = ndimage.label(mask)  # labelled once, for the markers and the flood order
+    order = _flood_order(mask, dist, opts.max_side, comp)
     if opts.boundary_class is not None:  # a boundary class: the interior pieces are the markers
         markers, n = ndimage.label(mask & (cls != opts.boundary_class))
+    elif opts.depth is None:
+        return _small_removed(_radius_split(mask, dist, comp, order, opts.reach), opts.min_area)
     else:
         markers, n = ndimage.label(_h_maxima(mask, dist, opts.depth, comp))
-    labels = _flood(mask, markers, n, _flood_order(mask, dist, opts.max_side, comp))
+    labels = _flood(mask, markers, n, order)
     return _small_removed(labels, opts.min_area)
+
+
+def _peaks(mask: np.ndarray, dist: np.ndarray, comp: np.ndarray, reach: float):
+    """The markers of :func:`_radius_split`: ``(rows, cols, radii)``.
+
+    The candidates are the regional maxima (4-connected plateaus) of the
+    distance transform, one pixel each (its first in raster order). Taken
+    from the highest down (ties in raster order), a candidate is kept
+    unless a kept one of its component lies closer than ``reach`` x the
+    kept one's radius: an object's centre is not inside its neighbour's
+    radius, however big or small the two are (peak_local_max's
+    min_distance, tied to each peak's own size). Distances are of integer
+    offsets and the order is raster order within the component, so any
+    box holding the whole component keeps the same peaks."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+    from skimage.morphology import local_maxima
+
+    plateaus, n = ndimage.label(local_maxima(np.where(mask, dist, 0.0), connectivity=1, allow_borders=True) & mask)
+    values, idx = np.unique(plateaus.ravel(), return_index=True)
+    idx = idx[values > 0]
+    ys, xs = np.divmod(idx, mask.shape[1])
+    d, c = dist[ys, xs], comp[ys, xs]
+    keep = np.zeros(len(idx), bool)
+    if not len(idx):
+        return ys, xs, d
+    tree, far = cKDTree(np.stack([ys, xs], 1)), reach * float(d.max())
+    for i in np.lexsort((idx, -d)).tolist():
+        near = [j for j in tree.query_ball_point((ys[i], xs[i]), far) if keep[j] and c[j] == c[i]]
+        keep[i] = not any(np.hypot(ys[i] - ys[j], xs[i] - xs[j]) < reach * d[j] for j in near)
+    return ys[keep], xs[keep], d[keep]
+
+
+def _radius_split(mask: np.ndarray, dist: np.ndarray, comp: np.ndarray, order: np.ndarray, reach: float):
+    """Objects of touching, overlapping and size-varied round objects.
+
+    Markers: :func:`_peaks`. Each pixel goes to the marker of its
+    component with the least distance over that marker's radius (the
+    normalised radius: where a small nucleus overlaps a big one, the line
+    between them lies nearer the small one's centre, as the outlines
+    cross; a watershed of the distance transform lets the big one's high
+    ground take the small one instead). Given perfect markers this scores
+    F1 0.98 on the dense fixture, the watershed 0.58. Pixels farther than
+    3 radii from every marker, and pieces of an object cut off from its
+    marker, are flooded from the rest in ``order`` (:func:`_flood_order`).
+    Everything is within one component and in its raster order, hence the
+    same in any box holding it."""
+    ys, xs, rad = _peaks(mask, dist, comp, reach)
+    H, W = mask.shape
+    best = np.full(mask.shape, np.inf)
+    labels = np.zeros(mask.shape, np.int32)
+    for k in np.lexsort((xs, ys)).tolist():  # raster order: ties go to the first marker
+        y, x, r, e = int(ys[k]), int(xs[k]), float(rad[k]), int(np.ceil(3 * rad[k]))
+        y0, y1, x0, x1 = max(0, y - e), min(H, y + e + 1), max(0, x - e), min(W, x + e + 1)
+        yy, xx = np.ogrid[y0 - y:y1 - y, x0 - x:x1 - x]
+        q = np.hypot(yy, xx) / r
+        win = (q < best[y0:y1, x0:x1]) & (comp[y0:y1, x0:x1] == comp[y, x])
+        best[y0:y1, x0:x1][win] = q[win]
+        labels[y0:y1, x0:x1][win] = k + 1
+    return _reconnected(mask, labels, ys, xs, len(ys), order)
+
+
+def _reconnected(mask, labels, ys, xs, n: int, order: np.ndarray) -> np.ndarray:
+    """Each object the 4-connected piece of ``labels`` holding its marker;
+    the rest of the mask flooded from them in ``order``."""
+    from skimage.measure import label as regions
+
+    pieces = regions(labels, background=0, connectivity=1)
+    own = np.zeros(int(pieces.max()) + 1, bool)
+    own[pieces[ys, xs]] = True
+    own[0] = False
+    kept = np.where(own[pieces], labels, 0)
+    return _flood(mask, kept, n, order)
 
 
 def _flood(mask: np.ndarray, markers: np.ndarray, n: int, surface: np.ndarray) -> np.ndarray:
@@ -176,7 +261,8 @@ def _cells(mask: np.ndarray, prob: np.ndarray, opts: InstanceOptions) -> np.ndar
     sure = mask & (prob >= opts.markers)
     dist = ndimage.distance_transform_edt(np.pad(sure, 1))[1:-1, 1:-1]
     pieces, _ = ndimage.label(sure)  # a sure piece without an h-maximum (one top, or too shallow) is one marker
-    peaks = _h_maxima(sure, dist, opts.depth, pieces) if sure.any() else sure
+    depth = MEMBRANE_DEPTH if opts.depth is None else opts.depth
+    peaks = _h_maxima(sure, dist, depth, pieces) if sure.any() else sure
     has_peak = np.bincount(pieces[peaks], minlength=int(pieces.max()) + 1) > 0
     markers, n = ndimage.label(peaks | (sure & ~has_peak[pieces]))
     labels = _flood(mask, markers, n, _membrane_order(mask, prob, opts.max_side))
@@ -473,11 +559,13 @@ def label(probs, out, opts: InstanceOptions, *, imap=map) -> dict:
                     if not cs.inside[c]]
         for c in crossing:
             lab_c, p_c, cls_c = _crossing(probs, opts, cs, c, W)
+            _keep_pieces(cache, lab_c, cs.box[c], c, (ch, cw))
             if lab_c.max():
                 found.append(_stats(lab_c, p_c, cls_c, int(cs.box[c, 0]), int(cs.box[c, 2]), W, opts,
                                     component=c))
         return len(inside), found
 
+    cache: dict = {}  # block -> [(component, row, col, labels)]: crossing components' pieces, until painted
     counted = dict(zip(keys, imap(objects, keys)))
     t_split = lap()
     table = _number([f for _, found in counted.values() for f in found])
@@ -489,15 +577,10 @@ def label(probs, out, opts: InstanceOptions, *, imap=map) -> dict:
         local = np.asarray(out[r0:r1, c0:c1])
         lut = _block_lut(table, k, (ch, cw), W, local)
         block = lut[local]
-        mine = comp[offsets[k]:offsets[k] + blocks[k].n] if blocks[k].n else np.zeros(0, np.int64)
-        for c in np.unique(mine[~cs.inside[mine]]) if len(mine) else ():
-            lab_c, _, _ = _crossing(probs, opts, cs, c, W)
+        for c, y0, x0, piece in cache.pop(k, ()):  # the crossing components' objects, split once in phase 3
             ids = np.concatenate([[0], ids_of.get(int(c), np.zeros(0, np.int64))]).astype(np.uint32)
-            br0, br1, bc0, bc1 = (int(v) for v in cs.box[c])
-            y0, y1, x0, x1 = max(br0, r0), min(br1, r1), max(bc0, c0), min(bc1, c1)
-            piece = lab_c[y0 - br0:y1 - br0, x0 - bc0:x1 - bc0]
             on = piece > 0
-            block[y0 - r0:y1 - r0, x0 - c0:x1 - c0][on] = ids[piece[on]]
+            block[y0 - r0:y0 - r0 + piece.shape[0], x0 - c0:x0 - c0 + piece.shape[1]][on] = ids[piece[on]]
         out[r0:r1, c0:c1] = block
 
     for _ in imap(paint, keys):
@@ -538,6 +621,23 @@ def _check_sizes(box: np.ndarray, opts: InstanceOptions) -> None:
                          f"{c0}:{c1}) is larger than --max-object {opts.max_side} px a side; it would have to be "
                          "cut, which makes objects depend on the tiling: raise --max-object (at most "
                          f"{MAX_SIDE}), or check the threshold and the model on that region")
+
+
+def _keep_pieces(cache: dict, lab: np.ndarray, box, c: int, chunks) -> None:
+    """Keep the labels ``lab`` of crossing component ``c`` (its box ``box``),
+    cut by block, in ``cache[block]`` for the paint phase, so each component
+    is split once, not once per block it touches (at ``--tile 256`` the
+    repeated splits were 80% of the pass). Kept in the smallest integer
+    type that holds them: memory is the crossing components' boxes, a byte
+    a pixel for fewer than 256 objects."""
+    (ch, cw), (r0, r1, c0, c1) = chunks, (int(v) for v in box)
+    lab = lab.astype(np.min_scalar_type(int(lab.max())))
+    for i in range(r0 // ch, (r1 - 1) // ch + 1):
+        for j in range(c0 // cw, (c1 - 1) // cw + 1):
+            y0, y1, x0, x1 = max(r0, i * ch), min(r1, (i + 1) * ch), max(c0, j * cw), min(c1, (j + 1) * cw)
+            piece = lab[y0 - r0:y1 - r0, x0 - c0:x1 - c0]
+            if piece.any():
+                cache.setdefault((i, j), []).append((c, y0, x0, piece.copy()))  # dict and list ops: atomic
 
 
 def _crossing(probs, opts, cs: _Components, c: int, W: int):
