@@ -2,7 +2,7 @@
 the read + write floor, side by side in one run (issue 34).
 
 Usage: python scripts/bench_feed.py [--size 8192] [--levels 1] [--threads 1,2]
-       [--reps 1] [--standin 150,300] [--workdir DIR] [--json]
+       [--reps 1] [--standin 0,150,300] [--workdir DIR] [--json]
 A 40x-slide-like case: --size 32768 --levels 4 (a JPEG-tiled pyramid; the
 input is made once in --workdir and reused).
 
@@ -165,6 +165,29 @@ class Stages:
         setattr(owner, attr, timed)
 
 
+GPU = threading.Lock()
+
+
+def gpu_standin(windows: np.ndarray, rate: float, st: "Stages", t_start: float) -> np.ndarray:
+    """What a GPU predictor leaves the host to do: the uint8 batch goes to
+    the device, normalisation, model and activation run there (a sleep of
+    pixels / ``rate`` Mpx/s, which releases the GIL as a CUDA stream wait
+    does; none for ``rate`` 0: a model that costs nothing), and float32
+    probabilities come back (made here by one GIL-free numpy pass)."""
+    t0 = time.perf_counter()
+    if st.first is None:
+        st.first = t0 - t_start
+    n, h, w = windows.shape[:3]
+    if rate:
+        with GPU:  # one device: one batch at a time, as the predictor's lock has it
+            t1 = time.perf_counter()
+            time.sleep(n * h * w / (rate * 1e6))
+            st.add("gpu busy (sleep)", time.perf_counter() - t1)
+    probs = np.greater(windows[..., 0], 127).astype(np.float32)[:, None]
+    st.add("model", time.perf_counter() - t0)
+    return probs
+
+
 class TimedLock:
     """The predictor's lock, its waits counted (a batch waiting for the one before)."""
 
@@ -184,7 +207,7 @@ def instrumented_run(src: str, model: str, out: str, threads: int, extra=(), sta
     """:func:`instrumented` in a fresh process pinned to ``threads`` cores,
     as the command runs (its allocator settings apply before any thread)."""
     cmd = ["taskset", "-c", ",".join(map(str, range(threads))), sys.executable, __file__, "--instrumented", src,
-           model, out, str(standin or 0), *extra]
+           model, out, "none" if standin is None else str(standin), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if r.returncode:
         raise SystemExit(f"instrumented run failed: {r.stderr[-2000:]}")
@@ -219,18 +242,14 @@ def instrumented(src: str, model: str, out: str, standin: float | None = None, e
                 t0 = time.perf_counter()
                 if st.first is None:
                     st.first = t0 - t_start
-                if standin:
-                    time.sleep(x.shape[0] * x.shape[2] * x.shape[3] / (standin * 1e6))
-                    y = x[:, :1]
-                else:
-                    y = net(x)
+                y = net(x)
                 st.add("model", time.perf_counter() - t0)
                 return y
 
             def timed_run(w):
                 t0 = time.perf_counter()
                 try:
-                    return run(w)
+                    return run(w) if standin is None else gpu_standin(w, standin, st, t_start)
                 finally:
                     st.add("predictor (float+norm+model+activation)", time.perf_counter() - t0)
             p._net, p._run = timed_net, timed_run
@@ -263,8 +282,8 @@ def instrumented(src: str, model: str, out: str, standin: float | None = None, e
     run_s = mpx / entry["throughput"]
     res = {"wall_s": round(wall, 2), "run_s": round(run_s, 3), "mpx_s": round(entry["throughput"], 1),
            "first_model_call_s": round(st.first or 0, 2), "busy_s": busy}
-    if standin:
-        res["model_busy_share"] = round(busy.get("model", 0.0) / run_s, 3)
+    if standin is not None:
+        res["model_busy_share"] = round(busy.get("gpu busy (sleep)", 0.0) / run_s, 3)
     return res
 
 
@@ -274,7 +293,8 @@ def main() -> int:
     p.add_argument("--levels", type=int, default=1, help="input pyramid levels (4 for a slide-like 32768^2)")
     p.add_argument("--threads", default="1,2", help="core counts to pin runs to")
     p.add_argument("--reps", type=int, default=1, help="runs of each row; the best is kept")
-    p.add_argument("--standin", default="150,300", help="GPU stand-in rates, Mpx/s ('' for none)")
+    p.add_argument("--standin", default="0,150,300",
+                   help="GPU stand-in rates, Mpx/s (0: a predictor that costs nothing; '' for none)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--extra", default="", help="more `tilerseg run` options, e.g. '--tile 1024'")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tilerseg-bench-feed"))
@@ -341,7 +361,7 @@ def _floor_main(argv) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--instrumented":
         v = sys.argv[2:]
-        print(json.dumps(instrumented(v[0], v[1], v[2], float(v[3]) or None, v[4:])))
+        print(json.dumps(instrumented(v[0], v[1], v[2], None if v[3] == "none" else float(v[3]), v[4:])))
         sys.stdout.flush()
         os._exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--floor":
