@@ -347,12 +347,18 @@ def _blend_graph(name, pending, reader, predictor, grid: Grid, tiles, output, cl
     return dsk, keys
 
 
-def default_workers() -> int:
+def default_workers(device: str = "cpu") -> int:
     """Threads for a local run: enough to keep reading and writing ahead of
-    the one model (which uses every core itself), capped to bound memory."""
+    the one model (which uses every core itself), capped to bound memory.
+    A model on a GPU leaves the cores to the pipeline while one thread
+    waits for the device: one thread more than the cores (at least 3), so
+    that the next batch is read and the last one written meanwhile."""
     import os
 
-    return max(2, min(8, os.cpu_count() or 2))
+    cores = os.cpu_count() or 2
+    if str(device).startswith("cuda"):
+        return max(3, min(8, cores + 1))
+    return max(2, min(8, cores))
 
 
 @contextlib.contextmanager
