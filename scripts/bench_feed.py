@@ -147,6 +147,17 @@ class Stages:
         self.busy: dict[str, float] = {}
         self.lock = threading.Lock()
         self.first: float | None = None
+        self.cpu_first = 0.0
+
+    def started(self, seconds: float) -> None:
+        """The first batch reached the model: when, and the process CPU time so far."""
+        import resource
+
+        with self.lock:
+            if self.first is None:
+                self.first = seconds
+                u = resource.getrusage(resource.RUSAGE_SELF)
+                self.cpu_first = u.ru_utime + u.ru_stime
 
     def add(self, name: str, dt: float) -> None:
         with self.lock:
@@ -175,8 +186,7 @@ def gpu_standin(windows: np.ndarray, rate: float, st: "Stages", t_start: float) 
     does; none for ``rate`` 0: a model that costs nothing), and float32
     probabilities come back (made here by one GIL-free numpy pass)."""
     t0 = time.perf_counter()
-    if st.first is None:
-        st.first = t0 - t_start
+    st.started(t0 - t_start)
     n, h, w = windows.shape[:3]
     if rate:
         with GPU:  # one device: one batch at a time, as the predictor's lock has it
@@ -240,8 +250,7 @@ def instrumented(src: str, model: str, out: str, standin: float | None = None, e
 
             def timed_net(x):
                 t0 = time.perf_counter()
-                if st.first is None:
-                    st.first = t0 - t_start
+                st.started(t0 - t_start)
                 y = net(x)
                 st.add("model", time.perf_counter() - t0)
                 return y
@@ -257,10 +266,17 @@ def instrumented(src: str, model: str, out: str, standin: float | None = None, e
         return p
 
     infer.cached_predictor = cached
+    import resource
+
+    if standin and "--workers" not in extra:
+        from tilerseg.engine import default_workers
+
+        extra = [*extra, "--workers", str(default_workers("cuda"))]  # what a run on a GPU gets by default
     try:
         t0 = time.perf_counter()
         rc = cli.main(["run", src, "-o", out, "--weights", model, "--overwrite", "--quiet", *extra])
         wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         infer.cached_predictor = real
     if rc:
@@ -284,6 +300,12 @@ def instrumented(src: str, model: str, out: str, standin: float | None = None, e
            "first_model_call_s": round(st.first or 0, 2), "busy_s": busy}
     if standin is not None:
         res["model_busy_share"] = round(busy.get("gpu busy (sleep)", 0.0) / run_s, 3)
+        # host work per pixel, on all cores, start-up included (an upper bound on what the run needs)
+        cpu = (cpu1.ru_utime + cpu1.ru_stime) - st.cpu_first  # from the first batch to the end of the run
+        res["host_cpu_s"] = round(cpu, 2)
+        res["per_core_mpx_s"] = round(mpx / max(cpu, 1e-3), 1)
+        if standin:
+            res["cores_for_rate"] = round(standin / res["per_core_mpx_s"], 1)
     return res
 
 
@@ -314,11 +336,12 @@ def main() -> int:
             f = subprocess.run(["taskset", "-c", ",".join(map(str, range(n))), sys.executable, __file__, "--floor",
                                 src, os.path.join(a.workdir, "floor.zarr"), str(t["chunk"]), str(n)],
                                capture_output=True, text=True, check=True).stdout.split()
-            fs, fpeak = float(f[0]), float(f[1])
+            fs, fpeak, fcpu = float(f[0]), float(f[1]), float(f[2])
             best_t = t if best_t is None or t["run_s"] < best_t["run_s"] else best_t
-            best_f = (fs, fpeak) if best_f is None or fs < best_f[0] else best_f
+            best_f = (fs, fpeak, fcpu) if best_f is None or fs < best_f[0] else best_f
         res["rows"].append({"threads": n, "floor_s": round(best_f[0], 3), "floor_mpx_s": round(mpx / best_f[0], 1),
-                            "floor_peak_rss_mib": round(best_f[1]), "tilerseg": best_t,
+                            "floor_peak_rss_mib": round(best_f[1]), "floor_cpu_s": round(best_f[2], 2),
+                            "floor_per_core_mpx_s": round(mpx / best_f[2], 1), "tilerseg": best_t,
                             "ratio": round(best_f[0] / best_t["run_s"], 3)})
     if len(res["rows"]) > 1:
         res["speedup_1_to_2"] = round(res["rows"][0]["tilerseg"]["run_s"] / res["rows"][-1]["tilerseg"]["run_s"], 2)
@@ -339,11 +362,17 @@ def main() -> int:
         t = r["tilerseg"]
         print(f"{r['threads']:>7} {r['floor_mpx_s']:>12.1f} {t['mpx_s']:>15.1f} {r['ratio']:>6.2f} {t['run_s']:>6.2f} "
               f"{t['wall_s']:>7.2f} {t['peak_rss_mib']:>8} {r['floor_peak_rss_mib']:>9}")
+    print("floor host rate per core (CPU seconds, robust to load): "
+          + ", ".join(f"{r['floor_per_core_mpx_s']} Mpx/s ({r['threads']} threads)" for r in res["rows"]))
     if "speedup_1_to_2" in res:
         print(f"1 -> {res['rows'][-1]['threads']} threads: {res['speedup_1_to_2']}x")
     for key in [k for k in res if k == "breakdown" or k.startswith("standin")]:
         b = res[key]
         extra = f", model busy {b['model_busy_share']:.0%} of the run" if "model_busy_share" in b else ""
+        if "per_core_mpx_s" in b:
+            extra += f", host {b['per_core_mpx_s']} Mpx/s per core"
+        if "cores_for_rate" in b:
+            extra += f" -> {b['cores_for_rate']} cores to keep up"
         print(f"{key}: run {b['run_s']:.2f} s ({b['mpx_s']} Mpx/s), first model call {b['first_model_call_s']} s "
               f"after start{extra}; busy thread-seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in b["busy_s"].items()))
     return 0
@@ -353,8 +382,10 @@ def _floor_main(argv) -> int:
     """``--floor SRC OUT CHUNK THREADS``: one floor run in its own process (its peak RSS alone)."""
     import resource
 
+    u0 = resource.getrusage(resource.RUSAGE_SELF)
     s = floor(argv[0], argv[1], int(argv[2]), int(argv[3]))
-    print(s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    print(s, u.ru_maxrss / 1024, u.ru_utime + u.ru_stime - u0.ru_utime - u0.ru_stime)
     return 0
 
 

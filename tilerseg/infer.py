@@ -231,6 +231,9 @@ class Predictor:
                                               stride=self.stride, weights=weights, precision=precision,
                                               compile=compile)
         self.backend = self._net.name
+        # a runtime outside torch takes C-contiguous NCHW arrays: normalise into that layout at once (a uint8
+        # transpose first, 3 bytes a pixel), not into channels-last memory it would copy again (12 bytes a pixel)
+        self._layout = self._format if self.backend == "torch" else torch.contiguous_format
         if backend != "torch" or self.backend != "torch":
             log.info("backend: %s", self.backend_note)
         # a model that ends in its own sigmoid/softmax (an ONNX file may) gives probabilities already
@@ -273,9 +276,9 @@ class Predictor:
             if self.device != "cpu":
                 x = x.to(self.device)
         # a (N, C, H, W) view of NHWC memory: channels-last, no copy
-        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).float()
+        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).contiguous(memory_format=self._layout).float()
         mean, std = (self._mean, self._std) if self.dims == 2 else (self._mean[..., None], self._std[..., None])
-        x = x.div_(self._scale).sub_(mean).div_(std).contiguous(memory_format=self._format)
+        x = x.div_(self._scale).sub_(mean).div_(std).contiguous(memory_format=self._layout)
         n = x.shape[0]
         if len(self._views) > 1:
             x = torch.cat([_view(x, v) for v in self._views]).contiguous(memory_format=torch.channels_last)
