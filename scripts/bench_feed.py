@@ -114,8 +114,9 @@ def floor(src: str, out: str, chunk: int, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_cli(src: str, model: str, out: str, threads: int, extra=()) -> dict:
-    """``tilerseg run`` pinned to ``threads`` cores: wall, run seconds, peak RSS, first-window time."""
+def run_cli(src: str, model: str, out: str, threads: int, extra=(), code: str | None = None) -> dict:
+    """``tilerseg run`` pinned to ``threads`` cores: wall, run seconds, peak RSS, output chunk side;
+    ``code``: a checkout whose ``tilerseg`` runs instead of this one (``--baseline``)."""
     sys.path.insert(0, HERE)
     from _common import run_with_peak_rss
 
@@ -127,7 +128,17 @@ def run_cli(src: str, model: str, out: str, threads: int, extra=()) -> dict:
         os.remove(ledger)
     cmd = ["taskset", "-c", ",".join(str(i) for i in range(threads)), sys.executable, "-m", "tilerseg.cli", "run",
            src, "-o", out, "--weights", model, "--overwrite", *extra]
-    wall, peak, rc = run_with_peak_rss(cmd)
+    old = os.environ.get("PYTHONPATH")
+    if code:
+        os.environ["PYTHONPATH"] = os.path.abspath(code)
+    import resource
+
+    u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        wall, peak, rc = run_with_peak_rss(cmd)
+    finally:
+        if code:
+            os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
     if rc:
         raise SystemExit(f"tilerseg failed ({rc}): {' '.join(cmd)}")
     with open(ledger) as f:
@@ -136,7 +147,10 @@ def run_cli(src: str, model: str, out: str, threads: int, extra=()) -> dict:
 
     z = zarr.open_group(out, mode="r")["0"]
     mpx = float(np.prod(z.shape)) / 1e6
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = u.ru_utime + u.ru_stime - u0.ru_utime - u0.ru_stime
     return {"wall_s": round(wall, 2), "run_s": round(mpx / entry["throughput"], 3), "peak_rss_mib": round(peak),
+            "process_cpu_s": round(cpu, 2),
             "chunk": int(z.chunks[-1]), "mpx_s": round(entry["throughput"], 1)}
 
 
@@ -320,6 +334,7 @@ def main() -> int:
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--extra", default="", help="more `tilerseg run` options, e.g. '--tile 1024'")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tilerseg-bench-feed"))
+    p.add_argument("--baseline", help="a checkout of tilerseg (e.g. the code before a change) run in the same rows")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -330,7 +345,7 @@ def main() -> int:
     out = os.path.join(a.workdir, "out", "mask.zarr")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     for n in [int(t) for t in a.threads.split(",")]:
-        best_t, best_f = None, None
+        best_t, best_f, best_b = None, None, None
         for _ in range(a.reps):
             t = run_cli(src, model, out, n, a.extra.split())
             f = subprocess.run(["taskset", "-c", ",".join(map(str, range(n))), sys.executable, __file__, "--floor",
@@ -339,10 +354,15 @@ def main() -> int:
             fs, fpeak, fcpu = float(f[0]), float(f[1]), float(f[2])
             best_t = t if best_t is None or t["run_s"] < best_t["run_s"] else best_t
             best_f = (fs, fpeak, fcpu) if best_f is None or fs < best_f[0] else best_f
+            if a.baseline:
+                b = run_cli(src, model, out, n, a.extra.split(), code=a.baseline)
+                best_b = b if best_b is None or b["run_s"] < best_b["run_s"] else best_b
         res["rows"].append({"threads": n, "floor_s": round(best_f[0], 3), "floor_mpx_s": round(mpx / best_f[0], 1),
                             "floor_peak_rss_mib": round(best_f[1]), "floor_cpu_s": round(best_f[2], 2),
                             "floor_per_core_mpx_s": round(mpx / best_f[2], 1), "tilerseg": best_t,
                             "ratio": round(best_f[0] / best_t["run_s"], 3)})
+        if best_b is not None:
+            res["rows"][-1].update(baseline=best_b, baseline_ratio=round(best_f[0] / best_b["run_s"], 3))
     if len(res["rows"]) > 1:
         res["speedup_1_to_2"] = round(res["rows"][0]["tilerseg"]["run_s"] / res["rows"][-1]["tilerseg"]["run_s"], 2)
     top = max(int(t) for t in a.threads.split(","))
@@ -362,6 +382,12 @@ def main() -> int:
         t = r["tilerseg"]
         print(f"{r['threads']:>7} {r['floor_mpx_s']:>12.1f} {t['mpx_s']:>15.1f} {r['ratio']:>6.2f} {t['run_s']:>6.2f} "
               f"{t['wall_s']:>7.2f} {t['peak_rss_mib']:>8} {r['floor_peak_rss_mib']:>9}")
+    for r in res["rows"]:
+        if "baseline" in r:
+            b = r["baseline"]
+            print(f"{r['threads']:>7} baseline ({a.baseline}): {b['mpx_s']:.1f} Mpx/s, ratio {r['baseline_ratio']:.2f}, "
+                  f"run {b['run_s']:.2f} s, wall {b['wall_s']:.2f} s, RSS {b['peak_rss_mib']} MiB, "
+                  f"process CPU {b['process_cpu_s']:.2f} s (this code: {r['tilerseg']['process_cpu_s']:.2f} s)")
     print("floor host rate per core (CPU seconds, robust to load): "
           + ", ".join(f"{r['floor_per_core_mpx_s']} Mpx/s ({r['threads']} threads)" for r in res["rows"]))
     if "speedup_1_to_2" in res:
