@@ -113,3 +113,20 @@ def test_a_budget_that_holds_no_worthwhile_window_is_refused_with_one_that_does(
             "-o", str(tmp_path / "m.zarr"))
     assert r.returncode == 1 and "holds no window worth running" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.zarr").exists()
+
+
+def test_a_cheap_model_gets_windows_that_stream_and_an_expensive_one_keeps_its_choice():
+    """Issue 34: a 1x1 convolution (12 bytes of activations per pixel) got four 4096-px
+    windows over 8192^2 px, so nothing overlapped its reads and writes (peak RSS 7.4 GiB).
+    Counting the pipeline's own bytes (the first read and the last write are not hidden
+    by the model) gives it small windows; a U-Net's choice does not move."""
+    from tilerseg.tiling import IN_FLIGHT, pipeline_bytes
+
+    io = pipeline_bytes(3, 1)
+    (blind, _), _, _ = auto_tile(0, 32, (8192, 8192), 12.0, 4 * GiB, None)
+    (tile, _), batch, _ = auto_tile(0, 32, (8192, 8192), 12.0, 4 * GiB, None, io_bytes=io)
+    assert blind == 4096 and tile <= 1024
+    assert batch * tile ** 2 * (12.0 + IN_FLIGHT * io) <= 4 * GiB
+    for shape in ((20000, 20000), (4096, 4096)):
+        assert auto_tile(96, 8, shape, 600.0, 4 * GiB, None, io_bytes=io)[:2] == \
+            auto_tile(96, 8, shape, 600.0, 4 * GiB, None)[:2]

@@ -88,3 +88,29 @@ def test_cli_precision_flag(tmp_path, tiny_model_dir):
     a, b = (zarr.open_array(str(tmp_path / f"{p}.zarr" / "0"), mode="r")[...] for p in ("fp32", "bf16"))
     ok = ~np.isnan(a)
     assert np.array_equal(ok, ~np.isnan(b)) and 0 < np.abs(a[ok] - b[ok]).max() < 0.05
+
+
+def test_host_staging_reuses_one_buffer_per_thread_and_keeps_the_values():
+    """The CUDA path's staging (issue 34), on host memory (no GPU here): each batch
+    lands in its thread's one buffer, grown only for a larger batch, and each thread
+    has its own, so a batch being copied is never overwritten by another thread."""
+    import threading
+
+    from tilerseg.infer import HostStaging
+
+    rng = np.random.default_rng(0)
+    s = HostStaging(pin=False)
+    big, small = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((4, 64, 64, 3), (2, 32, 64, 3)))
+    a = s.host(big)
+    assert np.array_equal(a.numpy(), big)
+    b = s.host(small)
+    assert np.array_equal(b.numpy(), small) and b.data_ptr() == a.data_ptr()  # reused, not reallocated
+    c = s.host(np.concatenate([big, big]))
+    assert c.shape == (8, 64, 64, 3) and np.array_equal(c.numpy()[4:], big)
+    other = []
+    t = threading.Thread(target=lambda: other.append(s.host(small).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != c.data_ptr()
+    f = s.host(rng.random((1, 8, 8, 3), dtype=np.float32))  # another dtype: its own buffer
+    assert f.dtype.is_floating_point

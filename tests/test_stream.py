@@ -171,3 +171,49 @@ def test_a_run_to_ome_tiff_streams_and_equals_its_zarr(tmp_path, tiny_model_dir,
     with tifffile.TiffFile(str(tmp_path / "m.ome.tif")) as tif:
         got = tif.series[0].levels[0].asarray()
     np.testing.assert_array_equal(got, zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")["0"][...])
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_a_zarr_output_builds_its_levels_while_blocks_are_computed(tmp_path, probabilities):
+    """Issue 34: a .zarr output's levels were all read back and built after the last
+    block. They are built as block rows land now: level 1's first chunk row exists
+    before the last block row is computed, and every level equals the post-run build."""
+    import zarr
+
+    from tilerseg.io.pyramid import build_levels
+
+    H, W = 2100, 1500
+    lab = _noisy_labels(H, W)
+    arr = np.stack([lab / 2.0, 1 - lab / 2.0]).astype(np.float32) if probabilities else lab
+    meta = ImageMeta(shape=(H, W), bands=3, dtype=np.dtype("uint8"), format="test", mpp=0.5)
+    info = OutputInfo(meta=meta, probabilities=probabilities, classes=3, class_names=("a", "b", "c"))
+    out = tmp_path / "mask.zarr"
+    source = _source(arr)
+    early = []
+
+    def compute(src, z, marks):
+        ny, nx = src.blocks.shape
+        for y in range(ny):
+            for x in range(nx):
+                z[src.blocks[(y, x)]] = arr[src.blocks[(y, x)]]
+                marks.mark((y, x))
+            if y == ny - 2:  # level 1's first chunk row needs level 0's first 1024 rows: there by now
+                one = zarr.open_group(writer._tmp_zarr, mode="r")["1"]
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and one.nchunks_initialized == 0:
+                    time.sleep(0.05)
+                early.append(one.nchunks_initialized)
+        return "done"
+
+    with Writer(str(out), probabilities=probabilities) as writer:
+        assert writer.write(source, compute, info, {"fingerprint": "zarr-stream"}) == "done"
+    assert early and early[0] > 0, "no level chunk was built before the last block row"
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
+    ref.create_array("0", shape=arr.shape, chunks=arr.shape[:-2] + (CHUNK, CHUNK), dtype=arr.dtype,
+                     fill_value=np.nan if probabilities else 255)[...] = arr
+    got = zarr.open_group(str(out), mode="r")
+    levels = build_levels(ref, probabilities)
+    assert sorted(got.array_keys()) == [str(k) for k in range(len(levels))]
+    for k, level in enumerate(levels):
+        np.testing.assert_array_equal(got[str(k)][...], level[...])
+    assert not any(t.name == "tilerseg-level-stream" for t in threading.enumerate())

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import POSTPROCESS, ModelOptions, RunConfig, TilingOptions
-from .engine import (Output, StoreStats, compute_into, lazy_array, lazy_image, segment_plan, store_plan,
-                     thread_map, volume_plan, warm_workers)
+from .engine import (Output, StoreStats, compute_into, default_workers, lazy_array, lazy_image, segment_plan,
+                     store_plan, thread_map, volume_plan, warm_workers)
 from .errors import InputError, ModelError
 from .io import open_reader
 from .io.arrays import ArrayReader
@@ -296,9 +296,10 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
         def render(level0, tmp):
             draw(input, level0, tmp, threshold=threshold, bands=i.bands, reader=i.reader)
     warm_workers(e.scheduler, ref)  # models built before the clock starts, as for a local run
+    workers = e.workers or default_workers(predictor.device)
     t0 = time.perf_counter()
     stats: StoreStats = writer.write(plan, lambda p, z, marks: store_plan(
-        p, z, workers=e.workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
+        p, z, workers=workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
         fingerprint(input, info, cfg, tiling, active), render_preview=render,
         post=_instance_pass(o, info, threshold) if o.instances else None)
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,

@@ -123,9 +123,12 @@ def _run_windows(predictor, data: np.ndarray, windows, tile: int, halo: int, bat
 
 
 def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles: TileSpec, classes: int,
-                   active: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+                   active: np.ndarray | None = None, output: Output | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Probabilities ``(classes, h, w)``, validity ``(h, w)`` and the number
-    of windows run, for one region's output.
+    of windows run, for one region's output; with a labels ``output``, the
+    finished uint8 chunk instead of the probabilities (each window's crop
+    labelled as it lands, so no float block of the region is ever made).
 
     Windows off tissue (``active``) and windows whose output area is all
     nodata are not run, and the others compute only the part of their crop
@@ -134,18 +137,32 @@ def predict_region(reader: Reader, predictor, grid: Grid, region: Region, tiles:
     full window's crop does: the trimmed window keeps the full halo."""
     c, h = grid.crop, grid.halo
     oh, ow = region.out_rows[1] - region.out_rows[0], region.out_cols[1] - region.out_cols[0]
+    labels = output is not None and not output.probabilities
     data, valid, windows = _read_windows(reader, grid, region, tiles, active, whole=False)
     if data is None:  # nothing to see here: no read at all
-        return background(classes, (oh, ow)), None, 0
+        probs = background(classes, (oh, ow))
+        return (_finish(probs, None, output) if labels else probs), None, 0
     wy0, wx0 = region.windows[0]
     rows = (region.windows[-1][0] - wy0 + 1) * c
     cols = (region.windows[-1][1] - wx0 + 1) * c
-    out = background(classes, (rows, cols))
+    if labels:  # the label of a background pixel, as _finish makes it
+        out = np.full((rows, cols), _labels(background(classes, (1, 1)), output)[0, 0], np.uint8)
+    else:
+        out = background(classes, (rows, cols))
     for y, x, b, p in _run_windows(predictor, data, windows, grid.tile, h, tiles.batch_size, classes):
         y0, y1, x0, x1 = b or (0, c, 0, c)
-        out[:, y + y0:y + y1, x + x0:x + x1] = p[:, h:h + y1 - y0, h:h + x1 - x0]
+        crop = p[:, h:h + y1 - y0, h:h + x1 - x0]
+        if labels:
+            out[y + y0:y + y1, x + x0:x + x1] = _labels(crop, output)
+        else:
+            out[:, y + y0:y + y1, x + x0:x + x1] = crop
     if valid is not None:
         valid = valid[h:h + oh, h:h + ow]
+    if labels:
+        out = out[:oh, :ow]
+        if valid is not None:
+            out[~valid] = LABEL_NODATA
+        return out, valid, len(windows)
     return out[:, :oh, :ow], valid, len(windows)
 
 
@@ -153,8 +170,17 @@ def _block(reader, predictor, grid, region, tiles, output: Output, classes: int,
     """One crop-merge task: ``(chunk, windows run, windows skipped)``."""
     if hasattr(predictor, "get"):  # a picklable reference, resolved once per worker
         predictor = predictor.get()
-    probs, valid, n_run = predict_region(reader, predictor, grid, region, tiles, classes, active)
-    return _finish(probs, valid, output), n_run, len(region.windows) - n_run
+    chunk, valid, n_run = predict_region(reader, predictor, grid, region, tiles, classes, active, output)
+    if output.probabilities:
+        chunk = _finish(chunk, valid, output)
+    return chunk, n_run, len(region.windows) - n_run
+
+
+def _labels(probs: np.ndarray, output: Output) -> np.ndarray:
+    """Labels of probabilities ``(classes, ...)``: threshold for one class, argmax for several."""
+    if probs.shape[0] == 1:
+        return (probs[0] >= output.threshold).view(np.uint8)
+    return probs.argmax(axis=0).astype(np.uint8)
 
 
 def _finish(probs: np.ndarray, valid: np.ndarray | None, output: Output) -> np.ndarray:
@@ -164,10 +190,7 @@ def _finish(probs: np.ndarray, valid: np.ndarray | None, output: Output) -> np.n
             probs[:, ~valid] = np.nan
         result = probs
     else:
-        if probs.shape[0] == 1:
-            result = (probs[0] >= output.threshold).astype(np.uint8)
-        else:
-            result = probs.argmax(axis=0).astype(np.uint8)
+        result = _labels(probs, output)
         if valid is not None:
             result[~valid] = LABEL_NODATA
     return result
@@ -324,12 +347,18 @@ def _blend_graph(name, pending, reader, predictor, grid: Grid, tiles, output, cl
     return dsk, keys
 
 
-def default_workers() -> int:
+def default_workers(device: str = "cpu") -> int:
     """Threads for a local run: enough to keep reading and writing ahead of
-    the one model (which uses every core itself), capped to bound memory."""
+    the one model (which uses every core itself), capped to bound memory.
+    A model on a GPU leaves the cores to the pipeline while one thread
+    waits for the device: one thread more than the cores (at least 3), so
+    that the next batch is read and the last one written meanwhile."""
     import os
 
-    return max(2, min(8, os.cpu_count() or 2))
+    cores = os.cpu_count() or 2
+    if str(device).startswith("cuda"):
+        return max(3, min(8, cores + 1))
+    return max(2, min(8, cores))
 
 
 @contextlib.contextmanager

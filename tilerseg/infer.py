@@ -125,6 +125,58 @@ def _view(x, view, inverse: bool = False):
     return x.transpose(2, 3) if t else x
 
 
+class HostStaging:
+    """Page-locked host buffers, one per thread and reused, and one copy
+    stream per thread, for windows going to a CUDA device.
+
+    ``tensor.pin_memory()`` allocates a fresh page-locked buffer for every
+    batch (``cudaHostAlloc``: milliseconds per megabyte, holding the GIL
+    meanwhile) and copies into it. Here each thread keeps one buffer, grown
+    when a batch is larger, and fills it with one numpy copy (which leaves
+    the GIL); the copy to the device is issued on the thread's own stream
+    without blocking, the compute stream waits for it, and the next fill
+    of the buffer waits for that copy to end (an event), never earlier.
+    ``pin=False`` (tests without a GPU): ordinary host memory."""
+
+    def __init__(self, pin: bool = True):
+        self.pin = pin
+        self._local = threading.local()
+
+    def host(self, windows: np.ndarray):
+        """A host tensor of ``windows``' shape and values, in this thread's buffer."""
+        import torch
+
+        loc = self._local
+        dtype = torch.from_numpy(windows[:0].copy()).dtype
+        buf = getattr(loc, "buf", None)
+        if buf is None or buf.dtype != dtype or buf.numel() < windows.size:
+            buf = loc.buf = torch.empty(windows.size, dtype=dtype, pin_memory=self.pin)
+        event = getattr(loc, "event", None)
+        if event is not None:  # the last copy out of this buffer must be over before it is refilled
+            event.synchronize()
+        host = buf[:windows.size].view(windows.shape)
+        np.copyto(host.numpy(), windows)
+        return host
+
+    def to_device(self, windows: np.ndarray, device: str):
+        """``windows`` on ``device``, copied without blocking the host."""
+        import torch
+
+        host = self.host(windows)
+        loc = self._local
+        if getattr(loc, "stream", None) is None:
+            loc.stream = torch.cuda.Stream(device=device)
+        compute = torch.cuda.current_stream(device)
+        loc.stream.wait_stream(compute)  # the device memory it copies into may have been freed by compute work
+        with torch.cuda.stream(loc.stream):
+            x = host.to(device, non_blocking=True)
+            loc.event = torch.cuda.Event()
+            loc.event.record(loc.stream)
+        compute.wait_stream(loc.stream)
+        x.record_stream(compute)  # its memory is used by the compute stream: not reused before that is done
+        return x
+
+
 class Predictor:
     """Run ``model`` on batches of windows ``(N, T, T, bands)`` of raw pixels
     and return float32 probabilities ``(N, classes, T, T)``: sigmoid for one
@@ -179,6 +231,9 @@ class Predictor:
                                               stride=self.stride, weights=weights, precision=precision,
                                               compile=compile)
         self.backend = self._net.name
+        # a runtime outside torch takes C-contiguous NCHW arrays: normalise into that layout at once (a uint8
+        # transpose first, 3 bytes a pixel), not into channels-last memory it would copy again (12 bytes a pixel)
+        self._layout = self._format if self.backend == "torch" else torch.contiguous_format
         if backend != "torch" or self.backend != "torch":
             log.info("backend: %s", self.backend_note)
         # a model that ends in its own sigmoid/softmax (an ONNX file may) gives probabilities already
@@ -188,6 +243,7 @@ class Predictor:
         self._std = torch.as_tensor(np.asarray(std, np.float32), device=self.device).view(1, -1, 1, 1)
         self._scale = float(scale)
         self._lock = threading.Lock()
+        self._staging = HostStaging() if str(self.device).startswith("cuda") else None
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         n = len(windows)
@@ -213,13 +269,16 @@ class Predictor:
     def _run(self, windows: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(windows))
-        if self.device != "cpu":  # pinned memory: the copy to the GPU overlaps the host
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self._staging is not None:  # reused pinned buffers, copies on a side stream (see HostStaging)
+            x = self._staging.to_device(windows, self.device)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(windows))
+            if self.device != "cpu":
+                x = x.to(self.device)
         # a (N, C, H, W) view of NHWC memory: channels-last, no copy
-        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).float()
+        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1)).contiguous(memory_format=self._layout).float()
         mean, std = (self._mean, self._std) if self.dims == 2 else (self._mean[..., None], self._std[..., None])
-        x = x.div_(self._scale).sub_(mean).div_(std).contiguous(memory_format=self._format)
+        x = x.div_(self._scale).sub_(mean).div_(std).contiguous(memory_format=self._layout)
         n = x.shape[0]
         if len(self._views) > 1:
             x = torch.cat([_view(x, v) for v in self._views]).contiguous(memory_format=torch.channels_last)

@@ -108,6 +108,54 @@ class TiffStream:
         _remove(self.path)
 
 
+class LevelStream:
+    """The reduced levels of a zarr output, built while its level 0 is
+    computed: a thread waits for each row of blocks to be marked finished
+    (``marks``; blocks split at ``chunks``' boundaries) and builds what that
+    row allows (:meth:`~tilerseg.io.pyramid.Levels.advance`), so that after
+    the last block only the last rows of each level are left, instead of
+    every level read back and built after the run. Each level chunk is
+    built once, from the same level-0 pixels, so the bytes are those
+    :func:`~tilerseg.io.pyramid.build_levels` writes."""
+
+    def __init__(self, levels, chunks, marks: ChunkMarks):
+        self._pyramid, self._marks = levels, marks
+        self._rows = np.cumsum((0, *chunks[-2]))
+        self._ncols = len(chunks[-1])
+        self._computed, self._abort = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tilerseg-level-stream", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            done: set = set()
+            for by in range(len(self._rows) - 1):
+                need = {(by, bx) for bx in range(self._ncols)}
+                while not need <= done:
+                    if self._computed.is_set() or self._abort.is_set():
+                        return  # the rest is built by finish(), or nothing is
+                    done.update(b for b in need - done if self._marks.has(b))
+                    if not need <= done:
+                        self._abort.wait(POLL_SECONDS / 5)
+                self._pyramid.advance(int(self._rows[by + 1]))
+        except BaseException as err:  # handed to the run's thread by finish()
+            self._error = err
+
+    def finish(self) -> list:
+        """Every block is computed: build the rest and return all level arrays, finest first."""
+        self._computed.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._pyramid.finish()
+
+    def stop(self) -> None:
+        """The run failed or was interrupted: end the thread (no level is finished)."""
+        self._abort.set()
+        self._thread.join(timeout=60)
+
+
 def _remove(path: str) -> None:
     try:
         os.remove(path)

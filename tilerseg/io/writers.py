@@ -537,19 +537,22 @@ class Writer:
         TIFF while ``source`` is computed into ``group["0"]``, where the format
         allows: ``.ome.tif`` and ``.tif`` without georeference (a COG is
         GDAL's to order), an image computed on the output grid (not
-        resampled to it afterwards), blocks split at the chunks. Else None:
-        the file is written after the run."""
+        resampled to it afterwards), blocks split at the chunks. For a local
+        ``.zarr``, a :class:`~tilerseg.io.stream.LevelStream` building its
+        levels as rows land. Else None: the file is written after the run."""
         from .pyramid import Levels
-        from .stream import TiffStream
+        from .stream import LevelStream, TiffStream
 
         blocks = getattr(source, "blocks", None)
         chunks = getattr(source, "chunks", None)
-        if (info.volume or info.instances or self.format not in ("ome-tiff", "tiff") or info.target is not None
-                or self.remote
+        if (info.volume or info.instances or self.format not in ("ome-tiff", "tiff", "zarr")
+                or info.target is not None or self.remote
                 or (self.format == "tiff" and info.out_meta.georeferenced) or blocks is None
                 or tuple(blocks.shape) != (len(chunks[-2]), len(chunks[-1]))):
             return None
         levels = Levels(group, info.probabilities, parallel=self.parallel)
+        if self.format == "zarr":
+            return LevelStream(levels, chunks, ChunkMarks(self.marks_dir))
         return TiffStream(levels, chunks, ChunkMarks(self.marks_dir), self._tmp_file, meta=info.out_meta,
                           kind=info.kind(), ome=self.format == "ome-tiff", uid=_uid(fingerprint),
                           imap=getattr(self.parallel, "imap", map))
@@ -578,9 +581,10 @@ class Writer:
         if self.format == "tiff" and m.georeferenced:
             write_cog(z0, self._tmp_file, m, info.kind())  # GDAL makes the overviews
             return self._tmp_file
-        if stream is not None:
+        if stream is not None and self.format != "zarr":
             return stream.finish()  # the levels are built by the stream as rows become final
-        levels = build_levels(group, info.probabilities, parallel=self.parallel)
+        levels = stream.finish() if stream is not None else build_levels(group, info.probabilities,
+                                                                          parallel=self.parallel)
         if self.format == "zarr":
             size, unit = physical_pixel(m)
             group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
