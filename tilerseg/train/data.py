@@ -167,15 +167,6 @@ class LabelMap:
         return {"values": list(self.values) if self.values is not None else None, "ignore": self.ignore}
 
 
-def fits(mask: tuple[int, int], image: tuple[int, int]) -> bool:
-    """Whether a mask of shape ``mask`` is an image of shape ``image`` at
-    an integer factor (a pyramid level's rounding either way)."""
-    (h, w), (H, W) = mask, image
-    big, small = ((H, W), (h, w)) if H >= h else ((h, w), (H, W))
-    k = max(1, round(big[0] / max(small[0], 1)))
-    return all(s in (b // k, -(-b // k)) for b, s in zip(big, small))
-
-
 def mask_values(reader: Reader, rows: int = 1024) -> set[int]:
     """Every value of a mask's first band, read a strip of rows at a time."""
     H, W = reader.meta.shape[:2]

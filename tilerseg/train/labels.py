@@ -55,12 +55,20 @@ def _mirrored(start: int, n: int, size: int) -> np.ndarray:
     return pad_index(np.arange(start, start + n), size, "reflect")[0]
 
 
+def fits(mask: tuple[int, int], image: tuple[int, int]) -> bool:
+    """Whether a mask of shape ``mask`` is an image of shape ``image`` at
+    an integer factor (a pyramid level's rounding either way)."""
+    (h, w), (H, W) = mask, image
+    big, small = ((H, W), (h, w)) if H >= h else ((h, w), (H, W))
+    k = max(1, round(big[0] / max(small[0], 1)))
+    return all(s in (b // k, -(-b // k)) for b, s in zip(big, small))
+
+
 class RasterLabels:
     """A raster mask through a :class:`~tilerseg.train.data.LabelMap`."""
 
     def __init__(self, path: str, meta, labelmap, image_path: str = ""):
         from ..io import open_reader
-        from .data import fits
 
         self.path, self.shape, self.labelmap = path, tuple(meta.shape[:2]), labelmap
         self.reader = open_reader(path)
