@@ -69,7 +69,11 @@ def find_pairs(images, masks, *, mask_suffix: str = "") -> list[Pair]:
     ``a_mask.png`` with ``mask_suffix="_mask"``). ``images``/``masks`` are a
     file, a folder, or lists of them; an unmatched image is an error."""
     img = [f for p in _as_list(images) for f in _listing(p, "image")]
+    if len(img) > 1:  # QuPath projects keep slide.svs and slide.geojson side by side: the labels are no image
+        img = [f for f in img if not f.lower().endswith(VECTOR_EXT)]
     msk = [f for p in _as_list(masks) for f in _listing(p, "mask")]
+    if len(msk) > 1:  # masks in the images' folder: an image is not its own mask
+        msk = [m for m in msk if m not in set(img)]
     if len(img) == 1 and len(msk) == 1:
         return [Pair(img[0], msk[0])]
     by_name = {}
