@@ -103,7 +103,7 @@ class VectorLabels:
         if regions_path:
             regions = regions + read_labels(regions_path, meta, options, all_regions=True).regions
         frame = box(0, 0, W, H)
-        if not any(intersects(g, frame) for g in list(geoms) + list(regions)):
+        if not intersects(np.asarray(list(geoms) + list(regions), object), frame).any():
             raise InputError(f"{path}: all {len(geoms) + len(regions)} feature(s) lie outside the image "
                              f"({W}x{H} px{' at this level' if meta.level else ''}): the file belongs to another "
                              "image, or its coordinates are not this image's pixels (export them from QuPath for this "
@@ -120,8 +120,9 @@ class VectorLabels:
             self.mode, self.regions, why = "polygons", None, "the annotated polygons (no regions)"
         known = [self.regions] if self.mode == "regions" else list(self.geoms) if self.mode == "polygons" else []
         self.known = [g for g in known for g in getattr(g, "geoms", [g]) if not g.is_empty]
-        self.known_area = float(H * W) if self.mode == "image" else float(sum(area(g) for g in self.known))
-        self.cum = np.cumsum([area(g) for g in self.known]) if self.known else None
+        areas = area(np.asarray(self.known, object)) if self.known else np.zeros(0)
+        self.known_area = float(H * W) if self.mode == "image" else float(areas.sum())
+        self.cum = np.cumsum(areas) if self.known else None
         if self.mode == "regions":
             from shapely import prepare
 
