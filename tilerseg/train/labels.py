@@ -21,34 +21,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
 from ..geometry import pad_index
 from .metrics import IGNORE
+from .vectors import VectorOptions, read_labels
+
+__all__ = ["VectorOptions", "RasterLabels", "VectorLabels", "open_labels", "is_vector"]
 
 log = logging.getLogger(__name__)
 VECTOR_EXT = (".geojson", ".gpkg", ".shp")
 SIDECAR_EXT = (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
-_DETECTIONS = {"detection", "cell", "tile"}
 
 
 def is_vector(path) -> bool:
     return os.fspath(path).lower().endswith(VECTOR_EXT)
-
-
-@dataclass(frozen=True)
-class VectorOptions:
-    """How vector files name classes and known areas (``data.*`` keys)."""
-
-    class_names: tuple[str, ...] = ("background", "foreground")
-    regions: str | None = None          # None, "image", or a vector file of regions
-    region_classes: tuple[str, ...] = ("Region",)
-    class_attribute: str | None = None  # default: QuPath's classification.name, else name, else class
-    layer: str | None = None            # GeoPackage layer
 
 
 def _mirrored(start: int, n: int, size: int) -> np.ndarray:
@@ -93,8 +82,6 @@ class VectorLabels:
 
     def __init__(self, path: str, meta, options: VectorOptions, regions_path: str | None = None):
         from shapely import STRtree, area, box, intersects, union_all
-
-        from .vectors import read_labels
 
         self.path, self.shape = path, tuple(meta.shape)
         H, W = self.shape
@@ -209,8 +196,3 @@ def open_labels(mask: str, meta, labelmap, options: VectorOptions | None, image_
         raise InputError(f"{regions_path}: regions go with vector labels; for a raster mask mark unlabelled "
                          "pixels with ignore_value")
     return RasterLabels(mask, meta.shape, labelmap, image_path)
-
-
-def name_counts(names) -> str:
-    """``Tumor (12), Stroma (3)``: what a file holds, for error lines."""
-    return ", ".join(f"{n} ({c})" for n, c in Counter(names).most_common())
