@@ -106,6 +106,23 @@ def region_files(regions, pairs: list[Pair]) -> dict[str, str]:
     return {p.name: by_name[p.name] for p in pairs if p.name in by_name}
 
 
+def open_sources(pairs: list[Pair], labels: "LabelMap", *, vector=None, regions: dict | None = None, level=None,
+                 mpp=None, bands=None, opened: list | None = None) -> list["Source"]:
+    """:class:`Source` of each pair, with its regions file (``regions``:
+    image name -> file, from :func:`region_files` over all the pairs); on
+    a bad pair, every source opened so far (and those in ``opened``) is
+    closed before the error goes on."""
+    files, out = regions or {}, []
+    try:
+        for p in pairs:
+            out.append(Source(p, labels, level=level, mpp=mpp, bands=bands, vector=vector, regions=files.get(p.name)))
+    except BaseException:
+        for s in out + list(opened or []):
+            s.close()
+        raise
+    return out
+
+
 def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
