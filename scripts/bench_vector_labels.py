@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,6 +70,7 @@ def _train_and_score(root, tag, image, masks, val, val_mask, test, test_mask, ep
     cfg_path = f"{root}/{tag}.yaml"
     with open(cfg_path, "w") as f:
         f.write(RECIPE.format(image=image, masks=masks, val=val, val_mask=val_mask, epochs=epochs, samples=samples))
+    shutil.rmtree(f"{root}/run-{tag}", ignore_errors=True)  # a rerun in the same --workdir
     t0 = time.perf_counter()
     res = train(load_train_config(cfg_path), f"{root}/run-{tag}", progress=False)
     ev, th = evaluate(res.best, test, test_mask, device="cpu")
@@ -159,6 +161,7 @@ def bench_rss(root: str, small: int, large: int, polygons: int) -> dict:
         cfg = f"{root}/rss-{tag}.yaml"
         with open(cfg, "w") as f:
             f.write(RECIPE.format(image=img, masks=geo, val=val, val_mask=val_mask, epochs=1, samples=32))
+        shutil.rmtree(f"{root}/run-rss-{tag}", ignore_errors=True)
         secs, peak, rc = run_with_peak_rss([sys.executable, "-m", "tilerseg.cli", "train", cfg, "-o",
                                             f"{root}/run-rss-{tag}", "--quiet", "--device", "cpu"])
         if rc:

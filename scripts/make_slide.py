@@ -23,6 +23,8 @@ def make_slide(path: str, size: int = 20000, *, levels: int = 4, tile: int = 512
 
     from tilerseg.synthetic import write_tiff
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
     write_tiff(path, (size, size), seed=seed, tile_size=tile, levels=levels, compression="jpeg",
                background=background, workers=workers or os.cpu_count() or 1)
     return path

@@ -402,3 +402,14 @@ def test_a_gigapixel_image_costs_its_polygons_not_its_area(tmp_path):
     got = v.window(90090, 150090, 40, 40)
     assert (got == 1).sum() == 200 and (got == 0).sum() == 1600 - 200
     assert (v.window(0, 0, 64, 64) == IGNORE).all()
+
+
+def test_slides_and_their_geojson_in_one_folder_pair_up(tmp_path):
+    from tilerseg.train.data import find_pairs
+
+    for n in ("s1", "s2"):
+        tifffile.imwrite(tmp_path / f"{n}.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+        _qupath(tmp_path / f"{n}.geojson", [(_square(0, 0, 4, 4), "Tumor", "annotation")])
+    pairs = find_pairs(str(tmp_path), str(tmp_path))
+    assert [(os.path.basename(p.image), os.path.basename(p.mask)) for p in pairs] == [
+        ("s1.tif", "s1.geojson"), ("s2.tif", "s2.geojson")]

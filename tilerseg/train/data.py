@@ -70,7 +70,11 @@ def find_pairs(images, masks, *, mask_suffix: str = "") -> list[Pair]:
     ``a_mask.png`` with ``mask_suffix="_mask"``). ``images``/``masks`` are a
     file, a folder, or lists of them; an unmatched image is an error."""
     img = [f for p in _as_list(images) for f in _listing(p, "image")]
+    if len(img) > 1:  # QuPath projects keep slide.svs and slide.geojson side by side: the labels are no image
+        img = [f for f in img if not f.lower().endswith(VECTOR_EXT)]
     msk = [f for p in _as_list(masks) for f in _listing(p, "mask")]
+    if len(msk) > 1:  # masks in the images' folder: an image is not its own mask
+        msk = [m for m in msk if m not in set(img)]
     if len(img) == 1 and len(msk) == 1:
         return [Pair(img[0], msk[0])]
     by_name = {}
@@ -101,6 +105,23 @@ def region_files(regions, pairs: list[Pair]) -> dict[str, str]:
         return {pairs[0].name: files[0]}
     by_name = {_stem(f): f for f in files}
     return {p.name: by_name[p.name] for p in pairs if p.name in by_name}
+
+
+def open_sources(pairs: list[Pair], labels: "LabelMap", *, vector=None, regions: dict | None = None, level=None,
+                 mpp=None, bands=None, opened: list | None = None) -> list["Source"]:
+    """:class:`Source` of each pair, with its regions file (``regions``:
+    image name -> file, from :func:`region_files` over all the pairs); on
+    a bad pair, every source opened so far (and those in ``opened``) is
+    closed before the error goes on."""
+    files, out = regions or {}, []
+    try:
+        for p in pairs:
+            out.append(Source(p, labels, level=level, mpp=mpp, bands=bands, vector=vector, regions=files.get(p.name)))
+    except BaseException:
+        for s in out + list(opened or []):
+            s.close()
+        raise
+    return out
 
 
 def _as_list(v) -> list:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..engine import Output, TileSpec, reduce_blocks, segment_plan, volume_plan
 from ..errors import InputError
-from .data import LabelMap, Source, VolumeSource, find_pairs, region_files
+from .data import LabelMap, Source, VolumeSource, find_pairs, open_sources, region_files
 from .labels import VectorOptions
 from .challenge import MAX_PIXELS, challenge_scores, segmentation_scores
 from .metrics import IGNORE, confusion, scores
@@ -262,16 +262,8 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
     else:
         vector = VectorOptions(class_names=tuple(names), regions=regions, region_classes=tuple(region_classes),
                                class_attribute=class_attribute, layer=label_layer)
-        files = region_files(regions, pairs)
-        sources = []
-        try:
-            for p in pairs:
-                sources.append(Source(p, labels, level=level, mpp=mpp, bands=bands, vector=vector,
-                                      regions=files.get(p.name)))
-        except BaseException:
-            for s in sources:
-                s.close()
-            raise
+        sources = open_sources(pairs, labels, vector=vector, regions=region_files(regions, pairs), level=level,
+                               mpp=mpp, bands=bands)
     try:
         for s in sources:
             if isinstance(s, Source):

@@ -21,34 +21,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
 from ..geometry import pad_index
 from .metrics import IGNORE
+from .vectors import VectorOptions, read_labels
+
+__all__ = ["VectorOptions", "RasterLabels", "VectorLabels", "open_labels", "is_vector"]
 
 log = logging.getLogger(__name__)
 VECTOR_EXT = (".geojson", ".gpkg", ".shp")
 SIDECAR_EXT = (".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
-_DETECTIONS = {"detection", "cell", "tile"}
 
 
 def is_vector(path) -> bool:
     return os.fspath(path).lower().endswith(VECTOR_EXT)
-
-
-@dataclass(frozen=True)
-class VectorOptions:
-    """How vector files name classes and known areas (``data.*`` keys)."""
-
-    class_names: tuple[str, ...] = ("background", "foreground")
-    regions: str | None = None          # None, "image", or a vector file of regions
-    region_classes: tuple[str, ...] = ("Region",)
-    class_attribute: str | None = None  # default: QuPath's classification.name, else name, else class
-    layer: str | None = None            # GeoPackage layer
 
 
 def _mirrored(start: int, n: int, size: int) -> np.ndarray:
@@ -114,8 +103,6 @@ class VectorLabels:
     def __init__(self, path: str, meta, options: VectorOptions, regions_path: str | None = None):
         from shapely import STRtree, area, box, intersects, union_all
 
-        from .vectors import read_labels
-
         self.path, self.shape = path, tuple(meta.shape)
         H, W = self.shape
         lab = read_labels(path, meta, options)
@@ -123,7 +110,7 @@ class VectorLabels:
         if regions_path:
             regions = regions + read_labels(regions_path, meta, options, all_regions=True).regions
         frame = box(0, 0, W, H)
-        if not any(intersects(g, frame) for g in list(geoms) + list(regions)):
+        if not intersects(np.asarray(list(geoms) + list(regions), object), frame).any():
             raise InputError(f"{path}: all {len(geoms) + len(regions)} feature(s) lie outside the image "
                              f"({W}x{H} px{' at this level' if meta.level else ''}): the file belongs to another "
                              "image, or its coordinates are not this image's pixels (export them from QuPath for this "
@@ -140,8 +127,9 @@ class VectorLabels:
             self.mode, self.regions, why = "polygons", None, "the annotated polygons (no regions)"
         known = [self.regions] if self.mode == "regions" else list(self.geoms) if self.mode == "polygons" else []
         self.known = [g for g in known for g in getattr(g, "geoms", [g]) if not g.is_empty]
-        self.known_area = float(H * W) if self.mode == "image" else float(sum(area(g) for g in self.known))
-        self.cum = np.cumsum([area(g) for g in self.known]) if self.known else None
+        areas = area(np.asarray(self.known, object)) if self.known else np.zeros(0)
+        self.known_area = float(H * W) if self.mode == "image" else float(areas.sum())
+        self.cum = np.cumsum(areas) if self.known else None
         if self.mode == "regions":
             from shapely import prepare
 
@@ -228,8 +216,3 @@ def open_labels(mask: str, meta, labelmap, options: VectorOptions | None, image_
         raise InputError(f"{regions_path}: regions go with vector labels; for a raster mask mark unlabelled "
                          "pixels with ignore_value")
     return RasterLabels(mask, meta, labelmap, image_path)
-
-
-def name_counts(names) -> str:
-    """``Tumor (12), Stroma (3)``: what a file holds, for error lines."""
-    return ", ".join(f"{n} ({c})" for n, c in Counter(names).most_common())

@@ -27,7 +27,7 @@ from ..losses import instance_weights, make_loss
 from ..models import ModelInfo, arch, dtype_scale, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
 from .augment import build_augment
 from .config import TrainConfig
-from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, region_files, sample_stats, split
+from .data import CropDataset, LabelMap, Source, VolumeSource, find_pairs, open_sources, region_files, sample_stats, split
 from .evaluate import evaluate_sources
 from .labels import VectorOptions, is_vector
 from .metrics import IGNORE
@@ -78,17 +78,10 @@ def _open_sources(cfg: TrainConfig) -> tuple[list[Source], list[Source], LabelMa
         vector = VectorOptions(class_names=tuple(cfg.class_names), regions=cfg.regions,
                                region_classes=tuple(cfg.region_classes), class_attribute=cfg.class_attribute,
                                layer=cfg.label_layer)
-        regions = region_files(cfg.regions, train_pairs + val_pairs)
-        kw = dict(level=cfg.level, mpp=cfg.mpp, bands=cfg.bands, vector=vector)
-        train, val = [], []
-        try:
-            for pairs, into in ((train_pairs, train), (val_pairs, val)):
-                for p in pairs:
-                    into.append(Source(p, labels, regions=regions.get(p.name), **kw))
-        except BaseException:
-            for s in train + val:
-                s.close()
-            raise
+        kw = dict(level=cfg.level, mpp=cfg.mpp, bands=cfg.bands, vector=vector,
+                  regions=region_files(cfg.regions, train_pairs + val_pairs))
+        train = open_sources(train_pairs, labels, **kw)
+        val = open_sources(val_pairs, labels, opened=train, **kw)
     bands = {s.image.meta.bands for s in train + val}
     if len(bands) > 1:
         raise InputError(f"the images have different band counts ({sorted(bands)}): choose bands with `bands:`")

@@ -20,14 +20,32 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
-from .labels import VectorOptions, name_counts
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VectorOptions:
+    """How vector files name classes and known areas (``data.*`` keys)."""
+
+    class_names: tuple[str, ...] = ("background", "foreground")
+    regions: str | None = None          # None, "image", or a vector file of regions
+    region_classes: tuple[str, ...] = ("Region",)
+    class_attribute: str | None = None  # default: QuPath's classification.name, else name, else class
+    layer: str | None = None            # GeoPackage layer
+
+
+def name_counts(names) -> str:
+    """``Tumor (12), Stroma (3)``: what a file holds, for error lines."""
+    return ", ".join(f"{n} ({c})" for n, c in Counter(names).most_common())
+
+
 _UNCLASSIFIED = "(unclassified)"
 
 
