@@ -43,7 +43,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+SELF = os.path.abspath(__file__)
+HERE = os.path.dirname(SELF)
 
 
 def cpu_model() -> str:
@@ -230,7 +231,7 @@ class TimedLock:
 def instrumented_run(src: str, model: str, out: str, threads: int, extra=(), standin: float | None = None) -> dict:
     """:func:`instrumented` in a fresh process pinned to ``threads`` cores,
     as the command runs (its allocator settings apply before any thread)."""
-    cmd = ["taskset", "-c", ",".join(map(str, range(threads))), sys.executable, __file__, "--instrumented", src,
+    cmd = ["taskset", "-c", ",".join(map(str, range(threads))), sys.executable, SELF, "--instrumented", src,
            model, out, "none" if standin is None else str(standin), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if r.returncode:
@@ -339,6 +340,7 @@ def main() -> int:
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.makedirs(a.workdir, exist_ok=True)
+    os.chdir(a.workdir)  # `python -m` puts the current folder first on sys.path: never the checkout's own code
     src, model = make_input(a.workdir, a.size, a.levels), make_model(a.workdir)
     mpx = a.size * a.size / 1e6
     res = {"cpu": cpu_model(), "load_before": load(), "size": a.size, "levels": a.levels, "rows": []}
@@ -348,7 +350,7 @@ def main() -> int:
         best_t, best_f, best_b = None, None, None
         for _ in range(a.reps):
             t = run_cli(src, model, out, n, a.extra.split())
-            f = subprocess.run(["taskset", "-c", ",".join(map(str, range(n))), sys.executable, __file__, "--floor",
+            f = subprocess.run(["taskset", "-c", ",".join(map(str, range(n))), sys.executable, SELF, "--floor",
                                 src, os.path.join(a.workdir, "floor.zarr"), str(t["chunk"]), str(n)],
                                capture_output=True, text=True, check=True).stdout.split()
             fs, fpeak, fcpu = float(f[0]), float(f[1]), float(f[2])
