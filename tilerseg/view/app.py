@@ -236,9 +236,20 @@ def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
             return not_found()
         return Response(dumps(layers[i].props.get(fid)), media_type="application/json")
 
+    def object_row(request: Request):
+        i, oid = _ints(request.path_params, "layer", "oid")
+        if not 0 <= i < len(layers) or layers[i].kind != "instances":
+            return not_found()
+        row = layers[i].table.row(oid)
+        if row is None:
+            return not_found(f"no object {oid} in {layers[i].table.path}" if layers[i].table.exists else
+                             f"no object table beside {os.path.basename(layers[i].path)}")
+        return Response(dumps(row), media_type="application/json")
+
     routes = [Route("/", index), Route("/favicon.ico", lambda request: Response(status_code=204)), Route("/static/{name}", static), Route("/api/info", info),
               Route("/tiles/{layer}/{level}/{col}_{row}", tile), Route("/api/point", point),
-              Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties)]
+              Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties),
+              Route("/api/object/{layer}/{oid}", object_row)]
     return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged}, middleware=[
         Middleware(_NoTraceback),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_names(host), www_redirect=False),
