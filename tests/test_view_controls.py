@@ -236,3 +236,30 @@ def test_a_damaged_images_failed_tiles_are_counted_in_its_block(browser):  # noq
             assert not errors, errors
         finally:
             page.close()
+
+
+def test_a_clicked_polygon_is_in_the_url_by_its_own_id_and_comes_back(browser, server, files):  # noqa: F811
+    import shapely
+
+    x0, y0 = CENTRE
+    view = shapely.box(x0 - 80, y0 - 60, x0 + 80, y0 + 60)
+    with open(files["geojson"]) as f:
+        feats = [g for g in json.load(f)["features"] if g["properties"]["class"] == 1 and
+                 view.contains(shapely.geometry.shape(g["geometry"]))]
+    g = feats[0]
+    pt = shapely.geometry.shape(g["geometry"]).representative_point()
+    page = _open(browser, _url(server, o1=1, h1=0, o2=0, o3=1))
+    try:
+        page.mouse.click(*page.evaluate("([x, y]) => { const t = tilerseg.toScreen(); return [x * t.s + t.ox,"
+                                        " y * t.s + t.oy]; }", [pt.x, pt.y]))
+        page.wait_for_selector("#props:not([hidden])")
+        page.wait_for_function(f"location.hash.includes('sid={g['id']}')")
+        assert "sel=3" in page.url
+        again = _open(browser, page.url)
+        try:
+            again.wait_for_selector("#props:not([hidden])")
+            assert again.locator("#props").inner_text().split("\n", 1)[0] == f"objects.geojson #{g['id']}"
+        finally:
+            again.close()
+    finally:
+        page.close()

@@ -236,6 +236,17 @@ def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
             return not_found()
         return Response(dumps(layers[i].props.get(fid)), media_type="application/json")
 
+    def find(request: Request):
+        (i,) = _ints(request.path_params, "layer")
+        own = request.query_params.get("id", "")
+        if not 0 <= i < len(layers) or layers[i].kind != "polygons" or not 0 < len(own) <= 200:
+            return not_found()
+        at = layers[i].find(own)
+        if at is None or not layers[i].count:
+            return not_found(f"no feature with id {own[:50]} in {layers[i].info()['name']}")
+        box = [float(v[at]) for v in (layers[i].x0, layers[i].y0, layers[i].x1, layers[i].y1)]
+        return Response(dumps({"position": at, "id": layers[i].own_id(at), "box": box}), media_type="application/json")
+
     def object_row(request: Request):
         i, oid = _ints(request.path_params, "layer", "oid")
         if not 0 <= i < len(layers) or layers[i].kind != "instances":
@@ -249,7 +260,7 @@ def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
     routes = [Route("/", index), Route("/favicon.ico", lambda request: Response(status_code=204)), Route("/static/{name}", static), Route("/api/info", info),
               Route("/tiles/{layer}/{level}/{col}_{row}", tile), Route("/api/point", point),
               Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties),
-              Route("/api/object/{layer}/{oid}", object_row)]
+              Route("/api/object/{layer}/{oid}", object_row), Route("/api/find/{layer}", find)]
     return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged}, middleware=[
         Middleware(_NoTraceback),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_names(host), www_redirect=False),

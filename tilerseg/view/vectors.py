@@ -125,6 +125,23 @@ class VectorLayer:
                         "area_px": float(area[sel].sum())})
         return out
 
+    def find(self, own: str) -> int | None:
+        """The position of the feature whose own id is ``own`` (as text, as
+        a URL carries it), or None: a search of the id column, once per
+        link followed."""
+        if "id" in self.ids.ints:
+            try:
+                want = int(own)
+            except ValueError:
+                return None
+            ids = np.frombuffer(self.ids.ints["id"], np.int64)
+            hit = np.flatnonzero(ids == want)
+        else:
+            codes, values = self.ids.codes["id"], self.ids.values["id"]
+            code = next((c for c, v in enumerate(values) if str(v) == own), None)
+            hit = np.flatnonzero(np.frombuffer(codes, np.int32) == code) if code is not None else []
+        return int(hit[0]) if len(hit) else None
+
     def own_id(self, i: int):
         """The feature's own id (what the file calls it) at position ``i``."""
         return self.ids.column("id")(i)

@@ -155,6 +155,7 @@
     p.set("x", (c.x * W).toFixed(1)); p.set("y", (c.y * W).toFixed(1));
     p.set("s", (vp.getZoom(true) * vp.getContainerSize().x / W).toPrecision(6));
     p.set("o0", base.opacity); if (!base.visible) p.set("v0", "0");
+    if (selected) { p.set("sel", selected.layer); p.set("sid", selected.own); }  // the feature's own id
     for (const ly of layers) {
       p.set("o" + ly.id, ly.opacity);
       if (!ly.visible) p.set("v" + ly.id, "0");
@@ -254,10 +255,7 @@
       const hit = ly.features.find(f => inside(f, x, y));
       if (hit) {
         e.preventDefaultAction = true;
-        selected = { layer: ly.id, id: hit[0] };
-        const props = await (await fetch(`api/properties/${ly.id}/${hit[0]}`)).json();
-        box.textContent = `${ly.L.name} #${hit[3]}\n` + JSON.stringify(props, null, 1);
-        box.hidden = false; drawVectors();
+        await select(ly, hit[0], hit[3]);
         return;
       }
     }
@@ -274,8 +272,20 @@
         return;
       }
     }
-    selected = null; box.hidden = true; drawVectors();
+    selected = null; box.hidden = true; drawVectors(); saveState();
   });
+  async function select(ly, position, own) {  // a polygon: highlighted, its properties shown, its own id in the URL
+    const box = document.getElementById("props");
+    selected = { layer: ly.id, id: position, own: own };
+    const props = await (await fetch(`api/properties/${ly.id}/${position}`)).json();
+    box.textContent = `${ly.L.name} #${own}\n` + JSON.stringify(props, null, 1);
+    box.hidden = false; drawVectors(); saveState();
+  }
+  if (state.sel !== undefined && state.sid !== undefined) {  // a copied URL names a feature by its own id
+    const ly = layers.find(l => l.id === +state.sel && l.L.kind === "polygons");
+    const r = ly && await fetch(`api/find/${ly.id}?id=${encodeURIComponent(state.sid)}`);
+    if (r && r.ok) { const f = await r.json(); await select(ly, f.position, f.id); }
+  }
 
   // -- the readout under the cursor ----------------------------------------------------------
   const readout = document.getElementById("readout");
