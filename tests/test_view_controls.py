@@ -263,3 +263,18 @@ def test_a_clicked_polygon_is_in_the_url_by_its_own_id_and_comes_back(browser, s
             again.close()
     finally:
         page.close()
+
+
+def test_the_panel_gives_each_classs_area_from_the_mask(browser, server, files):  # noqa: F811
+    page = _open(browser, _url(server, o1=1, h1=0, o2=0, o3=1))
+    try:
+        rows = page.locator('.layer[data-layer="1"] table.areas tr').all_inner_texts()[1:]
+        mask = files["mask"]
+        want = {viewdata.NAMES[k]: int((mask == k).sum()) * 0.25 for k in range(3) if (mask == k).any()}
+        assert len(rows) == len(want)
+        for row in rows:
+            name, area = row.split("\t")
+            shown = float(area.split()[0]) * (1e6 if area.endswith("mm²") else 1)
+            assert shown == pytest.approx(want[name], rel=5e-3), (row, want[name])
+    finally:
+        page.close()

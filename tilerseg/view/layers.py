@@ -133,6 +133,7 @@ class RasterLayer:
         if self.kind == "labels":
             d["classes"] = [{"value": k, "name": n, "colour": "#%02x%02x%02x" % tuple(self.colours[k])}
                             for k, n in enumerate(self.class_names)]
+            d["areas"] = self.class_areas()
         elif self.kind == "instances":
             d["objects"] = self.record.get("objects") or {}
             d["table"] = os.path.basename(self.table.path) if self.table.exists else None
@@ -141,6 +142,23 @@ class RasterLayer:
             d["ramp"] = ["#%02x%02x%02x" % tuple(c) for c in self.colours[::32]] + \
                 ["#%02x%02x%02x" % tuple(self.colours[-1])]
         return d
+
+    def class_areas(self, budget: int = 16 * 2 ** 20) -> dict:
+        """Pixels of each class in level-0 pixels: counted on the finest
+        level of at most ``budget`` pixels (exact when that is level 0,
+        else each pixel counts for the 4^k it stands for: ``exact`` False)."""
+        if getattr(self, "_areas", None) is None:
+            k = next((i for i, (h, w) in enumerate(self.levels) if h * w <= budget), len(self.levels) - 1)
+            h, w = self.reader(k).meta.shape
+            counts = np.zeros(256, np.int64)
+            for r in range(0, h, 1024):
+                data, valid = self.reader(k).read((r, min(h, r + 1024)), (0, w))
+                lab = data[..., 0] if valid is None else data[..., 0][valid]
+                counts += np.bincount(lab.ravel(), minlength=256)[:256]
+            f = (self.shape[0] * self.shape[1]) / (h * w)
+            self._areas = {"exact": k == 0, "px": {str(c): float(counts[c] * f) for c in np.flatnonzero(counts)
+                                                   if c != LABEL_NODATA}}
+        return self._areas
 
     # -- tiles ---------------------------------------------------------------
 

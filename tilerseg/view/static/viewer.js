@@ -97,6 +97,9 @@
     box.innerHTML = `<div class="name">${esc(ly.L.name)}</div>`;
     controls(ly, box);
     if (ly.L.kind === "labels") {
+      const rows = ly.L.classes.filter(c => ly.L.areas.px[c.value]).map(c => `<tr><td>${esc(c.name)}</td>` +
+        `<td>${(ly.L.areas.exact ? "" : "≈ ") + area(ly.L.areas.px[c.value])}</td></tr>`).join("");
+      box.insertAdjacentHTML("beforeend", `<table class="stats areas"><tr><th>class</th><th>area</th></tr>${rows}</table>`);
       for (const c of ly.L.classes) {
         const row = document.createElement("label");
         row.className = "cls";
