@@ -25,7 +25,7 @@
   function extra(ly) { return ly.L.kind === "labels" ? "&hide=" + ly.hide.join(",") : "&band=" + ly.band; }
 
   const viewer = OpenSeadragon({ id: "osd", drawer: "canvas", tileSources: source(0, info.image, ""),
-    showNavigationControl: false, showNavigator: true, navigatorPosition: "TOP_LEFT", navigatorSizeRatio: 0.16,
+    showNavigationControl: false, showNavigator: true, navigatorPosition: "TOP_LEFT", navigatorSizeRatio: 0.16, navigatorAutoFade: false,
     imageSmoothingEnabled: false, maxZoomPixelRatio: 16, visibilityRatio: 0.2,
     gestureSettingsMouse: { clickToZoom: false }, animationTime: 0.4, immediateRender: false });
   const pending = new Set();
