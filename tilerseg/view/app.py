@@ -114,17 +114,19 @@ async def _bad_request(request: Request, err: BadRequest) -> Response:
     return Response(str(err), status_code=400, media_type="text/plain")
 
 
-_told: set = set()
-
-
-async def _damaged(request: Request, err: ReadError) -> Response:
+def _damaged_handler():
     """A window of a damaged file: 422 with the reader's one line, logged
     once per file and place (a page asks for it again on every pan)."""
-    text = str(err)
-    if text not in _told:
-        _told.add(text)
-        log.warning("%s", text)
-    return Response(text, status_code=422, media_type="text/plain", headers={"Cache-Control": "no-cache"})
+    told: set = set()
+
+    async def damaged(request: Request, err: ReadError) -> Response:
+        text = str(err)
+        if text not in told:
+            told.add(text)
+            log.warning("%s", text)
+        return Response(text, status_code=422, media_type="text/plain", headers={"Cache-Control": "no-cache"})
+
+    return damaged
 
 
 class _NoTraceback:
@@ -261,7 +263,7 @@ def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
               Route("/tiles/{layer}/{level}/{col}_{row}", tile), Route("/api/point", point),
               Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties),
               Route("/api/object/{layer}/{oid}", object_row), Route("/api/find/{layer}", find)]
-    return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged}, middleware=[
+    return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged_handler()}, middleware=[
         Middleware(_NoTraceback),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_names(host), www_redirect=False),
         Middleware(_SamePort, port=port)])
