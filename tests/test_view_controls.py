@@ -233,6 +233,10 @@ def test_a_damaged_images_failed_tiles_are_counted_in_its_block(browser):  # noq
             page.wait_for_selector('.layer[data-layer="0"] .failed:not([hidden])', timeout=20000)
             assert "could not be read: the file is damaged there" in \
                 page.locator('.layer[data-layer="0"] .failed').inner_text()
+            # the readout over a damaged place: the reader's line (rows 768:1024, cols 768:1024 fail to decode)
+            page.mouse.move(*page.evaluate("() => { const t = tilerseg.toScreen(); return [900 * t.s + t.ox,"
+                                           " 900 * t.s + t.oy]; }"))
+            page.wait_for_function("document.getElementById('readout').textContent.includes('could not decode')")
             assert not errors, errors
         finally:
             page.close()

@@ -278,3 +278,21 @@ def test_stopping_the_viewer_says_so_not_runs_resume_advice(slide, sig):
     assert p.returncode == 0, (p.returncode, err)
     assert "tilerseg view: stopped" in out and "--resume" not in err and "no output" not in err, (out, err)
     assert "Traceback" not in err, err
+
+
+def test_the_readout_over_a_damaged_place_is_422_and_the_log_stays_short(tmp_path):
+    """The cursor asks per pixel: 60 damaged pixels give 60 answers of 422
+    but at most 20 log lines, the last saying that the rest are not logged."""
+    from conftest import data
+
+    p, url = _started(data("rasterio/corrupt.tif"))
+    host = f"127.0.0.1:{_port(url)}"
+    try:
+        for k in range(60):
+            status, _, body = _get(url, f"/api/point?x={800 + k}&y=900", host)
+            assert status == 422 and b"could not decode" in body, (status, body[:200])
+    finally:
+        err = _stopped(p)
+    lines = [line for line in err.splitlines() if "could not decode" in line]
+    assert len(lines) == 20 and "further damaged places of this file are not logged" in lines[-1], err[-1500:]
+    assert "Traceback" not in err

@@ -114,16 +114,24 @@ async def _bad_request(request: Request, err: BadRequest) -> Response:
     return Response(str(err), status_code=400, media_type="text/plain")
 
 
+LOGGED = 20  # damaged places of one file that are logged
+
+
 def _damaged_handler():
     """A window of a damaged file: 422 with the reader's one line, logged
-    once per file and place (a page asks for it again on every pan)."""
+    once per place (a page asks for it again on every pan), and for the
+    first ``LOGGED`` places of a file only (the cursor readout asks per pixel)."""
     told: set = set()
+    per_file: dict = {}
 
     async def damaged(request: Request, err: ReadError) -> Response:
         text = str(err)
-        if text not in told:
+        where = text.split(": could not decode", 1)[0]
+        if text not in told and per_file.get(where, 0) < LOGGED:
             told.add(text)
-            log.warning("%s", text)
+            per_file[where] = per_file.get(where, 0) + 1
+            last = per_file[where] == LOGGED
+            log.warning("%s%s", text, " (further damaged places of this file are not logged)" if last else "")
         return Response(text, status_code=422, media_type="text/plain", headers={"Cache-Control": "no-cache"})
 
     return damaged

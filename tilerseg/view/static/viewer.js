@@ -298,7 +298,9 @@
     busy = true;
     const [x, y] = want; want = null;
     try {
-      const d = await (await fetch(`api/point?x=${x}&y=${y}`)).json();
+      const r = await fetch(`api/point?x=${x}&y=${y}`);
+      if (!r.ok) { readout.textContent = await r.text(); return; }  // a damaged place of a file: its one line
+      const d = await r.json();
       readout.textContent = d.inside ? describe(d) : "outside the image";
       readout.dataset.col = d.col; readout.dataset.row = d.row;
     } finally { busy = false; read(); }
