@@ -8,7 +8,6 @@ and csv read them."""
 import csv
 import io
 import json
-import os
 
 import numpy as np
 import pytest
