@@ -109,3 +109,29 @@ def test_the_id_under_the_cursor_and_the_objects_row_of_the_table(files):
         assert c.get("/api/object/1/0").status_code == 404
         assert c.get("/api/object/0/1").status_code == 404  # the image has no objects
     view.close()
+
+
+def test_an_instance_zarr_that_declares_a_channel_axis_it_lacks_still_opens(files, tmp_path):
+    """Instance zarrs written before the fix name axes (c, y, x) over 2-D
+    arrays: they opened with an IndexError; their level 0 is served."""
+    import shutil
+
+    import zarr
+
+    s, inst = files
+    old = str(tmp_path / "old.zarr")
+    shutil.copytree(inst["zarr"], old)
+    g = zarr.open_group(old, mode="r+")
+    ome = dict(g.attrs["ome"])
+    ms = dict(ome["multiscales"][0])
+    ms["axes"] = [{"name": "c", "type": "channel"}] + [a for a in ms["axes"] if a["name"] != "c"]
+    ome["multiscales"] = [ms]
+    g.attrs.update(ome=ome)
+    view = open_view([s["image"], old])
+    try:
+        ids = _ids(inst["zarr"])[0]
+        with TestClient(create_app(view, port=PORT), base_url=f"http://127.0.0.1:{PORT}") as c:
+            got = _level(c, 1, view.layers[0].max_level, ids.shape)
+            assert np.array_equal(got[..., 3] == 255, ids != 0)
+    finally:
+        view.close()
