@@ -308,3 +308,25 @@ def test_serving_on_every_address_warns_and_prints_one_url(slide):
     finally:
         p.terminate()
         p.wait(timeout=20)
+
+
+def test_class_areas_are_the_masks_counts_exact_or_from_a_coarser_level(slide):
+    from tilerseg.view.layers import RasterLayer
+
+    lab = slide["labels"]
+    for budget, exact, tol in ((2 ** 24, True, 0), (400 * 400, False, 0.05)):
+        layer = RasterLayer(slide["ome"], "labels", viewdata_record(slide["ome"]))
+        try:
+            got = layer.class_areas(budget)
+            assert got["exact"] is exact
+            for k in (0, 1, 2):
+                assert got["px"][str(k)] == pytest.approx(float((lab == k).sum()), rel=tol, abs=0 if exact else 50)
+            assert str(255) not in got["px"]  # nodata is no class
+        finally:
+            layer.close()
+
+
+def viewdata_record(path):
+    from tilerseg.view.layers import output_kind
+
+    return output_kind(path)

@@ -187,7 +187,10 @@ def test_clicking_a_polygon_shows_its_properties(page, files):
     page.mouse.click(sx, sy)
     page.wait_for_selector("#props:not([hidden])")
     text = page.locator("#props").inner_text()
-    assert text.startswith("objects.geojson #") and json.loads(text.split("\n", 1)[1]) == props
+    with open(files["geojson"]) as f:  # the feature's own "id", not its position in the file (one less)
+        own = [g["id"] for g in json.load(f)["features"] if g["properties"] == props]
+    assert len(own) == 1 and text.split("\n", 1)[0] == f"objects.geojson #{own[0]}", (text[:40], own)
+    assert json.loads(text.split("\n", 1)[1]) == props
 
 
 def test_reloading_the_copied_url_gives_the_same_view(page, browser):

@@ -27,8 +27,8 @@ def url(slide):
 
 def _get(url: str, path: str, host: str | None = None, headers: dict | None = None, method: str = "GET"):
     """``(status, headers, body)`` of one raw request to the server at ``url``, ``Host`` as given."""
-    port = int(url.rstrip("/").rsplit(":", 1)[1])
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    address, port = url.rstrip("/").split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(address.strip("[]"), int(port), timeout=20)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         if host is not None:
@@ -243,3 +243,56 @@ def test_a_truncated_svs_is_refused_at_start_in_one_line(tmp_path):
     r = cli("view", str(cut), "--no-browser")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "cut.svs" in r.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0", "65536"])
+def test_a_port_outside_1_to_65535_is_refused_naming_the_port(slide, port):
+    from conftest import cli
+
+    r = cli("view", slide["image"], "--port", port, "--no-browser")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"--port {port}: a port is 1..65535" in r.stderr, \
+        r.stderr
+
+
+def test_another_loopback_address_gets_no_open_to_every_machine_warning(slide):
+    from conftest import cli_process
+
+    p = cli_process("view", slide["image"], "--host", "127.0.0.2", "--no-browser")
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("tilerseg view: http://127.0.0.2:"), line
+        assert _get(line.split()[2], "/api/info", line.split()[2][len("http://"):].rstrip("/"))[0] == 200
+    finally:
+        err = _stopped(p)
+    assert "every machine" not in err, err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stopping_the_viewer_says_so_not_runs_resume_advice(slide, sig):
+    import signal
+
+    p, url = _started(slide["image"])
+    assert _get(url, "/api/info", f"127.0.0.1:{_port(url)}")[0] == 200
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, (p.returncode, err)
+    assert "tilerseg view: stopped" in out and "--resume" not in err and "no output" not in err, (out, err)
+    assert "Traceback" not in err, err
+
+
+def test_the_readout_over_a_damaged_place_is_422_and_the_log_stays_short(tmp_path):
+    """The cursor asks per pixel: 60 damaged pixels give 60 answers of 422
+    but at most 20 log lines, the last saying that the rest are not logged."""
+    from conftest import data
+
+    p, url = _started(data("rasterio/corrupt.tif"))
+    host = f"127.0.0.1:{_port(url)}"
+    try:
+        for k in range(60):
+            status, _, body = _get(url, f"/api/point?x={800 + k}&y=900", host)
+            assert status == 422 and b"could not decode" in body, (status, body[:200])
+    finally:
+        err = _stopped(p)
+    lines = [line for line in err.splitlines() if "could not decode" in line]
+    assert len(lines) == 20 and "further damaged places of this file are not logged" in lines[-1], err[-1500:]
+    assert "Traceback" not in err

@@ -117,3 +117,25 @@ def serve(paths, host: str = "127.0.0.1"):
         t.join(10)
         sock.close()
         view.close()
+
+
+def instance_set(root, s: dict) -> dict:
+    """Instance outputs of slide set ``s`` (objects of its P(nucleus), by
+    tilerseg's own instance pass and writer): OME-TIFF, zarr and plain TIFF,
+    each with its object table (.csv) beside it."""
+    import dask.array as da
+
+    from tilerseg.engine import compute_into
+    from tilerseg.instances import InstanceOptions, label
+    from tilerseg.io.writers import OutputInfo, Writer
+
+    out = {}
+    for key, name in (("ome", "objs_a.ome.tif"), ("zarr", "objs_b.zarr"), ("tif", "objs_c.tif")):
+        path = os.path.join(str(root), name)
+        info = OutputInfo(meta=s["meta"], probabilities=True, classes=1, class_names=("background", "nucleus"),
+                          source=s["image"], instances=True)
+        with Writer(path, probabilities=True, instances=True) as w:
+            w.write(da.from_array(s["prob"], chunks=(1, 512, 512)), lambda x, z, marks: compute_into(x, z, workers=2),
+                    info, post=lambda p, lab, imap: label(p, lab, InstanceOptions(), imap=imap))
+        out[key] = path
+    return out

@@ -344,8 +344,9 @@ def cmd_view(a) -> int:
     if missing:
         raise InputError(f"tilerseg view needs {' and '.join(missing)}: pip install 'tilerseg[view]'")
     from .view import open_view
-    from .view.server import serve
+    from .view.server import check_port, serve
 
+    check_port(a.port)  # before the files are opened (polygons take a while)
     serve(open_view(a.paths), host=a.host, port=a.port, open_browser=not a.no_browser)
     return 0
 

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUTPUT alone finds its image from the output's record.")
     w.add_argument("paths", nargs="+", metavar="IMAGE [OUTPUT ...]",
                    help="an image tilerseg run reads, then masks, probabilities, GeoJSON/GPKG it wrote")
-    w.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    w.add_argument("--port", type=int, help="port to listen on, 1..65535 (default: a free one)")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine "
                    "only; reach it from elsewhere through an SSH tunnel)")
     w.add_argument("--no-browser", action="store_true", help="only print the URL")

@@ -61,7 +61,7 @@ class ZarrReader(ArrayReader):
             node = levels[self.level]
             if attrs:  # a tilerseg output: chunks left unwritten are nodata by design (the fill value)
                 missing = "fill"
-            if axes and axes[0] == "c":
+            if axes and axes[0] == "c" and node.ndim == 3:  # (instance outputs once declared a "c" they lack)
                 node = _ChannelsLast(node)
         elif isinstance(node, zarr.Group):
             if "image" not in node:

@@ -583,14 +583,14 @@ class Writer:
             return self._tmp_file
         if stream is not None and self.format != "zarr":
             return stream.finish()  # the levels are built by the stream as rows become final
-        levels = stream.finish() if stream is not None else build_levels(group, info.probabilities,
-                                                                          parallel=self.parallel)
+        means = info.probabilities and not info.instances  # object ids are reduced as labels: a mean id is no object
+        levels = stream.finish() if stream is not None else build_levels(group, means, parallel=self.parallel)
         if self.format == "zarr":
             size, unit = physical_pixel(m)
-            group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=info.probabilities,
+            group.attrs.update(ome=ome_metadata([z.shape[-2:] for z in levels], probabilities=means,
                                                 classes=info.classes, class_names=info.class_names,
                                                 pixel_size=size, unit=unit, origin=physical_origin(m),
-                                                band_names=info.band_names() if info.probabilities else ()),
+                                                band_names=info.band_names() if means else ()),
                                tilerseg=info.kind())
             if info.instances:  # object ids: a label image, without the class colours
                 ome = dict(group.attrs["ome"])

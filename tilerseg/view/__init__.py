@@ -36,7 +36,7 @@ class View:
         from ..io.pyramid import PALETTE
 
         return {"image": self.image.info(), "layers": [layer.info() for layer in self.layers],
-                "unit": unit, "pixelSize": size, "transform": t,
+                "unit": unit, "pixelSize": size, "transform": t, "mpp": m.mpp, "crs": crs_of(m),
                 "palette": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in PALETTE]}
 
     def lonlat(self, x: float, y: float) -> dict:
@@ -64,6 +64,23 @@ class View:
     def close(self) -> None:
         for layer in [self.image, *self.layers]:
             layer.close()
+
+
+def crs_of(meta) -> dict | None:
+    """The image's CRS for the panel: its EPSG code where it has one, and its name."""
+    if not meta.crs or not meta.georeferenced:
+        return None
+    try:
+        from rasterio.crs import CRS
+
+        crs = CRS.from_user_input(meta.crs)
+        epsg = crs.to_epsg()
+        name = crs.to_dict().get("proj") if epsg is None else None
+        wkt = crs.to_wkt()
+        title = wkt.split('"')[1] if '"' in wkt else (name or "custom")
+        return {"epsg": epsg, "name": title}
+    except Exception:  # a CRS PROJ cannot read here: say so, the rest of the panel stands
+        return {"epsg": None, "name": "unreadable CRS"}
 
 
 def scale_of(meta) -> tuple[str, float]:

@@ -114,17 +114,27 @@ async def _bad_request(request: Request, err: BadRequest) -> Response:
     return Response(str(err), status_code=400, media_type="text/plain")
 
 
-_told: set = set()
+LOGGED = 20  # damaged places of one file that are logged
 
 
-async def _damaged(request: Request, err: ReadError) -> Response:
+def _damaged_handler():
     """A window of a damaged file: 422 with the reader's one line, logged
-    once per file and place (a page asks for it again on every pan)."""
-    text = str(err)
-    if text not in _told:
-        _told.add(text)
-        log.warning("%s", text)
-    return Response(text, status_code=422, media_type="text/plain", headers={"Cache-Control": "no-cache"})
+    once per place (a page asks for it again on every pan), and for the
+    first ``LOGGED`` places of a file only (the cursor readout asks per pixel)."""
+    told: set = set()
+    per_file: dict = {}
+
+    async def damaged(request: Request, err: ReadError) -> Response:
+        text = str(err)
+        where = text.split(": could not decode", 1)[0]
+        if text not in told and per_file.get(where, 0) < LOGGED:
+            told.add(text)
+            per_file[where] = per_file.get(where, 0) + 1
+            last = per_file[where] == LOGGED
+            log.warning("%s%s", text, " (further damaged places of this file are not logged)" if last else "")
+        return Response(text, status_code=422, media_type="text/plain", headers={"Cache-Control": "no-cache"})
+
+    return damaged
 
 
 class _NoTraceback:
@@ -236,10 +246,32 @@ def create_app(view, *, host: str = "127.0.0.1", port: int) -> Starlette:
             return not_found()
         return Response(dumps(layers[i].props.get(fid)), media_type="application/json")
 
+    def find(request: Request):
+        (i,) = _ints(request.path_params, "layer")
+        own = request.query_params.get("id", "")
+        if not 0 <= i < len(layers) or layers[i].kind != "polygons" or not 0 < len(own) <= 200:
+            return not_found()
+        at = layers[i].find(own)
+        if at is None or not layers[i].count:
+            return not_found(f"no feature with id {own[:50]} in {layers[i].info()['name']}")
+        box = [float(v[at]) for v in (layers[i].x0, layers[i].y0, layers[i].x1, layers[i].y1)]
+        return Response(dumps({"position": at, "id": layers[i].own_id(at), "box": box}), media_type="application/json")
+
+    def object_row(request: Request):
+        i, oid = _ints(request.path_params, "layer", "oid")
+        if not 0 <= i < len(layers) or layers[i].kind != "instances":
+            return not_found()
+        row = layers[i].table.row(oid)
+        if row is None:
+            return not_found(f"no object {oid} in {layers[i].table.path}" if layers[i].table.exists else
+                             f"no object table beside {os.path.basename(layers[i].path)}")
+        return Response(dumps(row), media_type="application/json")
+
     routes = [Route("/", index), Route("/favicon.ico", lambda request: Response(status_code=204)), Route("/static/{name}", static), Route("/api/info", info),
               Route("/tiles/{layer}/{level}/{col}_{row}", tile), Route("/api/point", point),
-              Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties)]
-    return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged}, middleware=[
+              Route("/api/features/{layer}", features), Route("/api/properties/{layer}/{fid}", properties),
+              Route("/api/object/{layer}/{oid}", object_row), Route("/api/find/{layer}", find)]
+    return Starlette(routes=routes, exception_handlers={BadRequest: _bad_request, ReadError: _damaged_handler()}, middleware=[
         Middleware(_NoTraceback),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_names(host), www_redirect=False),
         Middleware(_SamePort, port=port)])

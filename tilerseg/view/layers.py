@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import warnings
+from array import array
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def output_kind(path: str) -> dict:
     except Exception:
         return {}
     kind = tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
-    return kind if kind.get("kind") in ("labels", "probabilities") else {}
+    return kind if kind.get("kind") in ("labels", "probabilities", "instances") else {}
 
 
 class RasterLayer:
@@ -99,6 +100,9 @@ class RasterLayer:
             n = max(self.classes, 2)
             self.class_names = [names[k] if k < len(names) else f"class {k}" for k in range(n)]
             self.colours = palette(self.classes)
+        elif kind == "instances":
+            self.class_names, self.colours = list(self.record.get("class_names") or []), None
+            self.table = ObjectTable(self.path)
         elif kind == "probabilities":
             self.class_names = list(self.record.get("band_names") or [f"band {k}" for k in range(self.meta.bands)])
             self.colours = ramp()
@@ -129,11 +133,32 @@ class RasterLayer:
         if self.kind == "labels":
             d["classes"] = [{"value": k, "name": n, "colour": "#%02x%02x%02x" % tuple(self.colours[k])}
                             for k, n in enumerate(self.class_names)]
+            d["areas"] = self.class_areas()
+        elif self.kind == "instances":
+            d["objects"] = self.record.get("objects") or {}
+            d["table"] = os.path.basename(self.table.path) if self.table.exists else None
         elif self.kind == "probabilities":
             d["bands"] = self.class_names
             d["ramp"] = ["#%02x%02x%02x" % tuple(c) for c in self.colours[::32]] + \
                 ["#%02x%02x%02x" % tuple(self.colours[-1])]
         return d
+
+    def class_areas(self, budget: int = 16 * 2 ** 20) -> dict:
+        """Pixels of each class in level-0 pixels: counted on the finest
+        level of at most ``budget`` pixels (exact when that is level 0,
+        else each pixel counts for the 4^k it stands for: ``exact`` False)."""
+        if getattr(self, "_areas", None) is None:
+            k = next((i for i, (h, w) in enumerate(self.levels) if h * w <= budget), len(self.levels) - 1)
+            h, w = self.reader(k).meta.shape
+            counts = np.zeros(256, np.int64)
+            for r in range(0, h, 1024):
+                data, valid = self.reader(k).read((r, min(h, r + 1024)), (0, w))
+                lab = data[..., 0] if valid is None else data[..., 0][valid]
+                counts += np.bincount(lab.ravel(), minlength=256)[:256]
+            f = (self.shape[0] * self.shape[1]) / (h * w)
+            self._areas = {"exact": k == 0, "px": {str(c): float(counts[c] * f) for c in np.flatnonzero(counts)
+                                                   if c != LABEL_NODATA}}
+        return self._areas
 
     # -- tiles ---------------------------------------------------------------
 
@@ -152,7 +177,7 @@ class RasterLayer:
         f = 2 ** n
         data, valid = self.reader(k).read((rows[0] * f, min(H, rows[1] * f)), (cols[0] * f, min(W, cols[1] * f)))
         x = np.moveaxis(data, -1, 0)
-        if self.kind == "labels":
+        if self.kind in ("labels", "instances"):  # ids and classes: every other pixel, as the writer reduces
             for _ in range(n):
                 x = reduce2(x, False)
             return np.moveaxis(x, 0, -1), None
@@ -226,7 +251,17 @@ class RasterLayer:
     def colourize(self, data, valid, hide=(), band: int = 0) -> np.ndarray:
         """RGBA of mask pixels: a class's colour from the file's colour map
         (transparent for nodata and hidden classes), or a probability on the
-        ramp (transparent for nodata)."""
+        ramp (transparent for nodata), or an object's colour of its id
+        (:func:`id_colours`; transparent where there is none)."""
+        if self.kind == "instances":
+            ids = data[..., 0]
+            uniq, inv = np.unique(ids, return_inverse=True)
+            rgba = np.zeros((*ids.shape, 4), np.uint8)
+            rgba[..., :3] = id_colours(uniq)[inv.reshape(ids.shape)]
+            rgba[..., 3] = np.where(ids == 0, 0, 255)
+            if valid is not None:
+                rgba[~valid, 3] = 0
+            return rgba
         if self.kind == "labels":
             lab = data[..., 0]
             lut = np.zeros((256, 4), np.uint8)
@@ -291,12 +326,80 @@ class RasterLayer:
             k = int(v[0])
             return {"value": k, "name": "nodata" if k == LABEL_NODATA else
                     (self.class_names[k] if k < len(self.class_names) else f"class {k}")}
+        if self.kind == "instances":
+            return {"object": int(v[0]) if ok else 0}
         if self.kind == "probabilities":
             if self.uint8:
                 ok = bool((v != LABEL_NODATA).all())
                 v = v.astype(np.float64) / PROBABILITY_SCALE
             return {"probabilities": [round(float(p), 4) for p in v] if ok else None, "bands": self.class_names}
         return {"value": [float(p) for p in v] if ok else None}
+
+
+def id_colours(ids: np.ndarray) -> np.ndarray:
+    """(n, 3) uint8: the colour of each object id, the same in every tile
+    and level. Hues step by the golden ratio (neighbouring ids, which touch
+    often, lie far apart on the wheel), saturation and value by two other
+    irrational steps, so that ids a whole number of turns apart still differ."""
+    from matplotlib.colors import hsv_to_rgb
+
+    k = np.asarray(ids, np.float64)
+    hsv = np.stack([(k * 0.6180339887498949) % 1, 0.55 + 0.4 * ((k * 0.7548776662466927) % 1),
+                    0.7 + 0.3 * ((k * 0.5698402909980532) % 1)], axis=-1)
+    return np.rint(hsv_to_rgb(hsv) * 255).astype(np.uint8).reshape(-1, 3)
+
+
+class ObjectTable:
+    """The object table (``.csv``) beside an instance output, one row per
+    id in id order: rows are found by a line index built on first use
+    (8 bytes an object), not held in memory."""
+
+    def __init__(self, output: str):
+        from ..io.writers import table_path
+
+        self.path = table_path(output)
+        self.exists = os.path.isfile(self.path)
+        self._starts = None
+        self._lock = threading.Lock()
+
+    def _index(self):
+        with self._lock:
+            if self._starts is None:
+                starts, pos = array("q"), 0
+                with open(self.path, "rb") as f:
+                    for line in f:
+                        starts.append(pos)
+                        pos += len(line)
+                starts.append(pos)
+                self._starts = np.frombuffer(starts, np.int64)
+            return self._starts
+
+    def row(self, oid: int) -> dict | None:
+        """Object ``oid``'s row (the CSV's header as keys), or None."""
+        import csv
+
+        if not self.exists or oid < 1:
+            return None
+        starts = self._index()
+        if oid + 1 >= len(starts):
+            return None
+        with open(self.path, "rb") as f:
+            header = f.readline().decode("utf-8")
+            f.seek(int(starts[oid]))
+            line = f.read(int(starts[oid + 1] - starts[oid])).decode("utf-8")
+        keys, values = next(csv.reader([header])), next(csv.reader([line]), [])
+        row = {k: _typed(v) for k, v in zip(keys, values)}
+        return row if row.get("id") == oid else None
+
+
+def _typed(text: str):
+    """A CSV cell as the number it writes, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def encode(rgba: np.ndarray, png: bool = False) -> tuple[bytes, str]:

@@ -11,7 +11,6 @@ import sys
 from ..errors import InputError
 
 log = logging.getLogger("tilerseg")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -51,14 +50,44 @@ def _has_display() -> bool:
     return True
 
 
-def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = True, echo=print) -> None:
-    """Serve ``view`` until interrupted; prints the URL on one line."""
+def check_port(port: int | None) -> int:
+    """``--port``: 1..65535, or None for a free one (0 to the socket)."""
+    if port is None:
+        return 0
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port {port}: a port is 1..65535; leave --port out for a free one")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only: a loopback
+    address (127.0.0.0/8, ::1) or a name that resolves to loopback only."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def serve(view, *, host: str = "127.0.0.1", port: int | None = None, open_browser: bool = True, echo=print) -> None:
+    """Serve ``view`` until interrupted (Ctrl-C, SIGTERM: a normal stop,
+    said in one line); prints the URL on one line."""
     import uvicorn
 
     from .app import create_app
 
-    sock = bind(host, port)
-    if host not in LOOPBACK:
+    try:
+        sock = bind(host, check_port(port))
+    except BaseException:
+        view.close()
+        raise
+    if not is_loopback(host):
         log.warning("--host %s: the viewer is open to every machine that can reach this one, with the files "
                     "given here readable by anyone who finds the port; keep the default (127.0.0.1) and use an "
                     "SSH tunnel (ssh -L PORT:127.0.0.1:PORT host) unless that is what you want", host)
@@ -72,6 +101,9 @@ def serve(view, *, host: str = "127.0.0.1", port: int = 0, open_browser: bool = 
         webbrowser.open(url)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down, then raised the signal again: nothing was being written
+        pass
     finally:
         sock.close()
         view.close()
+    echo("tilerseg view: stopped", flush=True)

@@ -102,7 +102,45 @@ class VectorLayer:
 
     def info(self) -> dict:
         return {"kind": "polygons", "name": os.path.basename(self.path), "count": self.count,
-                "skipped": dict(sorted(self.skipped.items()))}
+                "skipped": dict(sorted(self.skipped.items())), "perClass": self.per_class()}
+
+    def per_class(self) -> list:
+        """``[{"class", "count", "area_px"}]``: polygons and their area per
+        class (the shoelace sum of each feature's rings, holes wound the
+        other way as GeoJSON and GeoPackage writers wind them)."""
+        if not self.count:
+            return []
+        x, y = self.coords[:, 0].astype(np.float64), self.coords[:, 1].astype(np.float64)
+        nxt = np.arange(1, len(x) + 1)
+        nxt[self.ring_off[1:] - 1] = self.ring_off[:-1]  # each ring's last vertex closes onto its first
+        cross = x * y[nxt] - x[nxt] * y
+        ring_area = np.add.reduceat(cross, self.ring_off[:-1]) / 2
+        area = np.abs(np.add.reduceat(ring_area, self.feat_off[:-1]))
+        cls = self.props.column("class")
+        classes = np.array([c if isinstance(c, int) else -1 for c in map(cls, range(self.count))])
+        out = []
+        for k in np.unique(classes):
+            sel = classes == k
+            out.append({"class": int(k) if k >= 0 else None, "count": int(sel.sum()),
+                        "area_px": float(area[sel].sum())})
+        return out
+
+    def find(self, own: str) -> int | None:
+        """The position of the feature whose own id is ``own`` (as text, as
+        a URL carries it), or None: a search of the id column, once per
+        link followed."""
+        if "id" in self.ids.ints:
+            try:
+                want = int(own)
+            except ValueError:
+                return None
+            ids = np.frombuffer(self.ids.ints["id"], np.int64)
+            hit = np.flatnonzero(ids == want)
+        else:
+            codes, values = self.ids.codes["id"], self.ids.values["id"]
+            code = next((c for c, v in enumerate(values) if str(v) == own), None)
+            hit = np.flatnonzero(np.frombuffer(codes, np.int32) == code) if code is not None else []
+        return int(hit[0]) if len(hit) else None
 
     def own_id(self, i: int):
         """The feature's own id (what the file calls it) at position ``i``."""
