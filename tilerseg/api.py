@@ -249,11 +249,17 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     i, o, e = cfg.input, cfg.output, cfg.engine
     info = fit_bands(info, src.meta.bands)
     pixels = check_mpp(info, src.meta, os.fspath(input), i.ignore_pixel_size)
+    notes = [pixels.note]
+    from .models.bioimageio import fix_statistics, needs_statistics
+
+    if needs_statistics(info):  # a bioimage.io package's per-sample statistics: once, over the whole image
+        info, note = fix_statistics(info, src)
+        notes.append(note)
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
-                           skip=wmap if wmap.may_skip else None, note=pixels.note)
+                           skip=wmap if wmap.may_skip else None, note="; ".join(n for n in notes if n))
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
@@ -367,8 +373,8 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
     foreground. Explicit ``--scale``/``--mean``/``--std`` say the user has
     mapped the values, so they pass. Weights without that record get a
     warning when the image is not uint8 (what most published weights saw)."""
-    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)):
-        return
+    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)) or info.spec.arch == "bioimageio":
+        return  # (a bioimage.io package's own preprocessing maps the raw values)
     dtype = np.dtype(meta.dtype).name
     if info.input_dtype and dtype != info.input_dtype:
         lo, hi = info.input_range or (0.0, dtype_scale(info.input_dtype))

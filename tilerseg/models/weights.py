@@ -180,10 +180,12 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         fields = _file_module(fmt).describe(weights, spec)
         mean, std, scale = fields.pop("normalization")
         return ModelInfo(weights=weights, normalization=Normalization(mean=mean, std=std, scale=scale), **fields)
-    if fmt in ("bioimageio", "monai"):
-        what = {"bioimageio": "a bioimage.io package", "monai": "a MONAI bundle"}[fmt]
-        raise ModelError(f"{weights}: {what}, which tilerseg does not run yet; give its TorchScript or ONNX "
-                         "weights file from inside it as --weights")
+    if fmt == "monai":
+        raise ModelError(f"{weights}: a MONAI bundle, which tilerseg does not run yet; give its TorchScript "
+                         "model.ts from inside it as --weights")
+    if fmt is None and weights.lower().endswith(".zip"):
+        raise ModelError(f"{weights}: not a readable zip archive (corrupt or truncated?); give a bioimage.io "
+                         "package .zip, its folder or its rdf.yaml")
     if os.path.isdir(weights):
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.exists(cfg_path):
