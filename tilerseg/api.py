@@ -373,8 +373,8 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
     foreground. Explicit ``--scale``/``--mean``/``--std`` say the user has
     mapped the values, so they pass. Weights without that record get a
     warning when the image is not uint8 (what most published weights saw)."""
-    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)) or info.spec.arch == "bioimageio":
-        return  # (a bioimage.io package's own preprocessing maps the raw values)
+    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)) or info.spec.arch in ("bioimageio", "monai"):
+        return  # (a bioimage.io package's or MONAI bundle's own preprocessing maps the raw values)
     dtype = np.dtype(meta.dtype).name
     if info.input_dtype and dtype != info.input_dtype:
         lo, hi = info.input_range or (0.0, dtype_scale(info.input_dtype))

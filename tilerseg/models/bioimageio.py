@@ -135,7 +135,7 @@ def describe(path: str, spec: ModelSpec) -> dict:
 
 def needs_statistics(info) -> bool:
     """Whether the package's preprocessing has a per-sample statistic."""
-    return info.spec.arch == "bioimageio" and any(op in PER_SAMPLE and _mode(kw) for op, kw in
+    return info.spec.arch in ("bioimageio", "monai") and any(op in PER_SAMPLE and _mode(kw) for op, kw in
                                                  dict(info.spec.kwargs)["preprocessing"])
 
 
@@ -253,6 +253,8 @@ class PackageModel(torch.nn.Module):
             return x.clamp(kw.get("min"), kw.get("max"))
         if op == "sigmoid":
             return torch.sigmoid(x)
+        if op == "softmax":
+            return torch.softmax(x, dim=1)
         if op == "fixed_zero_mean_unit_variance" or (op == "zero_mean_unit_variance" and not _mode(kw)):
             return (x - per_channel(kw["mean"])) / (per_channel(kw["std"]) + kw.get("eps", 1e-6))
         if op == "zero_mean_unit_variance:fixed":
