@@ -16,8 +16,8 @@ from .detect import HUB_PREFIX, detect
 from .registry import FILE_ARCHS, ModelSpec, arch, global_context
 from .weights import CHECKPOINT_KEY, _load_file, describe, instantiate, resolve_weights
 
-FORMAT_NAMES = {"bioimageio": "bioimage.io package", "torch": "torch.save state dict", "safetensors": "safetensors state dict",
-                "smp": "smp save_pretrained folder", "onnx": "ONNX", "torchscript": "TorchScript program",
+FORMAT_NAMES = {"bioimageio": "bioimage.io package", "monai": "MONAI bundle", "torch": "torch.save state dict",
+                "safetensors": "safetensors state dict", "smp": "smp save_pretrained folder", "onnx": "ONNX", "torchscript": "TorchScript program",
                 "exported": "torch.export program"}
 
 

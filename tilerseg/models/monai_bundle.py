@@ -64,7 +64,8 @@ def preprocessing(path: str, cfg: dict) -> tuple:
             sub, div = t.get("subtrahend"), t.get("divisor")
             axes = ("y", "x") if t.get("channel_wise") else ("channel", "y", "x")
             if sub is not None and div is not None:
-                ops.append(("fixed_zero_mean_unit_variance", (("eps", 0.0), ("mean", _tuple(sub)), ("std", _tuple(div)))))
+                fixed = (("eps", 0.0), ("mean", _tuple(sub)), ("std", _tuple(div)))
+                ops.append(("fixed_zero_mean_unit_variance", fixed))
             else:
                 ops.append(("zero_mean_unit_variance", (("axes", axes), ("eps", 1e-8))))
         else:
