@@ -131,6 +131,11 @@ def test_per_sample_statistics_are_the_whole_images(tmp_path):
     whole, _ = run(tmp_path, big, str(folder), "--tile", "576")
     assert "windows" in err and tiled.shape == whole.shape == (300, 420)
     assert np.abs(tiled - whole).max() <= 1e-5
+    import tilerseg
+
+    arr = tifffile.imread(big)
+    in_process = tilerseg.segment(arr, str(folder), tile=256, device="cpu").compute()[0]
+    assert np.abs(in_process - tiled).max() <= 1e-6
 
 
 def test_what_a_package_declares_is_read(tmp_path):

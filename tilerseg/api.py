@@ -498,9 +498,13 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     else:
         path = os.fspath(model)
         weights = resolve_weights(path)  # `demo` or `tilerseg:demo`: the shipped model
-        weights = weights if os.path.exists(weights) else None
+        weights = weights if os.path.exists(weights) or path.startswith("hf://") else None
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
+        from .models.bioimageio import fix_statistics, needs_statistics
+
+        if needs_statistics(info):  # once over the whole array, as a run does over its image
+            info, _ = fix_statistics(info, src)
         predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta, backend=backend).get()
         n_classes = info.spec.classes
     opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode, merge=merge)
