@@ -241,7 +241,9 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sch
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
                       f"{tiling.halo[0]} (a larger --tile reduces the difference)", NonLocalModelWarning,
                       stacklevel=stacklevel)
-    log.info("tiling: %s", tiling.summary() + (f"; {note}" if note else ""))
+    # seam-exact: a local model cropped with the halo measured or declared (a --halo given may be short)
+    exact = "seam-exact" if tiling.merge == "crop" and not parts and opts.halo in (None, "auto") else ""
+    log.info("tiling: %s", "; ".join(t for t in (tiling.summary(), exact, note) if t))
     return tiling
 
 
