@@ -150,9 +150,9 @@ def test_every_architecture_reads_bands_and_classes_from_a_plain_state_dict(tmp_
     from safetensors.torch import save_file
 
     from tilerseg.models import build
-    from tilerseg.models.registry import ARCHITECTURES
+    from tilerseg.models.registry import ARCHITECTURES, FILE_ARCHS
 
-    assert set(TINY) == set(ARCHITECTURES) - {"onnx"}  # an ONNX file describes itself (test_onnx_weights.py)
+    assert set(TINY) == set(ARCHITECTURES) - set(FILE_ARCHS)  # files that describe themselves
     for name, (encoder, kw) in TINY.items():
         for bands, classes, ext in ((1, 2, "safetensors"), (3, 3, "pt")):
             made = ModelSpec(arch=name, encoder=encoder, classes=classes, in_channels=bands,

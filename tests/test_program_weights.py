@@ -91,7 +91,7 @@ def test_a_program_is_described_and_runs_seam_exact(tmp_path, image, net, progra
     out = tmp_path / "p.tif"
     r = cli("run", path, "--weights", weights, "--tile", "256", "--probabilities", "-o", out)
     assert r.returncode == 0, r.stderr
-    assert "halo 72 px (receptive field 65 px" in r.stderr and "crop merge" in r.stderr, r.stderr
+    assert "halo 72 px (receptive field 65 px" in r.stderr and "crop merge; seam-exact" in r.stderr, r.stderr
     got = tifffile.imread(out)
     ref = reference(net, img, halo=72, stride=STRIDE)[0]  # the model's own forward on the whole image
     assert got.shape == ref.shape == (200, 300)

@@ -263,7 +263,9 @@ def choose_tiling(opts: TilingOptions, info: ModelInfo, predictor, shape, *, sch
                       f"output cannot equal whole-image inference; using the {tiling.merge} merge with halo "
                       f"{tiling.halo[0]} (a larger --tile reduces the difference)", NonLocalModelWarning,
                       stacklevel=stacklevel)
-    log.info("tiling: %s", tiling.summary() + (f"; {note}" if note else ""))
+    # seam-exact: a local model cropped with the halo measured or declared (a --halo given may be short)
+    exact = "seam-exact" if tiling.merge == "crop" and not parts and opts.halo in (None, "auto") else ""
+    log.info("tiling: %s", "; ".join(t for t in (tiling.summary(), exact, note) if t))
     return tiling
 
 
@@ -271,11 +273,17 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     i, o, e = cfg.input, cfg.output, cfg.engine
     info = fit_bands(info, src.meta.bands)
     pixels = check_mpp(info, src.meta, os.fspath(input), i.ignore_pixel_size)
+    notes = [pixels.note]
+    from .models.bioimageio import fix_statistics, needs_statistics
+
+    if needs_statistics(info):  # a bioimage.io package's per-sample statistics: once, over the whole image
+        info, note = fix_statistics(info, src)
+        notes.append(note)
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
-                           skip=wmap if wmap.may_skip else None, note=pixels.note)
+                           skip=wmap if wmap.may_skip else None, note="; ".join(n for n in notes if n))
     tiles = tiling.tilespec()
     threshold = info.binary_threshold(o.threshold)
     grid = tiling.grid(src.meta.shape)
@@ -399,8 +407,8 @@ def check_dtype(info: ModelInfo, meta: ImageMeta, path: str, m: ModelOptions) ->
     foreground. Explicit ``--scale``/``--mean``/``--std`` say the user has
     mapped the values, so they pass. Weights without that record get a
     warning when the image is not uint8 (what most published weights saw)."""
-    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)):
-        return
+    if not info.trained or any(v is not None for v in (m.scale, m.mean, m.std)) or info.spec.arch in ("bioimageio", "monai"):
+        return  # (a bioimage.io package's or MONAI bundle's own preprocessing maps the raw values)
     dtype = np.dtype(meta.dtype).name
     if info.input_dtype and dtype != info.input_dtype:
         lo, hi = info.input_range or (0.0, dtype_scale(info.input_dtype))
@@ -524,9 +532,13 @@ def segment(array, model, *, tile: int | None = None, halo: int | str | None = N
     else:
         path = os.fspath(model)
         weights = resolve_weights(path)  # `demo` or `tilerseg:demo`: the shipped model
-        weights = weights if os.path.exists(weights) else None
+        weights = weights if os.path.exists(weights) or path.startswith("hf://") else None
         info = model_info(path if weights is None else "unet", weights=weights, bands=bands,
                           classes=classes or 1, mean=mean, std=std, scale=scale)
+        from .models.bioimageio import fix_statistics, needs_statistics
+
+        if needs_statistics(info):  # once over the whole array, as a run does over its image
+            info, _ = fix_statistics(info, src)
         predictor = PredictorRef(info, bands, np.dtype(dtype).str, _device(device), tta, backend=backend).get()
         n_classes = info.spec.classes
     opts = TilingOptions(tile=tile, halo=halo, batch_size=batch_size, pad_mode=pad_mode, merge=merge)

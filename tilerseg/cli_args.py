@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="unet", help="registry name (see `tilerseg models`), default unet")
     m.add_argument("--weights", help="smp save_pretrained folder, .safetensors/.pt state dict, tilerseg checkpoint, "
                    "an ONNX file, a TorchScript or torch.export program (your own model: bands, classes and metadata "
-                   "read from it; the format is read from the content), hf://ORG/NAME[@REV], or `demo` for the "
+                   "read from it; the format is read from the content), a bioimage.io package (.zip, folder, rdf.yaml), a "
+                   "MONAI bundle folder, hf://ORG/NAME[@REV], or `demo` for the "
                    "shipped nuclei model (`tilerseg:demo` names it where a path named demo exists)")
     m.add_argument("--encoder", default="resnet34", help="encoder name (default resnet34)")
     m.add_argument("--classes", type=int, default=1, help="output classes (default 1: binary)")

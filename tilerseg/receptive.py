@@ -59,7 +59,10 @@ def gradient_radius(model, *, in_channels: int, stride: int, size: int = 256, ma
         radius, reach = 0, 0
         for p in sorted({0, stride // 2, stride - 1}):
             xi = x.to(device).requires_grad_(True)
-            (grad,) = torch.autograd.grad(model(xi)[(0, slice(None)) + (c + p,) * dims].sum(), xi)  # no .grad kept
+            out = model(xi)[(0, slice(None)) + (c + p,) * dims]
+            # classes weighted unequally: the plain sum of a softmax's outputs is 1, whose gradient is none
+            weights = torch.linspace(1.0, 2.0, out.numel(), device=out.device) if out.numel() > 1 else 1.0
+            (grad,) = torch.autograd.grad((out * weights).sum(), xi)  # no .grad kept
             support = np.argwhere(grad[0].abs().sum(0).cpu().numpy() > 0)
             if not len(support):
                 continue

@@ -16,8 +16,8 @@ from .detect import HUB_PREFIX, detect
 from .registry import FILE_ARCHS, ModelSpec, arch, global_context
 from .weights import CHECKPOINT_KEY, _load_file, describe, instantiate, resolve_weights
 
-FORMAT_NAMES = {"torch": "torch.save state dict", "safetensors": "safetensors state dict",
-                "smp": "smp save_pretrained folder", "onnx": "ONNX", "torchscript": "TorchScript program",
+FORMAT_NAMES = {"bioimageio": "bioimage.io package", "monai": "MONAI bundle", "torch": "torch.save state dict",
+                "safetensors": "safetensors state dict", "smp": "smp save_pretrained folder", "onnx": "ONNX", "torchscript": "TorchScript program",
                 "exported": "torch.export program"}
 
 
@@ -63,6 +63,12 @@ def card(weights: str, spec: ModelSpec | None = None) -> list[tuple[str, str]]:
 
 
 def _preprocessing(info) -> str:
+    if info.spec.arch == "bioimageio":  # the package's own operations, run per window on raw pixels
+        ops = dict(info.spec.kwargs)["preprocessing"]
+        said = ", ".join(op + ("(per-sample: computed once over the whole image)" if op in
+                               ("scale_range", "zero_mean_unit_variance") and dict(kw).get("mean") is None else "")
+                         for op, kw in ops if op != "ensure_dtype")
+        return said or "none"
     n = info.normalization
     scale = f"pixels / {n.scale:g}" if n.scale else "pixels / the dtype's maximum"
     mean = ", ".join(f"{v:g}" for v in n.mean) if n.mean else "ImageNet's"

@@ -326,16 +326,6 @@ def describe_onnx(path: str, spec: ModelSpec) -> dict:
                 threshold=threshold)
 
 
-def describe(path: str, spec: ModelSpec) -> dict:
-    """:func:`describe_onnx` under the name every format module has."""
-    return describe_onnx(path, spec)
-
-
-def build(info) -> "OnnxModel":
-    """:func:`build_onnx` under the name every format module has."""
-    return build_onnx(info)
-
-
 def not_buildable(**_):
     raise ModelError("onnx: an ONNX model is a file, not an architecture to build or train: run it with "
                      "--weights model.onnx")
@@ -502,3 +492,6 @@ def _tensor_bytes(path: str, graph: Graph, layout: str, channels: int, side: int
 def build_onnx(info) -> "OnnxModel":
     """The module of an ONNX :class:`ModelInfo` (see :func:`describe_onnx`)."""
     return OnnxModel(info.weights, **dict(info.spec.kwargs)).eval()
+
+
+describe, build = describe_onnx, build_onnx  # the names every format module has (models.weights dispatches on them)

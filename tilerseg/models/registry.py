@@ -73,9 +73,11 @@ ARCHITECTURES: dict[str, Arch] = {a.name: a for a in (
     # a TorchScript or torch.export program given as --weights: likewise its own architecture
     _own("torchscript", "ProgramModel", "program:not_buildable"),
     _own("exported", "ProgramModel", "program:not_buildable"),
+    _own("bioimageio", "PackageModel", "program:not_buildable"),
+    _own("monai", "PackageModel", "program:not_buildable"),
 )}
 # the architectures that are a file given as --weights, never built here
-FILE_ARCHS = ("onnx", "torchscript", "exported")
+FILE_ARCHS = ("onnx", "torchscript", "exported", "bioimageio", "monai")
 ALIASES = {alias: a.name for a in ARCHITECTURES.values() for alias in a.aliases}
 
 # the builder arguments a spec holds as fields (weights decide them: models.weights.describe)

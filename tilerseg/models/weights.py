@@ -176,14 +176,14 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
         near = " (did you mean 'demo', the shipped model?)" if difflib.get_close_matches(weights, ["demo"]) else ""
         raise ModelError(f"{weights}: weights not found{near}; check the --weights path")
     fmt = "onnx" if is_onnx(weights, spec) else detect(weights)
-    if fmt in FILE_ARCHS:
+    fmt = "monai_bundle" if fmt == "monai" else fmt
+    if fmt in FILE_ARCHS or fmt == "monai_bundle":
         fields = _file_module(fmt).describe(weights, spec)
         mean, std, scale = fields.pop("normalization")
         return ModelInfo(weights=weights, normalization=Normalization(mean=mean, std=std, scale=scale), **fields)
-    if fmt in ("bioimageio", "monai"):
-        what = {"bioimageio": "a bioimage.io package", "monai": "a MONAI bundle"}[fmt]
-        raise ModelError(f"{weights}: {what}, which tilerseg does not run yet; give its TorchScript or ONNX "
-                         "weights file from inside it as --weights")
+    if fmt is None and weights.lower().endswith(".zip"):
+        raise ModelError(f"{weights}: not a readable zip archive (corrupt or truncated?); give a bioimage.io "
+                         "package .zip, its folder or its rdf.yaml")
     if os.path.isdir(weights):
         cfg_path = os.path.join(weights, "config.json")
         if not os.path.exists(cfg_path):
@@ -241,7 +241,7 @@ def _file_module(fmt: str):
     each has ``describe(path, spec)`` and ``build(info)``."""
     import importlib
 
-    return importlib.import_module(f".{fmt}", __package__)
+    return importlib.import_module(f".{'monai_bundle' if fmt == 'monai' else fmt}", __package__)
 
 
 def _load_weights(model, info: ModelInfo) -> None:
