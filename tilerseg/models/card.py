@@ -14,7 +14,7 @@ import os
 
 from .detect import HUB_PREFIX, detect
 from .registry import FILE_ARCHS, ModelSpec, arch, global_context
-from .weights import CHECKPOINT_KEY, _load_file, describe, instantiate, resolve_weights
+from .weights import CHECKPOINT_KEY, load_file, describe, instantiate, resolve_weights
 
 FORMAT_NAMES = {"bioimageio": "bioimage.io package", "monai": "MONAI bundle", "torch": "torch.save state dict",
                 "safetensors": "safetensors state dict", "smp": "smp save_pretrained folder", "onnx": "ONNX", "torchscript": "TorchScript program",
@@ -31,7 +31,7 @@ def card(weights: str, spec: ModelSpec | None = None) -> list[tuple[str, str]]:
     path = resolve_weights(weights)
     fmt = detect(info.weights) if info.spec.arch not in FILE_ARCHS else info.spec.arch
     fmt = FORMAT_NAMES.get(fmt or "torch", fmt)
-    if fmt == FORMAT_NAMES["torch"] and CHECKPOINT_KEY in (_load_file(info.weights) or {}):
+    if fmt == FORMAT_NAMES["torch"] and CHECKPOINT_KEY in (load_file(info.weights) or {}):
         fmt = "tilerseg checkpoint"
     if os.fspath(path).startswith(HUB_PREFIX):
         fmt = f"{fmt} (from {path}: {info.weights})"

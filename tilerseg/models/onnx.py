@@ -210,7 +210,7 @@ def _parse(text: str):
         return parts if len(parts) > 1 else text.strip()
 
 
-class _Meta:
+class GraphMeta:
     """Typed reads of a graph's metadata, each failure one line naming the key."""
 
     def __init__(self, graph: Graph):
@@ -253,7 +253,7 @@ def settings(graph: Graph, flags: dict) -> dict:
     if unknown:
         raise ModelError(f"--model-arg {unknown[0]}: an ONNX model takes {', '.join(f'{k}=...' for k in SETTINGS)} "
                          "(its architecture is in the file)")
-    meta = _Meta(graph)
+    meta = GraphMeta(graph)
     out = {}
     for key, kind in (("output", "str"), ("stride", "int"), ("layout", "str")):
         v = flags[key] if key in flags else meta.get(key, kind, f"--model-arg {key}=...")
@@ -297,7 +297,7 @@ def describe_onnx(path: str, spec: ModelSpec) -> dict:
     are (no normalisation) unless its metadata says otherwise."""
     graph = read_graph(path)
     s = settings(graph, dict(spec.kwargs))
-    meta = _Meta(graph)
+    meta = GraphMeta(graph)
     _, channels, _, _ = _nchw(graph.input_shape, s["layout"])
     _, classes, _, _ = _nchw(graph.output_shape, s["layout"])
     mean, std, scale = meta.get("mean", "floats"), meta.get("std", "floats"), meta.get("scale", "float")

@@ -111,11 +111,11 @@ def describe_program(path: str, module, spec: ModelSpec, *, kind: str, meta: dic
     convolution or its input shape, classes from one forward pass on a
     zero window, the rest from ``meta`` (see :mod:`tilerseg.models.onnx`
     for the keys)."""
-    from .onnx import _Meta
+    from .onnx import GraphMeta
 
     s = settings(path, meta, dict(spec.kwargs))
     raw = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    m = _Meta.__new__(_Meta)
+    m = GraphMeta.__new__(GraphMeta)
     m.path, m.raw = path, raw
     channels = (input_shape[1] if input_shape and input_shape[1] else None) or first_channels(module) \
         or spec.in_channels

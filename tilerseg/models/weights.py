@@ -197,7 +197,7 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
                          classes=int(cfg.get("classes", spec.classes)), in_channels=int(cfg.get("in_channels", 3)),
                          kwargs=ModelSpec.freeze(extra))
         return ModelInfo(spec=spec, weights=weights)
-    state = _load_file(weights)
+    state = load_file(weights)
     if isinstance(state, dict) and CHECKPOINT_KEY in state:
         m = state.get("model")
         missing = [k for k in ("arch", "encoder", "classes", "in_channels") if not isinstance(m, dict) or k not in m]
@@ -251,9 +251,9 @@ def _load_weights(model, info: ModelInfo) -> None:
     path, spec = info.weights, info.spec
     if os.path.isdir(path):
         st = os.path.join(path, "model.safetensors")
-        state = _load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
+        state = load_file(st if os.path.exists(st) else os.path.join(path, "pytorch_model.bin"))
     else:
-        state = _load_file(path)
+        state = load_file(path)
     state = _state_dict(state, path)
     mismatch = _first_mismatch(model.state_dict(), state)
     if mismatch:
@@ -289,10 +289,10 @@ def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
 
 def load_state(path: str) -> dict:
     """The state dict in a weights file (a checkpoint's, or a bare one)."""
-    return _state_dict(_load_file(path), path)
+    return _state_dict(load_file(path), path)
 
 
-def _load_file(path: str) -> Any:
+def load_file(path: str) -> Any:
     """The file's contents, read once per process while it is unchanged:
     describing a checkpoint and building its model share one read."""
     try:
