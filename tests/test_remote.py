@@ -39,6 +39,10 @@ def files(tmp_path_factory) -> str:
     shutil.copy(data("openslide/small.svs"), root / "small.svs")
     textured_tiff(root / "tiled.tif", (1000, 1300), seed=1, periods=(37.0, 53.0), noise=30)
     _ome_pyramid(str(root / "pyramid.ome.tif"))
+    import zarr
+
+    z = zarr.create_array(str(root / "plain.zarr"), shape=(300, 260, 3), chunks=(128, 128, 3), dtype="uint16")
+    z[:] = np.random.default_rng(5).integers(0, 4000, z.shape, dtype=np.uint16)
     return str(root)
 
 
@@ -63,6 +67,7 @@ def s3(files):
     fs.mkdir(BUCKET)
     for name in FILES:
         fs.put_file(os.path.join(files, name), f"{BUCKET}/{name}")
+    fs.put(os.path.join(files, "plain.zarr"), f"{BUCKET}/", recursive=True)
     yield server
     for k, v in old.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -78,7 +83,8 @@ META = ("shape", "bands", "dtype", "crs", "transform", "nodata", "mpp", "levels"
 
 @pytest.mark.parametrize("where", ["http", "s3"])
 @pytest.mark.parametrize("name,level", [("cogeo.tif", 0), ("cogeo.tif", 2), ("RGB.byte.tif", 0), ("small.svs", 0),
-                                        ("tiled.tif", 0), ("pyramid.ome.tif", 0), ("pyramid.ome.tif", 1)])
+                                        ("tiled.tif", 0), ("pyramid.ome.tif", 0), ("pyramid.ome.tif", 1),
+                                        ("plain.zarr", 0)])
 def test_a_url_reads_as_the_local_file(files, http, s3, where, name, level):
     from tilerseg.io.open import open_reader
 
@@ -126,6 +132,8 @@ def test_the_fingerprint_is_the_servers_size_and_etag(files, http, s3, tmp_path)
     for url in (f"{http.url}/tiled.tif", f"s3://{BUCKET}/tiled.tif"):
         shown, size, tag = remote.fingerprint(url)
         assert shown == url and size == os.path.getsize(os.path.join(files, "tiled.tif")) and tag
+    for url in (f"{http.url}/plain.zarr", f"s3://{BUCKET}/plain.zarr"):  # a folder: its zarr.json's tag
+        assert remote.fingerprint(url)[2]
     before = remote.fingerprint(f"{http.url}/small.svs")
     path = os.path.join(files, "small.svs")
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))  # the server's ETag moves

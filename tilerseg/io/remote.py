@@ -136,6 +136,8 @@ def stat(url: str) -> dict:
     """``{"size", "etag"}`` of the object at ``url`` from the server (ETag,
     else Last-Modified): what the resume fingerprint and the reader cache
     key on. Errors are one line (:func:`fail`)."""
+    if strip_query(url).rstrip("/").lower().endswith(".zarr"):
+        return _zarr_stat(url)
     fs, path = filesystem(url)
     try:
         info = fs.info(path)
@@ -146,6 +148,22 @@ def stat(url: str) -> dict:
     tag = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "Last-Modified", "mtime", "last_modified")
                 if info.get(k)), None)
     return {"size": info.get("size"), "etag": tag}
+
+
+def _zarr_stat(url: str) -> dict:
+    """A zarr store by URL is a folder, which HTTP cannot stat: its root
+    metadata (``zarr.json``, else ``.zgroup``/``.zarray``) stands for it."""
+    fs, path = filesystem(url)
+    first = None
+    for name in ("zarr.json", ".zgroup", ".zarray"):
+        try:
+            info = fs.info(f"{path.rstrip('/')}/{name}")
+        except Exception as err:
+            first = first or err
+            continue
+        tag = next((str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime") if info.get(k)), None)
+        return {"size": None, "etag": tag, "directory": True}
+    raise fail(url, first) from None
 
 
 def fingerprint(url: str) -> list:
