@@ -347,3 +347,17 @@ def test_a_server_that_never_answers_times_out_in_one_line(tmp_path, tiny_model_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "cannot reach the server" in err[0], err
     assert took < 20 and not (tmp_path / "m.zarr").exists()
+
+
+def test_two_runs_on_one_output_url_are_refused(tmp_path, monkeypatch):
+    from tilerseg.errors import OutputError
+    from tilerseg.io.writers import Writer
+
+    monkeypatch.setenv("TILERSEG_STAGING", str(tmp_path))
+    for url in ("memory://locks/out.zarr", "memory://locks/out.ome.tif"):
+        with Writer(url):
+            with pytest.raises(OutputError, match="already|another|running|lock"):
+                with Writer(url):
+                    pass
+        with Writer(url):  # released: free again
+            pass

@@ -236,7 +236,8 @@ class Writer:
         self._tmp_zarr = self.path if self.remote else f"{self.state}/work.zarr"
         self._tmp_file = f"{self.state}/out.partial{os.path.splitext(tail)[1]}"
         self.marks_dir = f"{self.state}/done"
-        self._lock = None if self.remote else OutputLock(self.path)
+        # a URL's lock is local, in its staging folder: it keeps two runs on this machine off one output
+        self._lock = OutputLock(staging_path(self.path) if self.remote else self.path)
 
     def check_volume(self) -> None:
         """Refuse an output format that cannot hold a volume."""
