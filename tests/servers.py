@@ -68,30 +68,30 @@ class RangeServer:
                 path = os.path.join(server.root, name)
                 if not os.path.isfile(path):
                     return self._status(404)
-                with open(path, "rb") as f:
-                    data = f.read()
-                if mode == "truncated":
-                    data = data[:len(data) // 2]
                 st = os.stat(path)
+                size = st.st_size // 2 if mode == "truncated" else st.st_size
                 rng = self.headers.get("Range")
-                start, end, code = 0, len(data), 200
+                start, end, code = 0, size, 200
                 if rng and mode != "noranges" and rng.startswith("bytes="):
                     a, _, b = rng[6:].partition("-")
-                    start = int(a) if a else max(0, len(data) - int(b))
-                    end = min(len(data), int(b) + 1) if a and b else len(data)
-                    if start >= len(data):
+                    start = int(a) if a else max(0, size - int(b))
+                    end = min(size, int(b) + 1) if a and b else size
+                    if start >= size:
                         return self._status(416)
                     code = 206
-                body = data[start:end]
+                with open(path, "rb") as f:  # only the bytes asked for
+                    f.seek(start)
+                    body = f.read(end - start) if not head else b""
+                    length = end - start
                 self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(length))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("ETag", '"' + hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest() + '"')
                 self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
                 if mode != "noranges":
                     self.send_header("Accept-Ranges", "bytes")
                 if code == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
