@@ -308,7 +308,9 @@ def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_
     assert cli.main(["run", os.path.join(files, src), *common, "-o", str(local)]) == 0
     url = f"s3://{BUCKET}/out/mask-{ext}.{ext}"
     assert cli.main(["run", f"s3://{BUCKET}/{src}", *common, "-o", url]) == 0
-    assert f"wrote {url}:" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"wrote {url}:" in said.out
+    assert f"written first to {tmp_path / 'staging'}" in said.err and "room needed there" in said.err
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     got = tmp_path / f"got.{ext}"
     fs.get_file(url, str(got))
