@@ -175,6 +175,8 @@ def test_credentials_never_reach_logs_ledger_metadata_or_errors(files, http, tmp
     for name in ("a.zarr", "b.zarr"):
         text += json.dumps(dict(zarr.open_group(str(tmp_path / name), mode="r").attrs))
         text += "".join(open(p, errors="replace").read() for p in (tmp_path / name).rglob("*.json"))
+    assert cli.main(["info", signed]) == 0  # `tilerseg info` names the file too
+    text += capsys.readouterr().out
     assert SECRET not in text
     assert f"http://{host}/signed/tiled.tif?***" in text and f"http://***@{host}/auth/tiled.tif" in text
     assert "access denied (403)" in printed.err and not (tmp_path / "c.zarr").exists()
