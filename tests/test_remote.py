@@ -374,3 +374,42 @@ def test_two_runs_on_one_output_url_are_refused(tmp_path, monkeypatch):
                     pass
         with Writer(url):  # released: free again
             pass
+
+
+@pytest.mark.slow
+def test_a_killed_url_run_resumes_only_into_the_same_object(files, http, tmp_path, tiny_model_dir):
+    """kill -9 mid-run on an input by URL; --resume after the object changed
+    (its ETag moved) is refused, after it is back as it was it continues,
+    computing fewer windows, to the bytes of an uninterrupted run."""
+    import signal
+    import time
+
+    import zarr
+
+    from conftest import cli, cli_process
+
+    path = os.path.join(files, "resume.tif")
+    textured_tiff(path, (1200, 1200), seed=7, periods=(41.0, 29.0), noise=25)
+    url = f"{http.url}/resume.tif"
+    args = [url, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--batch-size", "1", "--quiet"]
+    out, marks = tmp_path / "out.zarr", tmp_path / ".out.zarr.tilerseg" / "done"
+    proc = cli_process("run", *args, "-o", str(out))
+    t0 = time.time()
+    while not (marks.is_dir() and len(os.listdir(marks)) >= 5):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before it was interrupted"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(os.listdir(marks))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # replaced on the server: another ETag
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 1 and "other settings (input)" in r.stderr, r.stderr
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same object again
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+    entry = [json.loads(ln) for ln in open(tmp_path / "tilerseg-ledger.jsonl")][-1]
+    assert entry["status"] == "done" and entry["windows_computed"] == entry["windows_total"] - finished
+    ref = tmp_path / "ref.zarr"
+    assert cli("run", path, *args[1:], "-o", str(ref)).returncode == 0
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], zarr.open_group(str(ref), mode="r")["0"][:])
