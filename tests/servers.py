@@ -144,12 +144,15 @@ def free_port() -> int:
 class MotoServer:
     """moto's S3 server on 127.0.0.1; :attr:`endpoint` is its URL."""
 
-    def __init__(self):
+    def __init__(self, auth: bool = False):
+        """``auth``: moto checks every request's credentials against its IAM
+        (none exist, so any key is refused: 403 InvalidAccessKeyId)."""
         py = moto_venv()
+        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0") if auth else None
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

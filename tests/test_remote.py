@@ -120,6 +120,7 @@ def test_a_run_by_url_writes_what_the_local_run_writes(files, http, s3, tmp_path
             line = next(ln for ln in printed.splitlines() if ln.startswith("read "))
             size = os.path.getsize(os.path.join(files, "tiled.tif"))
             assert line.endswith(f"of {size / 1e6:.3g} MB from {src}"), line
+            assert float(line.split()[1]) <= 1.3 * size / 1e6  # the whole image: each tile about once
         outs[where] = zarr.open_group(str(out), mode="r")
     for where in ("http", "s3"):
         np.testing.assert_array_equal(outs[where]["0"][:], outs["local"]["0"][:])
@@ -413,3 +414,24 @@ def test_a_killed_url_run_resumes_only_into_the_same_object(files, http, tmp_pat
     ref = tmp_path / "ref.zarr"
     assert cli("run", path, *args[1:], "-o", str(ref)).returncode == 0
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], zarr.open_group(str(ref), mode="r")["0"][:])
+
+
+def test_bad_s3_credentials_are_one_line(s3, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """moto with its IAM checks on: the key is unknown, S3 answers 403."""
+    from tilerseg import cli
+
+    import s3fs
+
+    strict = MotoServer(auth=True)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by options: none for the old endpoint
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.endpoint)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"wrong-{SECRET}")
+        code = cli.main(["run", f"s3://{BUCKET}/tiled.tif", "--weights", tiny_model_dir, "-o",
+                         str(tmp_path / "m.zarr"), "--quiet"])
+    finally:
+        strict.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "access denied" in err[0] and SECRET not in err[0], err
+    assert not (tmp_path / "m.zarr").exists()
