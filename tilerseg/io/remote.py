@@ -208,6 +208,7 @@ def _gdal():
     """rasterio's libgdal, for the two network-statistics calls rasterio does not wrap."""
     if not _LIB:
         import ctypes
+        import ctypes.util
         import glob
 
         import rasterio
