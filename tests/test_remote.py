@@ -294,7 +294,7 @@ def test_dask_workers_open_the_url_themselves(files, http, tmp_path, tiny_model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ext", ["ome.tif", "tif", "geojson"])
+@pytest.mark.parametrize("ext", ["ome.tif", "tif", "geojson", "gpkg"])
 def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_model_dir, capsys, monkeypatch,
                                                 ext):
     """-o s3://.../mask.EXT: written in the staging folder, uploaded once
@@ -320,6 +320,11 @@ def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_
     if ext == "geojson":
         a, b = (json.loads(p.read_text()) for p in (local, got))
         assert [f["geometry"] for f in a["features"]] == [f["geometry"] for f in b["features"]] and a["features"]
+    elif ext == "gpkg":
+        import fiona
+
+        a, b = ([dict(f.geometry) for f in fiona.open(str(p))] for p in (local, got))
+        assert a == b and a
     else:
         with tifffile.TiffFile(local) as ta, tifffile.TiffFile(got) as tb:
             assert len(ta.series[0].levels) == len(tb.series[0].levels)
