@@ -241,11 +241,24 @@ def gdal_options() -> dict:
             "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", str(int(timeout()))),
             "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": None}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
+    if endpoint and ("AWS_S3_ENDPOINT" not in os.environ or "AWS_S3_ENDPOINT" in _OURS):
         parts = urlsplit(endpoint)
         opts.update(AWS_S3_ENDPOINT=parts.netloc + parts.path.rstrip("/"),
                     AWS_HTTPS="NO" if parts.scheme == "http" else "YES", AWS_VIRTUAL_HOSTING="FALSE")
     return {k: v for k, v in opts.items() if v is not None}
+
+
+_OURS: set = set()  # the GDAL variables apply_gdal_options set (the user's own are left alone)
+
+
+def apply_gdal_options() -> None:
+    """Put :func:`gdal_options` in the process environment, which GDAL
+    reads at every request (not only at open, as rasterio.Env would);
+    those set here follow ``AWS_ENDPOINT_URL`` when it changes."""
+    for k, v in gdal_options().items():
+        if k not in os.environ or k in _OURS:
+            os.environ[k] = v
+            _OURS.add(k)
 
 
 BLOCK = 16 * 1024  # header reads (IFDs, tags, OME-XML): one request per run of 16 KiB blocks
