@@ -68,30 +68,30 @@ class RangeServer:
                 path = os.path.join(server.root, name)
                 if not os.path.isfile(path):
                     return self._status(404)
-                with open(path, "rb") as f:
-                    data = f.read()
-                if mode == "truncated":
-                    data = data[:len(data) // 2]
                 st = os.stat(path)
+                size = st.st_size // 2 if mode == "truncated" else st.st_size
                 rng = self.headers.get("Range")
-                start, end, code = 0, len(data), 200
+                start, end, code = 0, size, 200
                 if rng and mode != "noranges" and rng.startswith("bytes="):
                     a, _, b = rng[6:].partition("-")
-                    start = int(a) if a else max(0, len(data) - int(b))
-                    end = min(len(data), int(b) + 1) if a and b else len(data)
-                    if start >= len(data):
+                    start = int(a) if a else max(0, size - int(b))
+                    end = min(size, int(b) + 1) if a and b else size
+                    if start >= size:
                         return self._status(416)
                     code = 206
-                body = data[start:end]
+                with open(path, "rb") as f:  # only the bytes asked for
+                    f.seek(start)
+                    body = f.read(end - start) if not head else b""
+                    length = end - start
                 self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(length))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("ETag", '"' + hashlib.md5(f"{st.st_size}-{st.st_mtime_ns}".encode()).hexdigest() + '"')
                 self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
                 if mode != "noranges":
                     self.send_header("Accept-Ranges", "bytes")
                 if code == 206:
-                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
@@ -144,12 +144,15 @@ def free_port() -> int:
 class MotoServer:
     """moto's S3 server on 127.0.0.1; :attr:`endpoint` is its URL."""
 
-    def __init__(self):
+    def __init__(self, auth: bool = False):
+        """``auth``: moto checks every request's credentials against its IAM
+        (none exist, so any key is refused: 403 InvalidAccessKeyId)."""
         py = moto_venv()
+        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0") if auth else None
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

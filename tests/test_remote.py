@@ -39,6 +39,10 @@ def files(tmp_path_factory) -> str:
     shutil.copy(data("openslide/small.svs"), root / "small.svs")
     textured_tiff(root / "tiled.tif", (1000, 1300), seed=1, periods=(37.0, 53.0), noise=30)
     _ome_pyramid(str(root / "pyramid.ome.tif"))
+    import zarr
+
+    z = zarr.create_array(str(root / "plain.zarr"), shape=(300, 260, 3), chunks=(128, 128, 3), dtype="uint16")
+    z[:] = np.random.default_rng(5).integers(0, 4000, z.shape, dtype=np.uint16)
     return str(root)
 
 
@@ -63,6 +67,7 @@ def s3(files):
     fs.mkdir(BUCKET)
     for name in FILES:
         fs.put_file(os.path.join(files, name), f"{BUCKET}/{name}")
+    fs.put(os.path.join(files, "plain.zarr"), f"{BUCKET}/", recursive=True)
     yield server
     for k, v in old.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -78,7 +83,8 @@ META = ("shape", "bands", "dtype", "crs", "transform", "nodata", "mpp", "levels"
 
 @pytest.mark.parametrize("where", ["http", "s3"])
 @pytest.mark.parametrize("name,level", [("cogeo.tif", 0), ("cogeo.tif", 2), ("RGB.byte.tif", 0), ("small.svs", 0),
-                                        ("tiled.tif", 0), ("pyramid.ome.tif", 0), ("pyramid.ome.tif", 1)])
+                                        ("tiled.tif", 0), ("pyramid.ome.tif", 0), ("pyramid.ome.tif", 1),
+                                        ("plain.zarr", 0)])
 def test_a_url_reads_as_the_local_file(files, http, s3, where, name, level):
     from tilerseg.io.open import open_reader
 
@@ -97,6 +103,7 @@ def test_a_url_reads_as_the_local_file(files, http, s3, where, name, level):
     np.testing.assert_array_equal(local.read(*win)[0], url.read(*win)[0])
 
 
+@pytest.mark.slow
 def test_a_run_by_url_writes_what_the_local_run_writes(files, http, s3, tmp_path, tiny_model_dir, capsys):
     import zarr
 
@@ -113,6 +120,7 @@ def test_a_run_by_url_writes_what_the_local_run_writes(files, http, s3, tmp_path
             line = next(ln for ln in printed.splitlines() if ln.startswith("read "))
             size = os.path.getsize(os.path.join(files, "tiled.tif"))
             assert line.endswith(f"of {size / 1e6:.3g} MB from {src}"), line
+            assert float(line.split()[1]) <= 1.3 * size / 1e6  # the whole image: each tile about once
         outs[where] = zarr.open_group(str(out), mode="r")
     for where in ("http", "s3"):
         np.testing.assert_array_equal(outs[where]["0"][:], outs["local"]["0"][:])
@@ -126,6 +134,8 @@ def test_the_fingerprint_is_the_servers_size_and_etag(files, http, s3, tmp_path)
     for url in (f"{http.url}/tiled.tif", f"s3://{BUCKET}/tiled.tif"):
         shown, size, tag = remote.fingerprint(url)
         assert shown == url and size == os.path.getsize(os.path.join(files, "tiled.tif")) and tag
+    for url in (f"{http.url}/plain.zarr", f"s3://{BUCKET}/plain.zarr"):  # a folder: its zarr.json's tag
+        assert remote.fingerprint(url)[2]
     before = remote.fingerprint(f"{http.url}/small.svs")
     path = os.path.join(files, "small.svs")
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))  # the server's ETag moves
@@ -145,6 +155,7 @@ def test_resume_and_the_ledger_work_on_urls(files, http, tmp_path, tiny_model_di
     assert len(open(tmp_path / "outs" / "tilerseg-ledger.jsonl").readlines()) == 1
 
 
+@pytest.mark.slow
 def test_credentials_never_reach_logs_ledger_metadata_or_errors(files, http, tmp_path, tiny_model_dir, capsys):
     import zarr
 
@@ -165,6 +176,8 @@ def test_credentials_never_reach_logs_ledger_metadata_or_errors(files, http, tmp
     for name in ("a.zarr", "b.zarr"):
         text += json.dumps(dict(zarr.open_group(str(tmp_path / name), mode="r").attrs))
         text += "".join(open(p, errors="replace").read() for p in (tmp_path / name).rglob("*.json"))
+    assert cli.main(["info", signed]) == 0  # `tilerseg info` names the file too
+    text += capsys.readouterr().out
     assert SECRET not in text
     assert f"http://{host}/signed/tiled.tif?***" in text and f"http://***@{host}/auth/tiled.tif" in text
     assert "access denied (403)" in printed.err and not (tmp_path / "c.zarr").exists()
@@ -231,8 +244,14 @@ def test_transfer_is_bounded_by_the_tiles_the_windows_cover(files, http, s3, whe
         region = ((0, H // 2), (W // 2, W))
         need = _tile_bytes(page, *region)
         probe = _tile_bytes(page, (0, 1), (0, 1))
+    fresh = f"fresh-{where}-{name}"  # a name no earlier test read: GDAL's cache of that file is empty
+    shutil.copy(os.path.join(files, name), os.path.join(files, fresh))
+    if where == "s3":
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).put_file(os.path.join(files, fresh), f"{BUCKET}/{fresh}")
     start = remote.bytes_read()
-    reader = open_reader(_url(where, http, name))
+    reader = open_reader(_url(where, http, fresh))
     before = remote.bytes_read()  # the header and the probe's pixel: not window bytes
     step, halo = 160, 24
     for y in range(region[0][0], region[0][1], step):
@@ -274,7 +293,8 @@ def test_dask_workers_open_the_url_themselves(files, http, tmp_path, tiny_model_
                                   zarr.open_group(str(tmp_path / "local.zarr"), mode="r")["0"][:])
 
 
-@pytest.mark.parametrize("ext", ["ome.tif", "tif", "geojson"])
+@pytest.mark.slow
+@pytest.mark.parametrize("ext", ["ome.tif", "tif", "geojson", "gpkg"])
 def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_model_dir, capsys, monkeypatch,
                                                 ext):
     """-o s3://.../mask.EXT: written in the staging folder, uploaded once
@@ -291,13 +311,20 @@ def test_file_outputs_by_url_are_uploaded_whole(files, http, s3, tmp_path, tiny_
     assert cli.main(["run", os.path.join(files, src), *common, "-o", str(local)]) == 0
     url = f"s3://{BUCKET}/out/mask-{ext}.{ext}"
     assert cli.main(["run", f"s3://{BUCKET}/{src}", *common, "-o", url]) == 0
-    assert f"wrote {url}:" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"wrote {url}:" in said.out
+    assert f"written first to {tmp_path / 'staging'}" in said.err and "room needed there" in said.err
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     got = tmp_path / f"got.{ext}"
     fs.get_file(url, str(got))
     if ext == "geojson":
         a, b = (json.loads(p.read_text()) for p in (local, got))
         assert [f["geometry"] for f in a["features"]] == [f["geometry"] for f in b["features"]] and a["features"]
+    elif ext == "gpkg":
+        import fiona
+
+        a, b = ([dict(f.geometry) for f in fiona.open(str(p))] for p in (local, got))
+        assert a == b and a
     else:
         with tifffile.TiffFile(local) as ta, tifffile.TiffFile(got) as tb:
             assert len(ta.series[0].levels) == len(tb.series[0].levels)
@@ -339,3 +366,77 @@ def test_a_server_that_never_answers_times_out_in_one_line(tmp_path, tiny_model_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "cannot reach the server" in err[0], err
     assert took < 20 and not (tmp_path / "m.zarr").exists()
+
+
+def test_two_runs_on_one_output_url_are_refused(tmp_path, monkeypatch):
+    from tilerseg.errors import OutputError
+    from tilerseg.io.writers import Writer
+
+    monkeypatch.setenv("TILERSEG_STAGING", str(tmp_path))
+    for url in ("memory://locks/out.zarr", "memory://locks/out.ome.tif"):
+        with Writer(url):
+            with pytest.raises(OutputError, match="already|another|running|lock"):
+                with Writer(url):
+                    pass
+        with Writer(url):  # released: free again
+            pass
+
+
+@pytest.mark.slow
+def test_a_killed_url_run_resumes_only_into_the_same_object(files, http, tmp_path, tiny_model_dir):
+    """kill -9 mid-run on an input by URL; --resume after the object changed
+    (its ETag moved) is refused, after it is back as it was it continues,
+    computing fewer windows, to the bytes of an uninterrupted run."""
+    import signal
+    import time
+
+    import zarr
+
+    from conftest import cli, cli_process
+
+    path = os.path.join(files, "resume.tif")
+    textured_tiff(path, (1200, 1200), seed=7, periods=(41.0, 29.0), noise=25)
+    url = f"{http.url}/resume.tif"
+    args = [url, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "--batch-size", "1", "--quiet"]
+    out, marks = tmp_path / "out.zarr", tmp_path / ".out.zarr.tilerseg" / "done"
+    proc = cli_process("run", *args, "-o", str(out))
+    t0 = time.time()
+    while not (marks.is_dir() and len(os.listdir(marks)) >= 5):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before it was interrupted"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(os.listdir(marks))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # replaced on the server: another ETag
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 1 and "other settings (input)" in r.stderr, r.stderr
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same object again
+    r = cli("run", *args, "-o", str(out), "--resume")
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+    entry = [json.loads(ln) for ln in open(tmp_path / "tilerseg-ledger.jsonl")][-1]
+    assert entry["status"] == "done" and entry["windows_computed"] == entry["windows_total"] - finished
+    ref = tmp_path / "ref.zarr"
+    assert cli("run", path, *args[1:], "-o", str(ref)).returncode == 0
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][:], zarr.open_group(str(ref), mode="r")["0"][:])
+
+
+def test_bad_s3_credentials_are_one_line(s3, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """moto with its IAM checks on: the key is unknown, S3 answers 403."""
+    from tilerseg import cli
+
+    import s3fs
+
+    strict = MotoServer(auth=True)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps filesystems by options: none for the old endpoint
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.endpoint)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"wrong-{SECRET}")
+        code = cli.main(["run", f"s3://{BUCKET}/tiled.tif", "--weights", tiny_model_dir, "-o",
+                         str(tmp_path / "m.zarr"), "--quiet"])
+    finally:
+        strict.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "access denied" in err[0] and SECRET not in err[0], err
+    assert not (tmp_path / "m.zarr").exists()

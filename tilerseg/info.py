@@ -1,12 +1,14 @@
 """``tilerseg info``: what a reader sees in a file, as text."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 
 from .io import open_reader
 from .io.base import LABEL_NODATA
+from .io.remote import display
 
 
 def _crs_name(wkt: str | None) -> str:
@@ -29,7 +31,7 @@ def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "aut
                      force_resample=force_resample, missing_chunks=missing_chunks) as r:
         m = r.meta
         H, W = m.shape
-        lines = [f"file:       {path}", f"format:     {m.format}",
+        lines = [f"file:       {display(os.fspath(path))}", f"format:     {m.format}",
                  f"size:       {W} x {H} px (width x height), level {m.level}",
                  f"bands:      {m.bands}" + (f" ({', '.join(m.band_names)})" if m.band_names else ""),
                  f"dtype:      {m.dtype}",

@@ -1,7 +1,6 @@
 """GeoTIFF and COG through rasterio: CRS, transform, nodata, masks and bands."""
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -27,9 +26,8 @@ class GeoReader(Reader):
         self.path = remote.display(self._src)
         url = remote.is_url(self._src)
         where = remote.gdal_path(self._src) if url else self._src
-        if url:  # read at every request GDAL makes, not only at open: the process environment
-            for k, v in remote.gdal_options().items():
-                os.environ.setdefault(k, v)
+        if url:
+            remote.apply_gdal_options()
         try:
             kwargs = {"overview_level": self.level - 1} if self.level else {}
             self._ds = rasterio.open(where, **kwargs)

@@ -1,6 +1,7 @@
 """Pick the backend for an input path and apply level/mpp/band choices."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import replace
@@ -139,12 +140,14 @@ def _is_geotiff(path: str, size: int | None = None) -> bool:
     url = remote.is_url(path)
     where = remote.display(path) if url else path
     try:
-        with (remote.RemoteFile(path, size) if url else open(path, "rb")) as fh, _tifffile_warnings() as said, \
+        said_cm = _tifffile_warnings() if url else contextlib.nullcontext([])
+        with (remote.RemoteFile(path, size) if url else open(path, "rb")) as fh, said_cm as said, \
                 tifffile.TiffFile(fh) as tif:
             tags = tif.pages[0].tags
-            tif.pages.useframes, n = False, len(tif.pages)  # every IFD parsed now: one past the end is logged
-            check_complete(tif, size if url else os.path.getsize(path), where)
-            if said and n:
+            n = len(tif.pages)  # every IFD parsed now: one past the end is logged
+            if url:  # a local file keeps failing at the window it cannot decode (tests rely on it)
+                check_complete(tif, size, where)
+            if said and n and url:
                 raise FormatError(f"{where}: truncated or corrupt: {said[0]}; copy or upload it again")
             return any(t in tags for t in _GEO_TAGS)
     except InputError:

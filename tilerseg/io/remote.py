@@ -136,6 +136,8 @@ def stat(url: str) -> dict:
     """``{"size", "etag"}`` of the object at ``url`` from the server (ETag,
     else Last-Modified): what the resume fingerprint and the reader cache
     key on. Errors are one line (:func:`fail`)."""
+    if strip_query(url).rstrip("/").lower().endswith(".zarr"):
+        return _zarr_stat(url)
     fs, path = filesystem(url)
     try:
         info = fs.info(path)
@@ -146,6 +148,22 @@ def stat(url: str) -> dict:
     tag = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "Last-Modified", "mtime", "last_modified")
                 if info.get(k)), None)
     return {"size": info.get("size"), "etag": tag}
+
+
+def _zarr_stat(url: str) -> dict:
+    """A zarr store by URL is a folder, which HTTP cannot stat: its root
+    metadata (``zarr.json``, else ``.zgroup``/``.zarray``) stands for it."""
+    fs, path = filesystem(url)
+    first = None
+    for name in ("zarr.json", ".zgroup", ".zarray"):
+        try:
+            info = fs.info(f"{path.rstrip('/')}/{name}")
+        except Exception as err:
+            first = first or err
+            continue
+        tag = next((str(info[k]) for k in ("ETag", "LastModified", "Last-Modified", "mtime") if info.get(k)), None)
+        return {"size": None, "etag": tag, "directory": True}
+    raise fail(url, first) from None
 
 
 def fingerprint(url: str) -> list:
@@ -190,6 +208,7 @@ def _gdal():
     """rasterio's libgdal, for the two network-statistics calls rasterio does not wrap."""
     if not _LIB:
         import ctypes
+        import ctypes.util
         import glob
 
         import rasterio
@@ -222,11 +241,24 @@ def gdal_options() -> dict:
             "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", str(int(timeout()))),
             "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": None}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
+    if endpoint and ("AWS_S3_ENDPOINT" not in os.environ or "AWS_S3_ENDPOINT" in _OURS):
         parts = urlsplit(endpoint)
         opts.update(AWS_S3_ENDPOINT=parts.netloc + parts.path.rstrip("/"),
                     AWS_HTTPS="NO" if parts.scheme == "http" else "YES", AWS_VIRTUAL_HOSTING="FALSE")
     return {k: v for k, v in opts.items() if v is not None}
+
+
+_OURS: set = set()  # the GDAL variables apply_gdal_options set (the user's own are left alone)
+
+
+def apply_gdal_options() -> None:
+    """Put :func:`gdal_options` in the process environment, which GDAL
+    reads at every request (not only at open, as rasterio.Env would);
+    those set here follow ``AWS_ENDPOINT_URL`` when it changes."""
+    for k, v in gdal_options().items():
+        if k not in os.environ or k in _OURS:
+            os.environ[k] = v
+            _OURS.add(k)
 
 
 BLOCK = 16 * 1024  # header reads (IFDs, tags, OME-XML): one request per run of 16 KiB blocks

@@ -250,7 +250,8 @@ class Writer:
         self._src_zarr = f"{self.state}/source.zarr"  # what the model computed, when the output is made from it
         self._tmp_file = f"{self.state}/out.partial{os.path.splitext(tail)[1]}"
         self.marks_dir = f"{self.state}/done"
-        self._lock = None if self.remote else OutputLock(self.path)
+        # a URL's lock is local, in its staging folder: it keeps two runs on this machine off one output
+        self._lock = OutputLock(staging_path(self.path) if self.remote else self.path)
 
     def _placed_before(self) -> set[str]:
         """The finished files an interrupted run had begun to move into
