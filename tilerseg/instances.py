@@ -15,12 +15,16 @@ Why the blocks cannot change it (the argument for pixels is in
    joined by a union-find over the face pairs (only the faces travel; as
    dask-image's ``ndmeasure.label`` does). The result is the whole image's
    components.
-3. Each component is split on its own bounding box (:func:`split`): a
-   distance transform of the component alone, h-maxima markers and a
-   watershed (or, for a model with a boundary class, its interior pieces as
+3. Each component is split once, on its own bounding box (:func:`split`):
+   a distance transform of the component alone, markers from its peaks and
+   each pixel given to the marker of least distance over radius
+   (:func:`_radius_split`; or h-maxima markers and a watershed with
+   ``depth``; or, for a model with a boundary class, its interior pieces as
    markers). The input is the component's mask and probabilities in its
-   box, which do not depend on the blocks, and the box is the same crop of
-   the image in any run, so the objects are the same.
+   box, which do not depend on the blocks, the box is the same crop of the
+   image in any run, and every tie is broken in the component's raster
+   order, so the objects are the same. A component that crosses blocks is
+   painted into each block it touches from that one result.
 4. Ids are given last, in raster order of each object's first pixel, over
    the whole image: a total order that no tiling changes.
 
