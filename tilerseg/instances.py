@@ -56,15 +56,17 @@ class InstanceOptions:
     """How the foreground is split into objects.
 
     ``threshold``: P(foreground) of a binary model. ``reach`` (the
-    default split, :func:`_radius_split`): a peak of the distance transform
-    closer to a higher peak than ``reach`` x that peak's radius is the same
-    object; lower splits more. The rule scales with each object (no object
-    size to give), which a fixed minimum distance or depth cannot: on dense
-    nuclei of radii 6-30 px it scores F1 0.95 where a fixed h-maxima depth
-    scored 0.77 (``scripts/bench_instances.py --fixtures``). ``depth``
-    (px): instead, h-maxima of that depth of the distance transform as
-    markers and a watershed of it: two touching round objects are split
-    when the neck between them is at least this much narrower than either. ``boundary_class``: the index of a class
+    default split, :func:`tilerseg.splitting._radius_split`): a peak of
+    the distance transform closer to a higher peak than ``reach`` x that
+    peak's radius is the same object; lower splits more. The rule scales
+    with each object (no object size to give), which a fixed minimum
+    distance or depth cannot: on dense nuclei of radii 6-30 px it scores F1
+    0.955 where a fixed h-maxima depth scored 0.77
+    (``scripts/bench_instances.py --fixtures``). ``depth`` (px): instead,
+    h-maxima of that depth of the distance transform as markers and a
+    watershed of it: two touching round objects are split when the neck
+    between them is at least this much narrower than either (with
+    ``markers``, default 1.5). ``boundary_class``: the index of a class
     that marks boundaries (a 3-class background / interior / boundary
     model): its interior pieces are then the markers. ``min_area``: objects
     smaller than this many px are dropped (merged into background).

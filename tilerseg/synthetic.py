@@ -167,11 +167,11 @@ def dense_nuclei(shape: tuple[int, int], seed: int = 0, *, radii: tuple[float, f
     radii log-uniform in ``radii`` (px), axis ratio up to 1.6, any angle,
     drawn in the demo slide's colours so the shipped model finds them.
     ``tries`` centres a megapixel are thrown at random (a share
-    ``touching`` of them beside a kept one); one is kept when, for every kept neighbour, the centres are
-    at least ``overlap`` x the sum of their mean radii apart (below 1 the
-    two overlap). Clusters of three or four go
-    first, on every other point where four ``corners``-px blocks meet, so
-    that objects straddle the seams. Where ellipses overlap, a pixel
+    ``touching`` of them beside a kept one); one is kept when, for every
+    kept neighbour, the centres are at least ``overlap`` x the sum of their
+    mean radii apart (below 1 the two overlap). Clusters of three or four
+    go first, on every other point where four ``corners``-px blocks meet,
+    so that objects straddle the seams. Where ellipses overlap, a pixel
     belongs to the one whose normalised radius there is smallest (a
     dividing line between their centres, as a pathologist draws it)."""
     H, W = shape
