@@ -1,6 +1,19 @@
 """--instances at scale: count, memory and the merge's share, against dask-image's label.
 
 Usage: python scripts/bench_instances.py [--sides 5000 20000] [--workdir DIR] [--json]
+       python scripts/bench_instances.py --fixtures [--side 3000]
+
+``--fixtures`` (issue 37): are the objects right? Dense nuclei fixtures
+(tilerseg.synthetic.dense_nuclei: "dense", centres at least 0.8 x the sum
+of the radii apart, and "crowded", 0.62) drawn in the demo slide's colours,
+segmented by the shipped demo model; on the same probabilities, the splits
+are scored against the true instances (tilerseg.train.metrics.object_scores:
+F1 at IoU >= 0.5, merges, splits, count): tilerseg's default, its former
+default (h-maxima depth 1.5), the textbook split (distance transform +
+skimage peak_local_max(min_distance=5) + watershed) on the whole image and
+per 256-px block (what tiled tools do), and connected components. Then the
+instance pass timed on the whole image in one block and at 256-px blocks,
+side by side, and the count on the demo slide against the generator's.
 
 For each side, writes a synthetic slide (tilerseg.synthetic: nuclei on
 tissue, half the area; about 0.4 nuclei per 24x24 px cell of tissue), runs
@@ -94,8 +107,130 @@ def _timed(cmd) -> tuple[float, float, int, str]:
     return time.perf_counter() - t0, peak[0] / 2 ** 20, proc.returncode, out
 
 
+def textbook(mask):
+    """Distance transform + peak_local_max(min_distance=5) + watershed (skimage's example)."""
+    import numpy as np
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    dist = ndimage.distance_transform_edt(mask)
+    peaks = peak_local_max(dist, min_distance=5, labels=ndimage.label(mask)[0])
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
+
+
+def per_block(mask, block: int = 256):
+    """:func:`textbook` on each block alone, ids offset: a tiled tool's objects."""
+    import numpy as np
+
+    out, top = np.zeros(mask.shape, np.int64), 0
+    for r in range(0, mask.shape[0], block):
+        for c in range(0, mask.shape[1], block):
+            lab = textbook(mask[r:r + block, c:c + block])
+            out[r:r + block, c:c + block] = np.where(lab > 0, lab + top, 0)
+            top += int(lab.max())
+    return out
+
+
+def score_fixture(name: str, side: int, overlap: float) -> list:
+    """One fixture: the model's probabilities, each split's scores and seconds."""
+    import time
+
+    import numpy as np
+    from scipy import ndimage
+
+    import tilerseg
+    from tilerseg.instances import InstanceOptions, label_array
+    from tilerseg.synthetic import dense_nuclei
+    from tilerseg.train.metrics import object_scores
+
+    rgb, truth = dense_nuclei((side, side), overlap=overlap)
+    p = tilerseg.segment(rgb, "demo", device="cpu").compute()
+    mask = p[0] >= 0.5
+    splits = {"tilerseg default (radius rule, reach 1.15)": lambda: label_array(p, InstanceOptions(), chunk=side),
+              "tilerseg --split-depth 1.5 (the former default)":
+                  lambda: label_array(p, InstanceOptions(depth=1.5), chunk=side),
+              "textbook, whole image": lambda: textbook(mask), "textbook per 256-px block": lambda: per_block(mask),
+              "connected components only": lambda: ndimage.label(mask)[0]}
+    truth_fg = truth > 0
+    dice = 2 * (mask & truth_fg).sum() / (mask.sum() + truth_fg.sum())
+    rows = []
+    for split, fn in splits.items():
+        t0 = time.perf_counter()
+        lab = fn()
+        rows.append({"fixture": name, "dice": float(dice), "split": split, "seconds": time.perf_counter() - t0,
+                     **object_scores(truth, lab)})
+    return rows, p
+
+
+def timing(p, side: int) -> dict:
+    """The instance pass on the whole image in one block against 256-px
+    blocks, alternated twice, best of each; labels checked equal."""
+    import time
+
+    import numpy as np
+
+    from tilerseg.instances import InstanceOptions, label_array
+
+    best, ref = {}, None
+    for chunk in (side, 256, side, 256):
+        t0 = time.perf_counter()
+        lab = label_array(p, InstanceOptions(), chunk=chunk)
+        best[chunk] = min(best.get(chunk, 1e9), time.perf_counter() - t0)
+        ref = lab if ref is None else ref
+        assert np.array_equal(lab, ref), "labels differ between tilings"
+    return {"whole_s": best[side], "tile256_s": best[256], "ratio": best[256] / best[side]}
+
+
+def demo_count(work: str, size: int = 3072) -> dict:
+    """``tilerseg demo``'s slide (seed 0): the generator's count, the objects found."""
+    import numpy as np
+    import tifffile
+
+    import tilerseg
+    from tilerseg.instances import InstanceOptions, label_array
+    from tilerseg.synthetic import nuclei, write_tiff
+
+    path = os.path.join(work, "demo-slide.tif")
+    write_tiff(path, (size, size), levels=1, compression="zlib")
+    p = tilerseg.segment(tifffile.imread(path), "demo", device="cpu").compute()
+    found = int(label_array(p, InstanceOptions(), chunk=1024).max())
+    truth = nuclei((size, size))
+    return {"truth": truth, "found": found, "error": (found - truth) / truth}
+
+
+def fixtures(side: int, work: str) -> int:
+    """``--fixtures``: the table of docs/outputs.md."""
+    import platform
+    import subprocess
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
+    print(f"CPU {cpu}; load {os.getloadavg()[0]:.1f} at the start")
+    print(f"| fixture | split | objects (truth) | count | matched | merges | splits | F1 |\n|---|---|---|---|---|---|---|---|")
+    probs = None
+    for name, overlap in (("dense", 0.8), ("crowded", 0.62)):
+        rows, p = score_fixture(name, side, overlap)
+        probs = p if probs is None else probs
+        for r in rows:
+            print(f"| {name} (Dice {r['dice']:.3f}) | {r['split']} | {r['predicted']:,} ({r['true']:,}) | "
+                  f"{r['count_error']:+.1%} | {r['matched'] / r['true']:.0%} | {r['merges']:,} | {r['splits']:,} | "
+                  f"{r['f1']:.3f} |", flush=True)
+    t = timing(probs, side)
+    print(f"instance pass on the dense fixture: whole image {t['whole_s']:.1f} s, 256-px blocks {t['tile256_s']:.1f} s "
+          f"({t['ratio']:.2f}x); labels equal")
+    d = demo_count(work)
+    print(f"demo slide 3072^2: the generator drew {d['truth']:,}, --instances found {d['found']:,} ({d['error']:+.2%})")
+    print(f"load {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fixtures", action="store_true", help="score the splits on dense nuclei (issue 37)")
+    p.add_argument("--side", type=int, default=3000, help="--fixtures: the fixtures' side (px)")
     p.add_argument("--sides", type=int, nargs="+", default=[5000, 20000])
     p.add_argument("--workdir")
     p.add_argument("--workers", type=int, default=2)
@@ -103,6 +238,8 @@ def main() -> int:
     a = p.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="tilerseg-instances-")
     os.makedirs(work, exist_ok=True)
+    if a.fixtures:
+        return fixtures(a.side, work)
     rows = [measure(side, work, a.workers) for side in a.sides]
     if a.json:
         print(json.dumps(rows))

@@ -219,19 +219,19 @@ def write_nuclei_geojson(path, shape, *, seed: int = 0, ellipse=None, region=Non
 
 
 def dense_nuclei(shape: tuple[int, int], seed: int = 0, *, radii: tuple[float, float] = (6.0, 30.0),
-                 corners: int = 256, overlap: float = 0.62, touching: float = 0.6, tries: int = 9000):
+                 corners: int = 256, overlap: float = 0.8, touching: float = 0.6, tries: float = 1000.0):
     """Dense nuclei with their true instances: ``(rgb uint8 (H, W, 3), labels uint32 (H, W))``.
 
     The fixture the instance split is scored on (:mod:`tilerseg.instances`,
     ``scripts/bench_instances.py``): touching and overlapping ellipses,
     radii log-uniform in ``radii`` (px), axis ratio up to 1.6, any angle,
     drawn in the demo slide's colours so the shipped model finds them.
-    Centres are thrown at random (a share ``touching`` of them beside a
-    kept one); one is kept when, for every kept neighbour, the centres are
-    at least ``overlap`` x the sum of their mean radii apart (below 1 the
-    two overlap). Clusters of three or four go
-    first, on every other point where four ``corners``-px blocks meet, so
-    that objects straddle the seams. Where ellipses overlap, a pixel
+    ``tries`` centres a megapixel are thrown at random (a share
+    ``touching`` of them beside a kept one); one is kept when, for every
+    kept neighbour, the centres are at least ``overlap`` x the sum of their
+    mean radii apart (below 1 the two overlap). Clusters of three or four
+    go first, on every other point where four ``corners``-px blocks meet,
+    so that objects straddle the seams. Where ellipses overlap, a pixel
     belongs to the one whose normalised radius there is smallest (a
     dividing line between their centres, as a pathologist draws it)."""
     H, W = shape
@@ -265,7 +265,7 @@ def dense_nuclei(shape: tuple[int, int], seed: int = 0, *, radii: tuple[float, f
                     r = float(np.exp(rng.uniform(lo, hi)))
                     a = rng.uniform(0, 2 * np.pi)
                     add(y + 0.6 * r * np.sin(a), x + 0.6 * r * np.cos(a), r)
-    for _ in range(tries):
+    for _ in range(int(tries * H * W / 1e6)):
         r = float(np.exp(rng.uniform(lo, hi)))
         if objs and rng.random() < touching:  # beside a kept one: clusters of touching nuclei
             oy, ox, ory, orx, _ = objs[int(rng.integers(len(objs)))]

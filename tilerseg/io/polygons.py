@@ -157,10 +157,40 @@ def iter_objects(z, *, chunk: int | None = None) -> Iterator[tuple[int, "shapely
 
 def iter_instances(z, bottom: np.ndarray, *, chunk: int | None = None) -> Iterator[tuple[int, "shapely.Polygon"]]:  # noqa: F821
     """Yield ``(id, polygon)`` per object of an instance label image
-    (uint32 ids, 0 = none), block by block, as :func:`iter_objects` does for
-    classes: an id is its own object (one 4-connected region), so no linking
-    pass is needed; ``bottom[id - 1]`` is its last row, after whose block
-    row its pieces are joined."""
+    (uint32 ids, 0 = none), in id order, the same polygons whatever the
+    blocks: the file of polygons is then the same bytes at every tiling, as
+    the labels and the table are. ``bottom[id - 1]`` is an object's last
+    row, after whose block row its pieces are joined (an id is its own
+    object, one 4-connected region, so no linking pass is needed).
+
+    Every polygon is put in one form (:func:`_canonical`), since GDAL's
+    trace of a whole object and the union of its traced pieces differ in
+    where rings start, in collinear vertices and in the order of holes.
+    Objects wait for the lower ids (their first pixel is earlier in raster
+    order) to be finished: in memory, the polygons of the rows that the
+    tallest unfinished object spans (at most ``--max-object`` px)."""
+    import heapq
+
+    done, next_id = [], 1
+    for i, g in _instances_by_block(z, bottom, chunk):
+        heapq.heappush(done, (i, _canonical(g)))
+        while done and done[0][0] == next_id:
+            yield heapq.heappop(done)
+            next_id += 1
+    assert not done, "objects left with ids missing before them"
+
+
+def _canonical(g):
+    """A polygon in one form: collinear vertices dropped, rings in
+    shapely's normal form (each starting at its least vertex, holes
+    sorted)."""
+    import shapely
+
+    return shapely.normalize(shapely.simplify(g, 0.0))
+
+
+def _instances_by_block(z, bottom: np.ndarray, chunk: int | None):
+    """:func:`iter_instances`'s polygons as the blocks finish them."""
     import shapely
     from rasterio.features import shapes
     from rasterio.transform import Affine
@@ -189,7 +219,7 @@ def iter_instances(z, bottom: np.ndarray, *, chunk: int | None = None) -> Iterat
             merged = shapely.union_all(open_objects.pop(i))
             if merged.geom_type != "Polygon":
                 raise AssertionError(f"object {i} merged into a {merged.geom_type}")
-            yield i, shapely.simplify(merged, 0.0)
+            yield i, merged
     assert not open_objects, "objects left open after the last block row"
 
 
