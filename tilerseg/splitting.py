@@ -18,21 +18,17 @@ order, which is the same in any box that holds it (the argument is in
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from .instances import InstanceOptions
 
 
 MEMBRANE_DEPTH = 1.5  # h-maxima depth (px) of a membrane map's sure interiors, unless given
 
 
-def split(mask: np.ndarray, cls: np.ndarray, opts: InstanceOptions, prob: np.ndarray | None = None) -> np.ndarray:
+def split(mask: np.ndarray, cls: np.ndarray, opts, prob: np.ndarray | None = None) -> np.ndarray:
     """Objects of the components in ``mask`` (a box of the image whose
     components are all whole in it), numbered 1..k in raster order of each
-    object's first pixel (0 outside).
+    object's first pixel (0 outside). ``opts`` is the run's
+    :class:`~tilerseg.instances.InstanceOptions` (not imported: instances imports this module).
 
     Every step treats components independently, so splitting a block of
     many components gives each the objects it gets alone in its own box:
@@ -161,7 +157,7 @@ def _small_removed(labels: np.ndarray, min_area: int) -> np.ndarray:
     return _raster_order(labels)
 
 
-def _cells(mask: np.ndarray, prob: np.ndarray, opts: InstanceOptions) -> np.ndarray:
+def _cells(mask: np.ndarray, prob: np.ndarray, opts) -> np.ndarray:
     """``split`` for a membrane map (``opts.markers``): markers from the
     sure interiors, a watershed of the boundary probability, the objects
     parted by one pixel, specks under ``min_area`` dropped; with
