@@ -176,7 +176,7 @@ def _cells(mask: np.ndarray, prob: np.ndarray, opts) -> np.ndarray:
     labels = _flood(mask, markers, n, _membrane_order(mask, prob, opts.max_side))
     if opts.join is not None:
         labels = _joined(labels, prob, opts.join)
-    return _small_removed(_parted(labels), opts.min_area)
+    return _small_removed(parted(labels), opts.min_area)
 
 
 def _joined(labels: np.ndarray, prob: np.ndarray, below: float) -> np.ndarray:
@@ -250,7 +250,7 @@ def _membrane_order(mask: np.ndarray, prob: np.ndarray, max_side: int) -> np.nda
     return q.astype(np.float64) * (2 * side * side) + rank
 
 
-def _parted(labels: np.ndarray) -> np.ndarray:
+def parted(labels: np.ndarray) -> np.ndarray:
     """Touching objects parted by a line of background one pixel wide: a
     pixel whose right or lower neighbour belongs to another object is
     cleared (so no two objects are 4-neighbours, and each keeps all its

@@ -159,9 +159,9 @@ class LabelMap:
         m = np.asarray(mask).astype(np.int64)  # one band: (h, w), or (z, y, x) for volumes
         out = np.full(m.shape, IGNORE, np.uint8)
         if self.instance_ids:  # objects parted by a line of background, as a membrane map's truth
-            from ..instances import _parted
+            from ..splitting import parted
 
-            out[:] = _parted(m) > 0 if m.ndim == 2 else m > 0
+            out[:] = parted(m) > 0 if m.ndim == 2 else m > 0
         elif self.values is not None:
             for k, v in enumerate(self.values):
                 out[m == v] = k
