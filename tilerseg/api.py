@@ -250,6 +250,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     info = fit_bands(info, src.meta.bands)
     check_mpp(info, src.meta, os.fspath(input))
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
+    post = _instance_pass(o, info, info.binary_threshold(o.threshold)) if o.instances else None  # checked first
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
@@ -277,7 +278,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     stats: StoreStats = writer.write(plan, lambda p, z, marks: store_plan(
         p, z, workers=e.workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
         fingerprint(input, info, cfg, tiling, active), render_preview=render,
-        post=_instance_pass(o, info, threshold) if o.instances else None)
+        post=post)
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiling.tile[0], halo=tiling.halo[0],
                      stride=predictor.stride, note=src.meta.note, windows_run=stats.windows_run, threshold=threshold,
@@ -419,13 +420,22 @@ def instance_options(o, info: ModelInfo, threshold: float):
     if boundary is None:
         names = [str(n).lower() for n in info.class_names]
         boundary = next((k for k, n in enumerate(names) if k and n in BOUNDARY_NAMES), None)
-    if boundary is not None and not 0 < boundary < max(info.spec.classes, 2):
-        raise InputError(f"--boundary-class {boundary}: the model has classes 0..{info.spec.classes - 1} "
-                         "(0 is background)")
+    if boundary is not None and info.spec.classes < 3:
+        raise InputError(f"--boundary-class {boundary}: {_name(info)} has {_classes(info)}, so no class can mark "
+                         "boundaries; drop --boundary-class (touching objects are split by their shape), or use "
+                         "a model with background, interior and boundary classes")
+    if boundary is not None and not 0 < boundary < info.spec.classes:
+        raise InputError(f"--boundary-class {boundary}: {_name(info)} has classes 1 to {info.spec.classes - 1} "
+                         "besides background (0); give one of them")
     threshold = threshold if o.object_threshold is None else o.object_threshold
     return InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
                            min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold,
                            join=o.join_below)
+
+
+def _classes(info: ModelInfo) -> str:
+    """``one output (background and foreground)``, ``2 classes``: what the model gives."""
+    return "one output (background and foreground)" if info.spec.classes == 1 else f"{info.spec.classes} classes"
 
 
 def _window_map(i, input, meta: ImageMeta):
