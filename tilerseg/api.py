@@ -345,7 +345,9 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     readable["input"] = stat(os.fspath(input)) if isinstance(input, (str, os.PathLike)) else [repr(input)]
     readable["model"] = repr(info.spec)
     readable["weights"] = stat(info.weights) if info.weights else None
-    readable["checkpoint"] = repr(replace(info, weights=None))
+    readable["checkpoint"] = repr(replace(info, weights=None, postprocess=()))  # the objects' options: in post
+    if cfg.output.instances:
+        post["checkpoint"] = repr(info.postprocess)
     readable["tissue"] = hashlib.sha256(np.ascontiguousarray(active).tobytes()).hexdigest() \
         if active is not None else None
     text = json.dumps(readable, sort_keys=True, default=str)
@@ -416,6 +418,7 @@ def instance_options(o, info: ModelInfo, threshold: float):
     model with a class named boundary or contour splits by it."""
     from .instances import InstanceOptions
 
+    o = with_checkpoint_postprocess(o, info)
     boundary = o.boundary_class
     if boundary is None:
         names = [str(n).lower() for n in info.class_names]
@@ -428,9 +431,18 @@ def instance_options(o, info: ModelInfo, threshold: float):
         raise InputError(f"--boundary-class {boundary}: {_name(info)} has classes 1 to {info.spec.classes - 1} "
                          "besides background (0); give one of them")
     threshold = threshold if o.object_threshold is None else o.object_threshold
-    return InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
-                           min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold,
+    return InstanceOptions(threshold=threshold, depth=1.5 if o.split_depth is None else o.split_depth,
+                           boundary_class=boundary, min_area=o.min_area or 0, max_side=o.max_object,
+                           markers=o.marker_threshold,
                            join=o.join_below)
+
+
+def with_checkpoint_postprocess(o, info: ModelInfo):
+    """Output options ``o`` with the ``--instances`` options the checkpoint
+    records (:attr:`ModelInfo.postprocess`, chosen on its validation
+    slices) where no flag gave them: a flag overrides."""
+    recorded = {k: v for k, v in info.postprocess if getattr(o, k, None) is None}
+    return replace(o, **recorded) if recorded else o
 
 
 def _classes(info: ModelInfo) -> str:
