@@ -91,7 +91,9 @@ def _print_report(a, report) -> None:
     size = "x".join(str(v) for v in reversed(report.shape))
     unit = "voxels" if len(report.shape) == 3 else "px"
     tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
-    print(f"wrote {shown(report.output)}: {size} {unit}, {report.windows} windows of {tile} px "
+    from .tiling import counted
+
+    print(f"wrote {shown(report.output)}: {size} {unit}, {counted(report.windows, 'window')} of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
     if report.backend:
