@@ -7,7 +7,11 @@ threshold, h-depth, join threshold (``--join-below``; ``off``) and minimum area 
 validation slices only (20-24 for pipelines/em-membranes.yaml), never on
 held-out ones:
 
-    python scripts/tune_em_instances.py runs/em/best.pt VAL/image VAL/label
+    python scripts/tune_em_instances.py runs/em/best.pt VAL/image VAL/label --write
+
+``--write`` records the best combination (by Rand error, then pixel error)
+in the checkpoint: ``run --instances`` and ``eval --instances`` with it then
+use these options unless flags say otherwise.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--min-areas", type=int, nargs="+", default=[0, 20, 60])
     ap.add_argument("--joins", nargs="+", default=["off", "0.2", "0.3"], help="--join-below values, or off")
     ap.add_argument("--top", type=int, default=4, help="combinations also scored by warping error")
+    ap.add_argument("--write", action="store_true", help="record the best options in the checkpoint (its defaults)")
     a = ap.parse_args()
     ev, th = evaluate(a.weights, a.images, a.masks, sweep=True, keep=True)
     canvases = [(s.name, s.canvas) for s in ev.images]
@@ -49,6 +54,14 @@ def main() -> None:
         results.append((rand, scores(cm)["pixel_error"], t, m, d, j, area))
         print(f"threshold {t:<5g} markers {m:<5g} depth {d:<4g} join {j or 'off':<4} min_area {area:<4d} Rand {rand:.4f} "
               f"pixel error {results[-1][1]:.4f}", flush=True)
+    if a.write:
+        from tilerseg.models.weights import record_postprocess
+
+        _, _, t, m, d, j, area = min(results, key=lambda r: r[:2])
+        best = {"object_threshold": t, "marker_threshold": m, "split_depth": d, "min_area": area, "join_below": j}
+        record_postprocess(a.weights, best)
+        print(f"recorded in {a.weights}: " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in best.items()
+                                                     if v is not None))
     print("\nbest by Rand error, with the warping error:")
     for rand, pe, t, m, d, j, area in sorted(results, key=lambda r: r[:2])[:a.top]:  # j may be None
         t0 = time.perf_counter()

@@ -171,3 +171,21 @@ def pytest_sessionfinish(session, exitstatus):
     if required and (count["skipped"] or not count["passed"]):
         reporter.write_line("TILERSEG_REQUIRE_SLURM=1: the SLURM tests must run here, not skip", red=True)
         session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line at the end of every session that skipped tests: how many,
+    and why, grouped (the reasons show only with ``-rs`` otherwise, and a
+    fresh clone without the shared data skips many)."""
+    import collections
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    why = collections.Counter()
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        why["shared test data missing (docs/setup.md says where it comes from)"
+            if reason.startswith("shared test data missing") else reason.split(":")[0][:80]] += 1
+    terminalreporter.write_line(f"{len(skipped)} skipped: " + "; ".join(f"{n} {r}" for r, n in why.most_common()))

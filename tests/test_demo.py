@@ -60,3 +60,27 @@ def test_weights_demo_shadowed_by_a_folder_says_so_and_how_to_name_either(tmp_pa
     finally:
         os.chdir(here)
     assert np.array_equal(labels, b)
+
+
+def test_demo_paths_read_as_typed_and_a_rerun_refuses_like_run(tmp_path, monkeypatch):
+    """`demo demo-out/`: no doubled slash, paths relative as run prints
+    them, a hint whose output the README's steps do not take, and a rerun
+    that keeps the earlier outputs unless --overwrite (run's rule)."""
+    monkeypatch.chdir(tmp_path)
+    r = cli("demo", "out/", "--size", "256", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "//" not in r.stdout and "wrote out/mask.tif" in r.stdout and str(tmp_path) not in r.stdout
+    hint = next(ln for ln in r.stdout.splitlines() if ln.startswith("nuclei the generator drew"))
+    target = hint.split(" -o ")[1].strip()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert target == "out/objects.geojson" and "demo-out/objects.geojson" not in readme
+    before = (tmp_path / "out" / "mask.tif").read_bytes()
+    r = cli("demo", "out", "--size", "256", "--seed", "3", "--quiet")
+    assert r.returncode == 1 and "already exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert (tmp_path / "out" / "mask.tif").read_bytes() == before
+    r = cli("demo", "out", "--size", "256", "--seed", "3", "--quiet", "--overwrite")
+    assert r.returncode == 0 and (tmp_path / "out" / "mask.tif").read_bytes() != before
+    # run prints its output the same way
+    r = cli("run", "out/slide.tif", "--weights", "demo", "-o", "out/n.geojson", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "wrote out/n.geojson:" in r.stdout and "touching objects are one polygon; --instances" in r.stdout

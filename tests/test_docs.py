@@ -7,6 +7,7 @@ The site itself is built by ``mkdocs build --strict`` in ``.ci/run``
 (broken anchors, API references); this test needs no MkDocs."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -139,3 +140,16 @@ def test_cheap_commands_run_in_process(argv, capsys):
     assert out.out.strip()
     if argv == ("models",):
         assert "demo" in out.out
+
+
+def test_a_session_that_skips_says_how_many_and_why(tmp_path):
+    """A fresh clone without the shared data: one closing line names the
+    skips and their reason, without -rs."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TILERSEG_TEST_DATA=str(tmp_path / "none"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                        "tests/test_first_hour.py::test_misspelt_names_suggest_the_nearest"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 skipped: 1 shared test data missing (docs/setup.md says where it comes from)" in r.stdout, r.stdout

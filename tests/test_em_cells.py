@@ -190,3 +190,60 @@ def test_join_below_is_refused_in_one_line_where_it_means_nothing(options, messa
 
     with pytest.raises(InputError, match=message):
         RunConfig.from_options(instances=True, **options)
+
+
+CELL_FLAGS = ("--object-threshold", "0.4", "--marker-threshold", "0.7", "--split-depth", "2", "--min-area", "5",
+              "--join-below", "0.3")
+
+
+def test_a_checkpoints_recorded_cell_options_are_the_defaults_and_flags_override(tiny_em, tmp_path):
+    """The post-process options recorded in a checkpoint (as
+    scripts/tune_em_instances.py --write does) are what eval and run
+    --instances use without flags: the same figures and bytes as with the
+    flags typed out; a flag still overrides its own option."""
+    import shutil
+
+    from tilerseg.models import ModelSpec, describe
+    from tilerseg.models.weights import record_postprocess
+
+    root = tiny_em
+    plain = str(root / "run" / "best.pt")
+    ckpt = str(tmp_path / "cells.pt")
+    shutil.copy(plain, ckpt)
+    record_postprocess(ckpt, {"object_threshold": 0.4, "marker_threshold": 0.7, "split_depth": 2, "min_area": 5,
+                              "join_below": 0.3})
+    assert describe(ckpt, ModelSpec()).postprocess_options == {
+        "object_threshold": 0.4, "marker_threshold": 0.7, "split_depth": 2, "min_area": 5, "join_below": 0.3}
+
+    def ev(weights, *flags):
+        r = cli("eval", "--weights", weights, str(root / "image"), str(root / "label"), "--instances", "--json", *flags)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["instances"]["overall"]
+
+    typed, recorded = ev(plain, *CELL_FLAGS), ev(ckpt)
+    assert recorded == typed and recorded != ev(plain, "--marker-threshold", "0.7")
+    assert ev(ckpt, "--min-area", "0") == ev(plain, *CELL_FLAGS[:6], "--min-area", "0", *CELL_FLAGS[8:])
+    src = str(root / "image" / "0.png")
+    for name, weights, flags in (("typed", plain, CELL_FLAGS), ("recorded", ckpt, ())):
+        r = cli("run", src, "--weights", weights, "--instances", *flags, "-o", str(tmp_path / f"{name}.ome.tif"),
+                "--quiet")
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "typed.csv").read_text() == (tmp_path / "recorded.csv").read_text()
+
+
+def test_training_records_the_configs_postprocess_and_refuses_a_bad_one(tiny_em, tmp_path):
+    root = tiny_em
+    cfg = (root / "em.yaml").read_text().replace("train: {epochs: 2,", "train: {epochs: 1,")
+    good = tmp_path / "good.yaml"
+    good.write_text(cfg.replace("infer: {tile: 96, halo: 16}",
+                                "infer: {tile: 96, halo: 16, postprocess: {marker_threshold: 0.8, min_area: 7}}"))
+    r = cli("train", str(good), "-o", str(tmp_path / "run"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    from tilerseg.models import ModelSpec, describe
+
+    assert describe(str(tmp_path / "run" / "best.pt"), ModelSpec()).postprocess_options == \
+        {"marker_threshold": 0.8, "min_area": 7}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.replace("infer: {tile: 96, halo: 16}", "infer: {tile: 96, halo: 16, postprocess: {depth: 3}}"))
+    r = cli("train", str(bad), "-o", str(tmp_path / "run2"), "--quiet")
+    assert r.returncode == 1 and "postprocess depth" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -147,7 +147,9 @@ def test_auto_tile_weighs_the_windows_that_run():
     assert trimmed_work(wmap.runs(tile - 2 * halo, stride), halo) == best
     # the bound auto_tile skips crops by never exceeds a crop's work (else it could skip the best)
     assert all(wmap.covered() * (1 + 2 * halo / c) ** 2 <= trimmed_work(wmap.runs(c, stride), halo) for c in crops)
-    assert "of windows run" in note and f"less work than tile {plain}" in note
+    assert ("every window runs" in note or "run (the others have none)" in note) and \
+        f"less work than {plain}-px windows" in note
+    assert "off nodata and on tissue" in note
     full = math.prod(math.ceil(n / (plain - 2 * halo)) for n in shape)
     assert work(full, plain) / best > 2.0  # what skipping and trimming buy on this slide
     # deterministic: the same map gives the same choice (what --resume checks)
@@ -203,3 +205,18 @@ def test_tissue_auto_on_an_image_all_tissue_equals_the_run_without_it(tmp_path, 
         assert r.returncode == 0, r.stderr
         outs.append(zarr.open_array(str(out / "0"), mode="r")[...])
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_nodata_trim_of_one_window_reads_plainly():
+    """Issue 38: 'skipping: 100% of windows run, trimmed to 90% ...'
+    then '1 windows': one window, cut to its valid pixels, said so."""
+    from tilerseg.tiling import auto_tile
+    from tilerseg.tissue import WindowMap
+
+    valid = np.ones((90, 90), bool)
+    valid[:, :20] = False  # a nodata collar on the left
+    wmap = WindowMap((900, 900), valid=lambda side: valid)
+    _, batch, note = auto_tile(64, 8, (900, 900), 150.0, 4 * 2 ** 30, None, skip=wmap)
+    assert "auto: 1 window of" in note and "in a batch of 1" in note and "1 windows" not in note
+    assert "only the pixels off nodata are computed: every window runs, cut to" in note and "of its pixels" in note
+    assert "tissue" not in note and "100%" not in note

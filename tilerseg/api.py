@@ -280,6 +280,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
         info, note = fix_statistics(info, src)
         notes.append(note)
     check_dtype(info, src.meta, os.fspath(input), cfg.model)
+    post = _instance_pass(o, info, info.binary_threshold(o.threshold)) if o.instances else None  # checked first
     ref, predictor = _predictor(info, src.meta, cfg, cfg.tiling.tta or info.tta)
     wmap = _window_map(i, input, src.meta)
     tiling = choose_tiling(cfg.tiling, info, predictor, src.meta.shape, scheduler=e.scheduler, stacklevel=5,
@@ -309,7 +310,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
     stats: StoreStats = writer.write(plan, lambda p, z, marks: store_plan(
         p, z, workers=workers, scheduler=e.scheduler, marks=marks, progress=progress), oinfo,
         fingerprint(input, info, cfg, tiling, active), render_preview=render,
-        post=_instance_pass(o, info, threshold) if o.instances else None)
+        post=post)
     return RunReport(output=writer.path, shape=src.meta.shape, windows=grid.total_windows,
                      seconds=time.perf_counter() - t0, tile=tiling.tile[0], halo=tiling.halo[0],
                      stride=predictor.stride, note=src.meta.note, windows_run=stats.windows_run, threshold=threshold,
@@ -378,7 +379,9 @@ def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:
     readable["input"] = stat(os.fspath(input)) if isinstance(input, (str, os.PathLike)) else [repr(input)]
     readable["model"] = repr(info.spec)
     readable["weights"] = stat(info.weights) if info.weights else None
-    readable["checkpoint"] = repr(replace(info, weights=None))
+    readable["checkpoint"] = repr(replace(info, weights=None, postprocess=()))  # the objects' options: in post
+    if cfg.output.instances:
+        post["checkpoint"] = repr(info.postprocess)
     readable["tissue"] = hashlib.sha256(np.ascontiguousarray(active).tobytes()).hexdigest() \
         if active is not None else None
     text = json.dumps(readable, sort_keys=True, default=str)
@@ -441,17 +444,36 @@ def instance_options(o, info: ModelInfo, threshold: float):
     model with a class named boundary or contour splits by it."""
     from .instances import InstanceOptions
 
+    o = with_checkpoint_postprocess(o, info)
     boundary = o.boundary_class
     if boundary is None:
         names = [str(n).lower() for n in info.class_names]
         boundary = next((k for k, n in enumerate(names) if k and n in BOUNDARY_NAMES), None)
-    if boundary is not None and not 0 < boundary < max(info.spec.classes, 2):
-        raise InputError(f"--boundary-class {boundary}: the model has classes 0..{info.spec.classes - 1} "
-                         "(0 is background)")
+    if boundary is not None and info.spec.classes < 3:
+        raise InputError(f"--boundary-class {boundary}: {_name(info)} has {_classes(info)}, so no class can mark "
+                         "boundaries; drop --boundary-class (touching objects are split by their shape), or use "
+                         "a model with background, interior and boundary classes")
+    if boundary is not None and not 0 < boundary < info.spec.classes:
+        raise InputError(f"--boundary-class {boundary}: {_name(info)} has classes 1 to {info.spec.classes - 1} "
+                         "besides background (0); give one of them")
     threshold = threshold if o.object_threshold is None else o.object_threshold
-    return InstanceOptions(threshold=threshold, depth=o.split_depth, boundary_class=boundary,
-                           min_area=o.min_area, max_side=o.max_object, markers=o.marker_threshold,
+    return InstanceOptions(threshold=threshold, depth=o.split_depth,  # None: the radius rule
+                           boundary_class=boundary, min_area=o.min_area or 0, max_side=o.max_object,
+                           markers=o.marker_threshold,
                            join=o.join_below)
+
+
+def with_checkpoint_postprocess(o, info: ModelInfo):
+    """Output options ``o`` with the ``--instances`` options the checkpoint
+    records (:attr:`ModelInfo.postprocess`, chosen on its validation
+    slices) where no flag gave them: a flag overrides."""
+    recorded = {k: v for k, v in info.postprocess if getattr(o, k, None) is None}
+    return replace(o, **recorded) if recorded else o
+
+
+def _classes(info: ModelInfo) -> str:
+    """``one output (background and foreground)``, ``2 classes``: what the model gives."""
+    return "one output (background and foreground)" if info.spec.classes == 1 else f"{info.spec.classes} classes"
 
 
 def _window_map(i, input, meta: ImageMeta):

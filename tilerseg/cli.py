@@ -76,11 +76,25 @@ def cmd_run(a) -> int:
     return EXIT_ERROR if failed else 0
 
 
+def shown(path: str) -> str:
+    """A path as the summaries print it, one rule for every command:
+    relative to the current folder when under it, else absolute; never
+    with a doubled slash. URLs as given."""
+    path = os.fspath(path)
+    if "://" in path:
+        return mask_text(path)  # a URL's token or password is never printed
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full)
+    return full if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def _print_report(a, report) -> None:
     size = "x".join(str(v) for v in reversed(report.shape))
     unit = "voxels" if len(report.shape) == 3 else "px"
     tile = "x".join(str(v) for v in report.tile) if isinstance(report.tile, tuple) else report.tile
-    print(f"wrote {mask_text(report.output)}: {size} {unit}, {report.windows} windows of {tile} px "
+    from .tiling import counted
+
+    print(f"wrote {shown(report.output)}: {size} {unit}, {counted(report.windows, 'window')} of {tile} px "
           f"(halo {report.halo}, stride {report.stride}) in {report.seconds:.1f} s, "
           f"{report.megapixels_per_second:.2f} M{'vox' if unit == 'voxels' else 'px'}/s", flush=True)
     if report.bytes_total:
@@ -92,8 +106,11 @@ def _print_report(a, report) -> None:
         per = "; ".join(f"{c['name']} {c['count']:,} (median {c['median_area_px']:g} px)"
                         for c in report.objects["per_class"])
         print(f"objects: {report.objects['count']:,}" + (f": {per}" if per else ""))
+    if report.objects is None and report.output.lower().endswith((".geojson", ".gpkg")):
+        print("polygons: touching objects are one polygon; --instances splits them into objects, one polygon "
+              "and one table row each")
     if report.preview:
-        print(f"wrote {os.path.abspath(report.preview)}")
+        print(f"wrote {shown(report.preview)}")
     if report.windows_resumed:
         print(f"resumed: {report.windows_resumed} of {report.windows} windows were finished by an earlier run; "
               f"computed {report.windows_run}")
@@ -222,16 +239,16 @@ def cmd_demo(a) -> int:
     from .demo import demo
 
     progress, bar = _progress(a.quiet)
-    print(f"writing a {a.size}x{a.size} synthetic slide to {a.outdir}/slide.tif")
+    print(f"writing a {a.size}x{a.size} synthetic slide to {shown(os.path.join(a.outdir, 'slide.tif'))}")
     with bar:
-        res = demo(a.outdir, size=a.size, seed=a.seed, workers=a.workers, progress=progress)
+        res = demo(a.outdir, size=a.size, seed=a.seed, workers=a.workers, progress=progress, overwrite=a.overwrite)
     r = res["report"]
-    print(f"wrote {res['mask']} ({r.windows} windows in {r.seconds:.1f} s, {r.megapixels_per_second:.2f} Mpx/s)")
-    print(f"wrote {res['preview']}")
+    print(f"wrote {shown(res['mask'])} ({r.windows} windows in {r.seconds:.1f} s, {r.megapixels_per_second:.2f} Mpx/s)")
+    print(f"wrote {shown(res['preview'])}")
     print(f"Dice against the generator's truth: {res['dice']:.4f}")
     print(f"nuclei the generator drew: {res['nuclei']:,}; count them with: tilerseg run "
-          f"{os.path.join(a.outdir, 'slide.tif')} --weights demo --instances -o "
-          f"{os.path.join(a.outdir, 'nuclei.geojson')}")
+          f"{shown(res['slide'])} --weights demo --instances -o "
+          f"{shown(os.path.join(a.outdir, 'objects.geojson'))}")
     return 0
 
 

@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo in OUTDIR")
     return p
 
 

@@ -94,7 +94,8 @@ class OutputOptions:
     vector_crs: Literal["wgs84", "native"] = "wgs84"  # GeoJSON: RFC 7946 lon/lat, or the input's CRS
     instances: bool = False          # objects: uint32 labels, one id each (tilerseg.instances)
     split_depth: float | None = None  # h-maxima depth (px) splitting touching objects (None: the radius rule)
-    min_area: int = 0                # objects smaller than this (px) are dropped
+    min_area: int | None = None       # objects smaller than this (px) are dropped
+    # (None for either: the checkpoint's postprocess record, else the radius rule and 0: tilerseg.api.instance_options)
     max_object: int = 4096           # a foreground region wider or taller than this (px) is refused
     boundary_class: int | None = None  # a class that marks boundaries (default: one named boundary/contour)
     marker_threshold: float | None = None  # a membrane map's cells: markers where P >= this, watershed on 1 - P
@@ -144,6 +145,9 @@ CHOICES = {"pad_mode": PAD_MODES, "merge": ("auto", *MERGE_MODES), "tta": TTA_MO
 NOT_IN_FINGERPRINT = {"workers", "scheduler", "device", "compile", "resume", "overwrite", "preview", "backend",
                       "memory_budget", "force_resample", "concurrent",
                       "ignore_pixel_size"}
+# the options a checkpoint records for --instances (ModelInfo.postprocess), as flags name them
+CHECKPOINT_POSTPROCESS = ("object_threshold", "marker_threshold", "split_depth", "min_area", "join_below",
+                          "boundary_class")
 # what turns an --instances run's probabilities into objects: the probabilities do not depend on it, so it is
 # left out of the resume fingerprint of such a run (a resume may change it), and a checkpoint may record it
 POSTPROCESS = ("threshold", "object_threshold", "marker_threshold", "split_depth", "min_area", "join_below",
@@ -250,7 +254,7 @@ class RunConfig:
                              "probability is in its table)")
         if o.instances and o.output_level is not None:
             raise InputError("--instances labels objects on the grid the model ran at; drop --output-level")
-        if (o.split_depth is not None and not 0 < o.split_depth < 1e6) or o.min_area < 0:
+        if (o.split_depth is not None and not 0 < o.split_depth < 1e6) or (o.min_area is not None and o.min_area < 0):
             raise InputError("--split-depth must be above 0 and --min-area 0 or more")
         if o.join_below is not None and o.marker_threshold is None:
             raise InputError("--join-below joins a membrane map's cells: give --marker-threshold too")

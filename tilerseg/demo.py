@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from . import synthetic
 from .api import run
-from .errors import InputError
+from .errors import InputError, OutputError
 from .io import open_reader
 from .models import demo_weights
 
@@ -16,14 +16,22 @@ from .models import demo_weights
 MIN_SIZE, MAX_SIZE = 256, 65536
 
 
-def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=None) -> dict:
-    """Run the demo into ``outdir``; returns paths, Dice and the run report."""
+OUTPUTS = ("slide.tif", "mask.tif", "preview.png")
+
+
+def demo(outdir, *, size: int = 3072, seed: int = 0, workers: int = 2, progress=None,
+         overwrite: bool = False) -> dict:
+    """Run the demo into ``outdir``; returns paths, Dice and the run report.
+    Outputs of an earlier demo there are replaced only with ``overwrite``,
+    as ``tilerseg run`` replaces an output."""
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise InputError(f"--size {size}: the demo slide's side must be {MIN_SIZE} to {MAX_SIZE} px")
+    slide, mask, preview = (os.path.normpath(os.path.join(outdir, name)) for name in OUTPUTS)
+    there = [p for p in (slide, mask, preview) if os.path.exists(p)]
+    if there and not overwrite:
+        raise OutputError(f"{there[0]}: already exists (an earlier demo); pass --overwrite to replace the demo's "
+                          "outputs, or give another folder")
     os.makedirs(outdir, exist_ok=True)
-    slide = os.path.join(outdir, "slide.tif")
-    mask = os.path.join(outdir, "mask.tif")
-    preview = os.path.join(outdir, "preview.png")
     tmp = os.path.join(outdir, ".slide.tif.partial")
     synthetic.write_tiff(tmp, (size, size), seed=seed, levels=3, compression="zlib")
     os.replace(tmp, slide)  # a slide.tif is always complete

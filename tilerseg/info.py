@@ -24,6 +24,19 @@ def _crs_name(wkt: str | None) -> str:
         return wkt[:60] + "..."
 
 
+def _pixel_line(m) -> str:
+    """The pixel size of an image without mpp: in its CRS's units when
+    georeferenced (``30 x 30 m``), else unknown and why."""
+    if m.transform is not None and m.georeferenced:
+        from .io.pyramid import physical_pixel
+
+        a, b, _, d, e, _ = m.transform
+        unit = {"meter": "m", "degree": "°"}.get(physical_pixel(m)[1], physical_pixel(m)[1] or "map units")
+        sx, sy = float(np.hypot(a, d)), float(np.hypot(b, e))
+        return f"pixel:      {sx:.6g} x {sy:.6g} {unit} (in {_crs_name(m.crs)}; no µm/px: a map, not a slide)"
+    return "mpp:        unknown" + (f" ({m.unknown_mpp})" if m.unknown_mpp else "")
+
+
 def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "auto",
                    force_resample: bool = False, missing_chunks: str = "refuse") -> str:
     """Size, levels, mpp, CRS, bands, dtype and nodata of ``path``."""
@@ -35,12 +48,11 @@ def describe_input(path, *, level=None, mpp=None, bands=None, reader: str = "aut
                  f"size:       {W} x {H} px (width x height), level {m.level}",
                  f"bands:      {m.bands}" + (f" ({', '.join(m.band_names)})" if m.band_names else ""),
                  f"dtype:      {m.dtype}",
-                 f"mpp:        {m.mpp:.4g} µm/px" if m.mpp else
-                 "mpp:        unknown" + (f" ({m.unknown_mpp})" if m.unknown_mpp else ""),
+                 f"mpp:        {m.mpp:.4g} µm/px" if m.mpp else _pixel_line(m),
                  f"crs:        {_crs_name(m.crs)}"]
         if m.transform is not None and m.georeferenced:
             a, b, c, d, e, f = m.transform
-            lines.append(f"transform:  pixel {a:g} x {e:g}, origin ({c:g}, {f:g})" + (", rotated" if b or d else ""))
+            lines.append(f"transform:  pixel {a:g} x {e:g}, origin ({full(c)}, {full(f)})" + (", rotated" if b or d else ""))
         lines.append(f"nodata:     {m.nodata if m.nodata is not None else 'none'}")
         if len(m.levels) > 1:
             lines.append(f"levels:     {len(m.levels)}")
@@ -101,12 +113,13 @@ def _object_lines(kind: dict) -> list[str]:
     summary its metadata carries (written with the object table)."""
     summary = kind.get("objects") or {}
     lines = [f"objects:    {summary.get('count', 0):,} (uint32 ids, 0 = none; the table: the .csv beside it)"]
-    for item in summary.get("per_class", []):
-        unit = next((u for u in ("um2", "m2") if f"median_area_{u}" in item), None)
-        area = f", median {readable_area(item[f'median_area_{unit}'], 'µm²' if unit == 'um2' else 'm²')}" \
-            if unit else ""
+    items = summary.get("per_class", [])
+    unit = next((u for u in ("um2", "m2") if items and all(f"median_area_{u}" in i for i in items)), None)
+    areas = area_column([i[f"median_area_{unit}"] for i in items], "µm²" if unit == "um2" else "m²") if unit \
+        else [None] * len(items)
+    for item, area in zip(items, areas):
         lines.append(f"  {item['class']:>3} {item['name']:<14} {item['count']:>10,d} objects, median "
-                     f"{item['median_area_px']:g} px{area}")
+                     f"{item['median_area_px']:g} px" + (f", median {area}" if area else ""))
     return lines
 
 
@@ -133,6 +146,25 @@ def tiff_kind(text: str) -> dict:
 
 _AREA_UNITS = {"µm²": ((1e8, "cm²"), (1e6, "mm²"), (1, "µm²")),
                "m²": ((1e6, "km²"), (1e4, "ha"), (1, "m²"))}
+
+
+def area_column(values, unit: str) -> list[str]:
+    """``values`` (in ``unit``) as one table column: every row in the unit
+    :func:`readable_area` picks for the largest, so a column never mixes
+    ``2.22 mm²`` and ``141,302 µm²``."""
+    values = [float(v) for v in values]
+    top = max(values, default=0.0)
+    factor, name = next(((f, n) for f, n in _AREA_UNITS.get(unit, ((1, unit),)) if top >= f or f == 1),
+                        (1, unit))
+    def text(x: float) -> str:  # three significant figures, never in e-notation
+        return f"{x:,.0f}" if x >= 1000 else np.format_float_positional(x, precision=3, unique=False,
+                                                                         fractional=False, trim="-")
+    return [f"{text(v / factor)} {name}" for v in values]
+
+
+def full(value: float) -> str:
+    """A coordinate in full (``101985``, ``2826915``), never ``2.82692e+06``."""
+    return np.format_float_positional(float(value), trim="-")
 
 
 def readable_area(value: float, unit: str) -> str:
@@ -168,9 +200,10 @@ def _class_area_lines(path) -> list[str]:
         per_px = abs(a * e - b * d)
     valid = counts[:LABEL_NODATA].sum()
     lines = ["classes:"]
-    for k in np.flatnonzero(counts):
+    present = np.flatnonzero(counts)
+    areas = area_column(counts[present] * per_px, unit) if per_px else [""] * len(present)
+    for k, area in zip(present, areas):
         label = "nodata" if k == LABEL_NODATA else (names[k] if k < len(names) else f"class {k}")
         share = f"{counts[k] / valid:7.2%} of valid" if k != LABEL_NODATA and valid else ""
-        area = f"  {readable_area(counts[k] * per_px, unit)}" if per_px else ""
-        lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}{area}")
+        lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}" + (f"  {area}" if area else ""))
     return lines

@@ -260,6 +260,11 @@ def _total_ram() -> int:
     return total
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 window``, ``3 windows``: a count and its noun, singular or plural."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
@@ -360,14 +365,17 @@ def auto_tile(halo: int, stride: int, shape, per_pixel: float, budget: int,
     if batch is None:
         batch = max(1, min(DEFAULT_BATCH, fits, n_run))
     over = "" if fits >= batch else f", over the budget: no smaller window holds the halo {halo}"
-    note = (f"auto: {windows(best)} window(s) of {tile} px in batches of {batch}, about "
-            f"{_gib(batch * tile * tile * per_pixel)} of activations{over}")
+    note = (f"auto: {counted(windows(best), 'window')} of {tile} px in {'a batch' if batch == 1 else 'batches'} "
+            f"of {batch}, about {_gib(batch * tile * tile * per_pixel)} of activations{over}")
     if skip and cost(best) < work(windows(best), tile):
         plain = min(candidates, key=lambda c: (work(windows(c), c + 2 * halo), -c))  # the choice without skipping
         share = (cost(best) - n_run * WINDOW_FIXED_PX) / max(1, n_run * tile * tile)
-        note += (f"; skipping: {n_run / windows(best):.0%} of windows run, trimmed to {share:.0%} of their "
-                 f"pixels, {work(windows(plain), plain + 2 * halo) / max(cost(best), 1):.1f}x less work than "
-                 f"tile {plain + 2 * halo} without skipping")
+        runs = "every window runs" if n_run == windows(best) else \
+            f"{n_run} of the {counted(windows(best), 'window')} run (the others have none)"
+        note += (f"; only the pixels off nodata{' and on tissue' if skip.tissue else ''} are computed: {runs}, "
+                 f"cut to {share:.0%} of {'its' if windows(best) == 1 else 'their'} pixels on average, "
+                 f"{work(windows(plain), plain + 2 * halo) / max(cost(best), 1):.1f}x less work than "
+                 f"{plain + 2 * halo}-px windows computing every pixel")
     return (tile, tile), batch, note
 
 

@@ -205,6 +205,11 @@ class WindowMap:
         self._runs: dict = {}
 
     @property
+    def tissue(self) -> bool:
+        """Whether a tissue mask (``--tissue``) decides windows, not only nodata."""
+        return self._tissue is not None
+
+    @property
     def may_skip(self) -> bool:
         """Whether any window may be skipped (a tissue mask, or nodata)."""
         return self._tissue is not None or self._valid is not None

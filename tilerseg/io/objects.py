@@ -44,22 +44,34 @@ def class_name(k: int, class_names) -> str:
     return str(class_names[k]) if k < len(class_names) else f"class {k}"
 
 
+def decimals(size: float | None) -> int:
+    """Decimals that keep a tenth of ``size`` (a pixel's side or area in
+    its unit): what a pixel means, not float noise (0.5 µm/px: 0.01 µm)."""
+    import math
+
+    if not size or not math.isfinite(size):
+        return 6
+    return max(0, math.ceil(-math.log10(abs(size) / 10)))
+
+
 def rows(table: dict, class_names, meta: ImageMeta):
     """One dict per object, in id order: id, class, name, area (px and the
     physical unit), centroid (px and physical), mean probability."""
     unit, per_px = area_unit(meta)
     phys = centres(meta, table["row"], table["col"])
+    side = meta.mpp or (abs(float(meta.transform[0])) if meta.transform is not None else None)
+    at, aa = decimals(side), decimals(per_px)
     for i in range(len(table["id"])):
         k = int(table["class"][i])
         row = {"id": int(table["id"][i]), "class": k, "name": class_name(k, class_names),
                "area_px": int(table["area"][i])}
         if unit:
-            row[f"area_{unit}"] = float(table["area"][i] * per_px)
+            row[f"area_{unit}"] = round(float(table["area"][i] * per_px), aa)
         row["centroid_x_px"] = round(float(table["col"][i]) + 0.5, 3)  # pixel-corner coordinates, as polygons
         row["centroid_y_px"] = round(float(table["row"][i]) + 0.5, 3)
         if phys is not None:
-            row[f"centroid_x_{phys[2]}"] = float(phys[0][i])
-            row[f"centroid_y_{phys[2]}"] = float(phys[1][i])
+            row[f"centroid_x_{phys[2]}"] = round(float(phys[0][i]), at)
+            row[f"centroid_y_{phys[2]}"] = round(float(phys[1][i]), at)
         row["mean_probability"] = round(float(table["probability"][i]), 6)
         yield row
 

@@ -90,6 +90,13 @@ class ModelInfo:
     ignore_value: int | None = None             # and the value of unannotated pixels
     input_dtype: str | None = None              # the dtype of the images it was trained on (numpy name)
     input_range: tuple[float, float] | None = None  # and the value range its normalisation maps to 0..1
+    # --instances options chosen on validation ((name, value) pairs, flag names): a run's defaults, flags override
+    postprocess: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def postprocess_options(self) -> dict[str, Any]:
+        """The recorded ``--instances`` options by flag name (``split_depth``...)."""
+        return dict(self.postprocess)
 
     @property
     def trained(self) -> bool:
@@ -215,7 +222,8 @@ def _describe(weights: str | None, spec: ModelSpec) -> ModelInfo:
                          tile=state.get("tile"), halo=state.get("halo"), threshold=state.get("threshold"),
                          tta=state.get("tta") or "none", mask_values=_ints(labels.get("values")),
                          ignore_value=labels.get("ignore"), input_dtype=(state.get("input") or {}).get("dtype"),
-                         input_range=_tuple((state.get("input") or {}).get("range")))
+                         input_range=_tuple((state.get("input") or {}).get("range")),
+                         postprocess=postprocess_record(state.get("postprocess"), weights))
     io = _io_channels(_state_dict(state, weights), spec)
     if io is not None:
         spec = replace(spec, in_channels=io[0], classes=io[1])
@@ -282,8 +290,46 @@ def save_checkpoint(path: str, model, info: ModelInfo, **extra: Any) -> None:
         "labels": {"values": list(info.mask_values) if info.mask_values is not None else None,
                    "ignore": info.ignore_value},
         "input": {"dtype": info.input_dtype, "range": list(info.input_range) if info.input_range else None},
+        "postprocess": dict(info.postprocess) or None,
         "state_dict": model.state_dict(), **extra,
     }, tmp := f"{path}.tmp")
+    os.replace(tmp, path)
+
+
+def postprocess_record(raw, where: str = "") -> tuple[tuple[str, Any], ...]:
+    """The checked ``(name, value)`` pairs of a checkpoint's (or a training
+    config's) ``postprocess`` record: the ``--instances`` options of
+    :data:`tilerseg.config.CHECKPOINT_POSTPROCESS`, valid as flags are."""
+    from ..config import CHECKPOINT_POSTPROCESS, RunConfig
+    from ..errors import InputError
+
+    if not raw:
+        return ()
+    if not isinstance(raw, dict):
+        raise ModelError(f"{where}: postprocess must be a mapping of --instances options, got {raw!r}")
+    out = {str(k).replace("-", "_"): v for k, v in raw.items() if v is not None}
+    unknown = sorted(set(out) - set(CHECKPOINT_POSTPROCESS))
+    if unknown:
+        raise ModelError(f"{where}: postprocess {', '.join(unknown)}: not an option a checkpoint records; use "
+                         f"{', '.join(CHECKPOINT_POSTPROCESS)}")
+    try:
+        RunConfig.from_options(instances=True, **out)
+    except InputError as err:
+        raise ModelError(f"{where}: postprocess: {err}") from None
+    return tuple(sorted(out.items()))
+
+
+def record_postprocess(path: str, options: dict) -> None:
+    """Write ``options`` (flag names) as the ``--instances`` defaults of
+    the checkpoint at ``path`` (``scripts/tune_em_instances.py --write``),
+    under a temporary name and renamed, as :func:`save_checkpoint` does."""
+    import torch
+
+    state = _load_file(path)
+    if not (isinstance(state, dict) and CHECKPOINT_KEY in state):
+        raise ModelError(f"{path}: not a tilerseg checkpoint; only those record --instances options")
+    state["postprocess"] = dict(postprocess_record(options, path)) or None
+    torch.save(state, tmp := f"{path}.tmp")
     os.replace(tmp, path)
 
 

@@ -90,6 +90,8 @@ class TrainConfig:
     threshold: float = 0.5
     sweep_threshold: bool = False      # at the end, pick the binary threshold on validation (by monitor)
     tta: str = "none"                  # recorded in the checkpoint as the recommended --tta, used in validation
+    postprocess: dict | None = None    # --instances options (object_threshold, marker_threshold, split_depth,
+                                       # min_area, join_below, boundary_class) recorded as the checkpoint's defaults
 
     @property
     def classes(self) -> int:
@@ -199,6 +201,14 @@ def _validate(c: TrainConfig) -> None:
         raise InputError(f"ema is a decay in [0, 1), got {c.ema}")
     if c.tta not in ("none", "flips", "d4"):
         raise InputError(f"tta {c.tta!r}: use none, flips or d4")
+    if c.postprocess is not None:
+        from ..errors import ModelError
+        from ..models.weights import postprocess_record
+
+        try:
+            postprocess_record(c.postprocess, "the training config")
+        except ModelError as err:
+            raise InputError(str(err)) from None
     if c.normalization not in ("auto", "imagenet", "given"):
         raise InputError(f"normalization {c.normalization!r}: use auto, imagenet, or given (with mean and std)")
     if c.normalization == "given" and (c.mean is None or c.std is None):

@@ -53,7 +53,7 @@ def _natural(name: str):
 def _listing(path: str, what: str) -> list[str]:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such {what} file or folder; check the path")
+        raise InputError(f"{path}: no such {what} file or folder; {_made_by(path) or 'check the path'}")
     if os.path.isdir(path) and not path.rstrip("/").endswith(".zarr"):
         files = [os.path.join(path, f) for f in os.listdir(path)
                  if not f.startswith(".") and (os.path.isfile(os.path.join(path, f)) or f.endswith(".zarr"))]
@@ -63,6 +63,18 @@ def _listing(path: str, what: str) -> list[str]:
             raise InputError(f"{path}: no image files in this {what} folder")
         return sorted(files, key=lambda f: _natural(_stem(f)))
     return [path]
+
+
+# data sets the repository's scripts fetch, by a folder name in their path: the command that makes them
+FETCHED = {"isbi2012": "python scripts/fetch_isbi2012.py data/isbi2012 (the ISBI 2012 slices; held-out/ is "
+                       "made by it too)"}
+
+
+def _made_by(path: str) -> str:
+    """``create it with ...`` for a path of a data set a script fetches, else ''."""
+    parts = os.path.normpath(path).split(os.sep)
+    name = next((p for p in parts if p in FETCHED), None)
+    return f"create it with {FETCHED[name]}" if name else ""
 
 
 def find_pairs(images, masks, *, mask_suffix: str = "") -> list[Pair]:

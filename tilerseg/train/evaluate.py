@@ -283,7 +283,9 @@ def evaluate(weights, images, masks, *, tile: int | None = None, halo=None, batc
         merge = tiling.merge
         tiles = tiling.tilespec()
         th = info.binary_threshold(threshold)
-        own = instances is not None and instances.object_threshold is not None
+        from ..api import with_checkpoint_postprocess
+
+        own = instances is not None and with_checkpoint_postprocess(instances, info).object_threshold is not None
         if instances is not None:
             instances = instance_options(instances, info, th)
         ev = evaluate_sources(sources, predictor, tiles, merge, names, info.spec.classes, sweep=sweep,

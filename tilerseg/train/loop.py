@@ -24,6 +24,7 @@ from ..engine import TileSpec
 from ..errors import InputError, ModelError
 from ..infer import IMAGENET_MEAN, IMAGENET_STD, Predictor, output_stride, pick_device
 from ..losses import instance_weights, make_loss
+from ..models.weights import postprocess_record
 from ..models import ModelInfo, arch, dtype_scale, is_volumetric, ModelSpec, Normalization, build, global_context, save_checkpoint
 from .augment import build_augment
 from .config import TrainConfig
@@ -329,7 +330,8 @@ def _train(cfg: TrainConfig, run_dir: str, *, resume: bool, progress, workers) -
         info = ModelInfo(spec=spec, normalization=norm, class_names=tuple(cfg.class_names), mpp=mpp,
                          tile=tiles.tile, halo=tiles.halo, threshold=cfg.threshold if cfg.binary else None,
                          mask_values=labels.values, ignore_value=labels.ignore, tta=cfg.tta,
-                         input_dtype=np.dtype(train_src[0].image.meta.dtype).name, input_range=(0.0, float(norm.scale)))
+                         input_dtype=np.dtype(train_src[0].image.meta.dtype).name, input_range=(0.0, float(norm.scale)),
+                         postprocess=postprocess_record(cfg.postprocess, "the training config"))
         steps = max(1, cfg.samples_per_epoch // cfg.batch_size // cfg.accumulate)
         opt = _optimizer(cfg, model)
         sched = _scheduler(cfg, opt, steps)
