@@ -325,7 +325,7 @@ def record_postprocess(path: str, options: dict) -> None:
     under a temporary name and renamed, as :func:`save_checkpoint` does."""
     import torch
 
-    state = _load_file(path)
+    state = load_file(path)
     if not (isinstance(state, dict) and CHECKPOINT_KEY in state):
         raise ModelError(f"{path}: not a tilerseg checkpoint; only those record --instances options")
     state["postprocess"] = dict(postprocess_record(options, path)) or None
