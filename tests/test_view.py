@@ -330,3 +330,26 @@ def viewdata_record(path):
     from tilerseg.view.layers import output_kind
 
     return output_kind(path)
+
+
+def test_a_mask_of_another_slide_is_refused_even_at_one_of_its_level_sizes(tmp_path, tiny_model_dir):
+    """Issue 38 item 20: a 512² mask made from slide B matches level 1 of the
+    1024² slide A, so the grid alone accepted it over A; the record's input
+    identity (level-0 size and bytes) refuses it, and B still opens."""
+    from tilerseg import synthetic
+    from tilerseg.view import open_view
+
+    a, b = str(tmp_path / "a.tif"), str(tmp_path / "b.tif")
+    synthetic.write_tiff(a, (1024, 1024), seed=1, levels=2, compression="zlib")
+    synthetic.write_tiff(b, (512, 512), seed=2, levels=1, compression="zlib")
+    mask = str(tmp_path / "b-mask.ome.tif")
+    r = cli("run", b, "--weights", tiny_model_dir, "--tile", "256", "--halo", "72", "-o", mask)
+    assert r.returncode == 0, r.stderr
+    from tilerseg.errors import InputError
+
+    with pytest.raises(InputError, match=r"made from another image \(512x512 px"):  # open_view: not a server
+        open_view([a, mask])
+    view = open_view([b, mask])
+    assert [layer.path for layer in view.layers] == [mask]
+    for layer in [view.image, *view.layers]:
+        layer.close()

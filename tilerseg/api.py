@@ -297,7 +297,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
                        class_names=info.class_names, source=display(os.fspath(input)),
                        model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
                        probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances,
-                       pixel_size=pixels.record)
+                       pixel_size=pixels.record, source_id=source_id(input, src.meta))
     render = None
     if o.preview:
         from .preview import render as draw
@@ -351,6 +351,22 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
                          windows_resumed=stats.windows_resumed, tiling=tiling.summary(), backend=backend)
     finally:
         src.close()
+
+
+def source_id(input, meta: ImageMeta) -> dict | None:
+    """Which image an output was made from, as its record keeps it: the
+    input's level-0 size and its bytes (the server's size for a URL). A
+    viewer refuses to lay the output on another image, even one a level of
+    which has the output's size; a path alone would not tell (files move)."""
+    if not isinstance(input, (str, os.PathLike)):
+        return None
+    path = os.fspath(input)
+    size = None
+    if is_url(path):
+        size = url_fingerprint(path)[1]
+    elif os.path.isfile(path):
+        size = os.path.getsize(path)
+    return {"shape": [int(v) for v in (meta.levels[0] if meta.levels else meta.shape[:2])], "bytes": size}
 
 
 def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:

@@ -75,6 +75,7 @@ class OutputInfo:
     instances: bool = False             # uint32 object ids (0 = none) from the probabilities, by ``post``
     objects: dict | None = None         # an instance output's summary (objects per class, median area)
     pixel_size: dict | None = None      # the model's pixel size against the image's, where they differ
+    source_id: dict | None = None       # the input's level-0 size and bytes: which image a viewer may lay it on
 
     @property
     def out_meta(self) -> ImageMeta:
@@ -97,6 +98,8 @@ class OutputInfo:
         out = self._kind()
         if self.pixel_size:
             out["pixel_size"] = self.pixel_size
+        if self.source_id:
+            out["source_id"] = self.source_id
         return out
 
     def _kind(self) -> dict:

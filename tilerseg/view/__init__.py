@@ -134,6 +134,7 @@ def open_view(paths: list[str]) -> View:
                                  "image first and its outputs after it: tilerseg view IMAGE OUTPUT ...")
             layer = RasterLayer(p, rec["kind"], rec)
             layers.append(layer)
+            _check_source(image, p, rec)
             _check_grid(image, layer)
     except Exception:
         for layer in [image, *layers]:
@@ -157,6 +158,21 @@ def _recorded_input(path: str, record: dict | None) -> str:
         if os.path.exists(cand):
             return cand
     raise InputError(f"{path}: its input {src} is not there any more; give it first: tilerseg view IMAGE {path}")
+
+
+def _check_source(image: RasterLayer, path: str, record: dict) -> None:
+    """Refuse an output whose record names another input than ``image``:
+    another level-0 size, or another file size (outputs written before
+    records kept ``source_id`` are checked by their grid alone)."""
+    sid = record.get("source_id") or {}
+    shape = tuple(image.levels[0]) if image.levels else tuple(image.shape)
+    want = tuple(sid.get("shape") or ()) or shape
+    size = os.path.getsize(image.path) if os.path.isfile(image.path) else None
+    if want != shape or (sid.get("bytes") is not None and size is not None and sid["bytes"] != size):
+        made = f"{want[1]}x{want[0]} px" + (f", {sid['bytes']:,} bytes" if sid.get("bytes") is not None else "")
+        here = f"{shape[1]}x{shape[0]} px" + (f", {size:,} bytes" if size is not None else "")
+        raise InputError(f"{path}: made from another image ({made}; {image.path} is {here}): give the image it "
+                         f"was made from, or rerun: tilerseg run {image.path} ... -o {path}")
 
 
 def _check_grid(image: RasterLayer, layer: RasterLayer) -> None:
