@@ -174,6 +174,9 @@ BAD = {
         {"type": "Polygon", "coordinates": _square(0, 0, 5, 5)}, {"type": "Point", "coordinates": [3, 3]}]},
         "feature 0 .*GeometryCollection holding Point.*must be polygons"),
     "line": ({"type": "LineString", "coordinates": [[0, 0], [9, 9]]}, "feature 0 .*LineString.*must be polygons"),
+    # issue 38 item 20: GEOS failed on these deep inside (an internal error)
+    "nan vertex": ([[[10, 10], [float("nan"), 10], [30, 30], [10, 10]]], "feature 0 .*vertex that is no coordinate"),
+    "huge vertex": ([[[10, 10], [1e308, 10], [30, 30], [10, 10]]], "feature 0 .*vertex that is no coordinate"),
 }
 
 

@@ -346,6 +346,10 @@ def _polygonal(g, path: str, i: int, fid, repaired: list):
         raise InputError(f"{path}: feature {i}{_fid(fid)} is a {g.geom_type}"
                          f"{' holding ' + ', '.join(odd) if g.geom_type != odd[0] else ''}: classes are areas, "
                          "so labels must be polygons; buffer points and lines into polygons, or remove them")
+    xy = shapely.get_coordinates(g)
+    if len(xy) and not (np.isfinite(xy).all() and np.abs(xy).max() <= 1e15):  # GEOS fails on them, deep inside
+        raise InputError(f"{path}: feature {i}{_fid(fid)} has a vertex that is no coordinate (NaN, infinity or "
+                         "beyond 1e15): fix or remove that feature")
     if g.is_valid:
         return g
     fixed = shapely.make_valid(g)
