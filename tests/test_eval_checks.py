@@ -89,3 +89,23 @@ def test_eval_instances_json_holds_the_figures_the_table_prints(em, grey_model):
         (pixel, rand, warping)
     assert (o["splits"], o["mergers"], o["objects"]) == (int(splits), int(mergers), int(objects))
     assert {d["image"] for d in rep["instances"]["images"]} == {"a"}
+
+
+def test_a_tilerseg_mask_of_another_image_is_refused(em, grey_model, tmp_path):
+    """Issue 38 item 20: a mask that `tilerseg run` wrote records its input
+    (size and bytes); over another image of a size it fits, it is refused,
+    and over its own image it is scored."""
+    other = tmp_path / "other.png"
+    rng = np.random.default_rng(9)
+    Image.fromarray(rng.integers(0, 255, (128, 128), np.uint8)).save(other)
+    for src, ok in ((other, False), (em / "image" / "a.png", True)):
+        masks = tmp_path / f"masks-{ok}"
+        masks.mkdir()
+        r = cli("run", str(src), "--weights", grey_model, "--tile", "128", "--halo", "16", "-o", str(masks / "a.tif"))
+        assert r.returncode == 0, r.stderr
+        r = cli("eval", "--weights", grey_model, str(em / "image"), str(masks), "--tile", "128", "--halo", "16")
+        if ok:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode == 1 and "a mask tilerseg wrote for another image" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -26,6 +26,7 @@ from .io import open_reader
 from .io.arrays import ArrayReader
 from .io.base import ImageMeta, Reader, scale_transform
 from .io.remote import display, fingerprint as url_fingerprint, is_url
+from .info import input_identity
 from .io.writers import OutputInfo, Writer
 from .models import (FILE_ARCHS, SHIPPED_DEMO, ModelInfo, ModelSpec, Normalization, arch, describe, dtype_scale,
                      is_volumetric, resolve_weights)
@@ -297,7 +298,7 @@ def _run_image(src: Reader, input, writer: Writer, info: ModelInfo, cfg: RunConf
                        class_names=info.class_names, source=display(os.fspath(input)),
                        model=f"{info.spec.arch}/{info.spec.encoder}", target=output_grid(src.meta, o.output_level),
                        probability_dtype=o.probability_dtype, vector_crs=o.vector_crs, instances=o.instances,
-                       pixel_size=pixels.record, source_id=source_id(input, src.meta))
+                       pixel_size=pixels.record, source_id=input_identity(input, src.meta))
     render = None
     if o.preview:
         from .preview import render as draw
@@ -351,22 +352,6 @@ def _run_volume(input, writer: Writer, info: ModelInfo, cfg: RunConfig, progress
                          windows_resumed=stats.windows_resumed, tiling=tiling.summary(), backend=backend)
     finally:
         src.close()
-
-
-def source_id(input, meta: ImageMeta) -> dict | None:
-    """Which image an output was made from, as its record keeps it: the
-    input's level-0 size and its bytes (the server's size for a URL). A
-    viewer refuses to lay the output on another image, even one a level of
-    which has the output's size; a path alone would not tell (files move)."""
-    if not isinstance(input, (str, os.PathLike)):
-        return None
-    path = os.fspath(input)
-    size = None
-    if is_url(path):
-        size = url_fingerprint(path)[1]
-    elif os.path.isfile(path):
-        size = os.path.getsize(path)
-    return {"shape": [int(v) for v in (meta.levels[0] if meta.levels else meta.shape[:2])], "bytes": size}
 
 
 def fingerprint(input, info: ModelInfo, cfg: RunConfig, tiling, active) -> dict:

@@ -207,3 +207,74 @@ def _class_area_lines(path) -> list[str]:
         share = f"{counts[k] / valid:7.2%} of valid" if k != LABEL_NODATA and valid else ""
         lines.append(f"  {k:>3} {label:<14} {counts[k]:>12d} px  {share}" + (f"  {area}" if area else ""))
     return lines
+
+
+def output_kind(path: str) -> dict:
+    """tilerseg's record of what an output holds (``kind``, classes, names,
+    source...), or ``{}`` when ``path`` is not one."""
+    from .io.arrays import is_zarr
+
+    if is_zarr(path):
+        import zarr
+
+        try:
+            return dict(zarr.open(path, mode="r").attrs.get("tilerseg", {}))
+        except Exception:
+            return {}
+    if os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
+        return {}
+    import rasterio
+
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as ds:
+                tags = ds.tags()
+    except Exception:
+        return {}
+    kind = tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
+    return kind if kind.get("kind") in ("labels", "probabilities", "instances") else {}
+
+
+def input_identity(path, meta) -> dict | None:
+    """Which image an output is made from, as its record keeps it
+    (``source_id``): the input's level-0 rows and columns, its bytes and a
+    hash of its first 64 KiB (a URL: the server's size and ETag). A viewer
+    or a training refuses to lay the output on another image, even one a
+    level of which has the output's size; a path alone would not tell
+    (files move). The key is not ``shape``: tifffile takes an image
+    description holding ``"shape":`` for its own shaped-series JSON."""
+    import hashlib
+
+    from .io.remote import fingerprint, is_url
+
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    path = os.fspath(path)
+    out = {"rows_cols": [int(v) for v in (meta.levels[0] if meta.levels else meta.shape[:2])]}
+    if is_url(path):
+        _, out["bytes"], out["etag"] = fingerprint(path)
+    elif os.path.isfile(path):
+        with open(path, "rb") as f:
+            out["head"] = hashlib.sha256(f.read(1 << 16)).hexdigest()[:16]
+        out["bytes"] = os.path.getsize(path)
+    return out
+
+
+def other_source(recorded: dict | None, path, meta) -> str | None:
+    """How the image at ``path`` differs from the input an output records
+    (``"1024x1024 px, 5,012 bytes; this image is 2048x2048 px, ..."``), or
+    None when it is that input (or the record keeps no identity)."""
+    if not recorded:
+        return None
+    here = input_identity(path, meta) or {}
+    keys = [k for k in ("rows_cols", "bytes", "head", "etag") if recorded.get(k) is not None
+            and here.get(k) is not None]
+    if all(recorded[k] == here[k] for k in keys):
+        return None
+
+    def said(d):
+        h, w = d["rows_cols"]
+        return f"{w}x{h} px" + (f", {d['bytes']:,} bytes" if d.get("bytes") is not None else "")
+    return f"made from a {said(recorded)} image; {display(os.fspath(path))} is {said(here)}"

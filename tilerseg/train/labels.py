@@ -53,6 +53,18 @@ def fits(mask: tuple[int, int], image: tuple[int, int]) -> bool:
     return all(s in (b // k, -(-b // k)) for b, s in zip(big, small))
 
 
+def _same_source(path: str, meta, image_path: str) -> None:
+    """A mask that tilerseg wrote (``run``, then corrected) records the
+    input it was made from: refuse it over another image, even one a level
+    of which has the mask's size (:func:`tilerseg.info.other_source`)."""
+    from ..info import other_source, output_kind
+
+    why = other_source(output_kind(path).get("source_id"), image_path, meta) if image_path else None
+    if why:
+        raise InputError(f"{path}: {why} (a mask tilerseg wrote for another image): give the mask made for "
+                         "this image")
+
+
 class RasterLabels:
     """A raster mask through a :class:`~tilerseg.train.data.LabelMap`."""
 
@@ -67,6 +79,7 @@ class RasterLabels:
             if abs(self.fy / self.fx - 1) > 0.02:
                 raise InputError(f"{path}: mask is {w}x{h} px, image {image_path} is {W}x{H}: their aspect "
                                  "ratios differ, so the mask does not belong to this image (or to this level)")
+            _same_source(path, meta, image_path)
             shapes = [(H, W), *(tuple(s) for s in (meta.levels or ()))]
             if not any(fits((h, w), s) for s in shapes):
                 raise InputError(f"{path}: mask is {w}x{h} px, image {image_path} is {W}x{H}: a mask is the "

@@ -161,18 +161,15 @@ def _recorded_input(path: str, record: dict | None) -> str:
 
 
 def _check_source(image: RasterLayer, path: str, record: dict) -> None:
-    """Refuse an output whose record names another input than ``image``:
-    another level-0 size, or another file size (outputs written before
-    records kept ``source_id`` are checked by their grid alone)."""
-    sid = record.get("source_id") or {}
-    shape = tuple(image.levels[0]) if image.levels else tuple(image.shape)
-    want = tuple(sid.get("shape") or ()) or shape
-    size = os.path.getsize(image.path) if os.path.isfile(image.path) else None
-    if want != shape or (sid.get("bytes") is not None and size is not None and sid["bytes"] != size):
-        made = f"{want[1]}x{want[0]} px" + (f", {sid['bytes']:,} bytes" if sid.get("bytes") is not None else "")
-        here = f"{shape[1]}x{shape[0]} px" + (f", {size:,} bytes" if size is not None else "")
-        raise InputError(f"{path}: made from another image ({made}; {image.path} is {here}): give the image it "
-                         f"was made from, or rerun: tilerseg run {image.path} ... -o {path}")
+    """Refuse an output whose record names another input than ``image``
+    (:func:`tilerseg.info.other_source`); outputs written before records
+    kept ``source_id`` are checked by their grid alone."""
+    from ..info import other_source
+
+    why = other_source(record.get("source_id"), image.path, image.meta)
+    if why:
+        raise InputError(f"{path}: {why}: give the image it was made from, or rerun: tilerseg run "
+                         f"{image.path} ... -o {path}")
 
 
 def _check_grid(image: RasterLayer, layer: RasterLayer) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..io import open_reader
 from ..io.base import LABEL_NODATA, PROBABILITY_SCALE, probability_bytes
+from ..info import output_kind  # noqa: F401 (the view reads records as info does)
 from ..io.pyramid import palette, reduce2
 
 TILE = 256
@@ -43,35 +44,6 @@ def ramp() -> np.ndarray:
     from matplotlib import colormaps
 
     return (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
-
-
-def output_kind(path: str) -> dict:
-    """tilerseg's record of what an output holds (``kind``, classes, names,
-    source...), or ``{}`` when ``path`` is not one."""
-    from ..io.arrays import is_zarr
-
-    if is_zarr(path):
-        import zarr
-
-        try:
-            return dict(zarr.open(path, mode="r").attrs.get("tilerseg", {}))
-        except Exception:
-            return {}
-    if os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
-        return {}
-    import rasterio
-
-    from ..info import tiff_kind
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(path) as ds:
-                tags = ds.tags()
-    except Exception:
-        return {}
-    kind = tiff_kind(tags.get("TILERSEG") or tags.get("TIFFTAG_IMAGEDESCRIPTION", ""))
-    return kind if kind.get("kind") in ("labels", "probabilities", "instances") else {}
 
 
 class RasterLayer:
