@@ -214,6 +214,9 @@ def test_a_checkpoints_recorded_cell_options_are_the_defaults_and_flags_override
                               "join_below": 0.3})
     assert describe(ckpt, ModelSpec()).postprocess_options == {
         "object_threshold": 0.4, "marker_threshold": 0.7, "split_depth": 2, "min_area": 5, "join_below": 0.3}
+    card = cli("models", "--describe", ckpt)  # issue 38 item 22: `models --describe` shows them
+    assert card.returncode == 0, card.stderr
+    assert "postprocess" in card.stdout and "marker_threshold=0.7" in card.stdout and "join_below=0.3" in card.stdout
 
     def ev(weights, *flags):
         r = cli("eval", "--weights", weights, str(root / "image"), str(root / "label"), "--instances", "--json", *flags)
