@@ -36,9 +36,7 @@ def _imports(name: str, f: Path, mods) -> list[tuple[str, list[str]]]:
                 continue
             names = [a.name for a in n.names]
             subs = [f"{m}.{a}" for a in names if f"{m}.{a}" in mods]
-            rest = [a for a in names if f"{m}.{a}" not in mods]
-            # `from . import remote` names a submodule only: an edge to it, not to the package's own names
-            out += [(s, []) for s in subs] + ([(m, rest)] if m in mods and (rest or not subs) else [])
+            out += [(s, []) for s in subs] + ([(m, [a for a in names if f"{m}.{a}" not in mods])] if m in mods else [])
         elif isinstance(n, ast.Import):
             out += [(a.name, []) for a in n.names if a.name in mods]
     return [(m, ns) for m, ns in out if m != name]

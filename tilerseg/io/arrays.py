@@ -43,14 +43,14 @@ class ZarrReader(ArrayReader):
     def __init__(self, path: str, level: int = 0, missing: str = "refuse"):
         import zarr
 
-        from . import remote
+        from .remote import display, fail, is_url
 
         self._path, self.level, self._missing_mode = str(path), int(level), missing
         try:
             node = zarr.open(self._path, mode="r")
         except Exception as err:
-            if remote.is_url(self._path):
-                raise remote.fail(self._path, err, "not a readable zarr store") from None
+            if is_url(self._path):
+                raise fail(self._path, err, "not a readable zarr store") from None
             raise FormatError(f"{self._path}: not a readable zarr store ({err})") from err
         valid, attrs, levels = None, dict(node.attrs.get("tilerseg", {})), None
         found = multiscale(node) if isinstance(node, zarr.Group) else None
@@ -82,7 +82,7 @@ class ZarrReader(ArrayReader):
                          levels=tuple(tuple(z.shape[-2:]) for z in levels) if levels else (),
                          level_mpp=tuple(attrs["mpp"] * 2 ** k for k in range(len(levels)))
                          if levels and attrs.get("mpp") else ())
-        super().__init__(node, valid=valid, meta=meta, path=remote.display(self._path))
+        super().__init__(node, valid=valid, meta=meta, path=display(self._path))
 
     def _read(self, rows, cols):
         data, valid = super()._read(rows, cols)

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 
 from ..errors import FormatError, InputError
-from . import remote
+from .remote import apply_gdal_options, display, fail, gdal_path, is_url
 from .base import ImageMeta, Reader, reopen
 
 
@@ -23,17 +23,17 @@ class GeoReader(Reader):
         from rasterio.enums import ColorInterp, MaskFlags
 
         self._src, self.level = str(path), int(level)
-        self.path = remote.display(self._src)
-        url = remote.is_url(self._src)
-        where = remote.gdal_path(self._src) if url else self._src
+        self.path = display(self._src)
+        url = is_url(self._src)
+        where = gdal_path(self._src) if url else self._src
         if url:
-            remote.apply_gdal_options()
+            apply_gdal_options()
         try:
             kwargs = {"overview_level": self.level - 1} if self.level else {}
             self._ds = rasterio.open(where, **kwargs)
         except Exception as err:
             if url:
-                raise remote.fail(self._src, err, "GDAL cannot open it") from None
+                raise fail(self._src, err, "GDAL cannot open it") from None
             raise FormatError(f"{self.path}: GDAL cannot open it ({err}); it is corrupt or not a raster "
                               "(or --level is beyond its overviews)") from err
         ds = self._ds

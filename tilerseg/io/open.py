@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..config import READERS
 from ..errors import FormatError, InputError
-from . import remote
+from .remote import RemoteFile, display, is_url, mask_text, stat, strip_query
 from .base import Reader, ResampledReader, pick_level
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def open_reader(path, *, level: int | None = None, mpp: float | None = None,
     ``force_resample`` (it is far more often a wrong scale than a wish).
     The choice is logged and kept in ``reader.meta.note``."""
     path = os.fspath(path)
-    if remote.is_url(path):
+    if is_url(path):
         name = _detect_url(path, reader)
     elif not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory; check the path")
@@ -107,19 +107,19 @@ TIFF_SLIDE_EXT = {".svs", ".scn", ".bif"}  # slides that are TIFFs tifffile read
 def _detect_url(url: str, reader: str) -> str:
     """The backend for a URL: openslide reads only local files, so
     TIFF-based slides go to tifffile and the others are refused."""
-    info = remote.stat(url)
-    low = remote.strip_query(url).lower().rstrip("/")
+    info = stat(url)
+    low = strip_query(url).lower().rstrip("/")
     ext = os.path.splitext(low)[1]
     if reader not in ("auto", "openslide"):
         return reader
     if reader == "openslide" or (ext in SLIDE_EXT and ext not in TIFF_SLIDE_EXT):
-        raise FormatError(f"{remote.display(url)}: openslide reads only local files and this slide format "
+        raise FormatError(f"{display(url)}: openslide reads only local files and this slide format "
                           f"({ext or 'openslide'}) is not a TIFF tifffile reads tile by tile; copy it locally "
                           "first (aws s3 cp / curl -O) and run on the copy")
     if info.get("directory") or low.endswith(".zarr"):
         return "zarr"
     if url.split("://", 1)[0].lower() in ("http", "https") and info["size"]:
-        remote.RemoteFile(url, info["size"]).check_ranges()
+        RemoteFile(url, info["size"]).check_ranges()
     if ext in TIFF_SLIDE_EXT:
         _is_geotiff(url, info["size"])  # the header parses and the data is all there
         return "tifffile"
@@ -128,20 +128,20 @@ def _detect_url(url: str, reader: str) -> str:
     if ext in GEO_EXT:
         return "rasterio"
     if ext in IMAGE_EXT:
-        raise FormatError(f"{remote.display(url)}: {ext} images are read whole, not window by window; copy it "
+        raise FormatError(f"{display(url)}: {ext} images are read whole, not window by window; copy it "
                           "locally first, or convert it to a tiled TIFF")
-    raise FormatError(f"{remote.display(url)}: unsupported file type {ext or '(no extension)'!r}; by URL tilerseg "
+    raise FormatError(f"{display(url)}: unsupported file type {ext or '(no extension)'!r}; by URL tilerseg "
                       "reads TIFF/OME-TIFF/GeoTIFF/COG, SVS and zarr (force a backend with --reader)")
 
 
 def _is_geotiff(path: str, size: int | None = None) -> bool:
     import tifffile
 
-    url = remote.is_url(path)
-    where = remote.display(path) if url else path
+    url = is_url(path)
+    where = display(path) if url else path
     try:
         said_cm = _tifffile_warnings() if url else contextlib.nullcontext([])
-        with (remote.RemoteFile(path, size) if url else open(path, "rb")) as fh, said_cm as said, \
+        with (RemoteFile(path, size) if url else open(path, "rb")) as fh, said_cm as said, \
                 tifffile.TiffFile(fh) as tif:
             tags = tif.pages[0].tags
             n = len(tif.pages)  # every IFD parsed now: one past the end is logged
@@ -153,7 +153,7 @@ def _is_geotiff(path: str, size: int | None = None) -> bool:
     except InputError:
         raise
     except Exception as err:
-        raise FormatError(f"{where}: not a readable TIFF ({remote.mask_text(str(err))}); it is corrupt or "
+        raise FormatError(f"{where}: not a readable TIFF ({mask_text(str(err))}); it is corrupt or "
                           "truncated") from err
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, InputError
-from . import remote
+from .remote import RemoteFile, display, is_url, mask_text
 from .base import ImageMeta, Reader, reopen, resolution_mpp
 
 _CHANNEL_AXES = "SC"
@@ -26,15 +26,15 @@ class TiffReader(Reader):
         import zarr
 
         self._src, self.level = str(path), int(level)
-        self._remote = remote.RemoteFile(self._src) if remote.is_url(self._src) else None
-        self.path = remote.display(self._src)
+        self._remote = RemoteFile(self._src) if is_url(self._src) else None
+        self.path = display(self._src)
         try:
             self._tif = tifffile.TiffFile(self._remote or self._src)
             series = self._tif.series[0]
         except InputError:
             raise
         except Exception as err:
-            raise FormatError(f"{self.path}: not a readable TIFF ({remote.mask_text(str(err))})") from err
+            raise FormatError(f"{self.path}: not a readable TIFF ({mask_text(str(err))})") from err
         if not 0 <= self.level < len(series.levels):
             raise FormatError(f"{self.path}: has levels 0..{len(series.levels) - 1}, not {self.level}: "
                               "pick one of those with --level")
