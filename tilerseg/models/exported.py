@@ -10,11 +10,8 @@ window outside it fails with one line naming its shape. Run by
 """
 from __future__ import annotations
 
-import functools
-import os
-
 from ..errors import ModelError
-from .program import META_FILE, ProgramModel, describe_program, read_meta
+from .program import ProgramModel, describe_program, load_program
 from .registry import ModelSpec
 
 KIND = "exported"
@@ -23,23 +20,15 @@ KIND = "exported"
 def load(path: str):
     """``(program, module, metadata)`` of the ``.pt2`` file, read once per
     process while the file is unchanged."""
-    st = os.stat(path)
-    return _cached(os.path.abspath(path), st.st_size, st.st_mtime_ns, path)
+    (program, module), meta = load_program(path, _read, "torch.export program", "torch.export.save")
+    return program, module, meta
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(abspath: str, size: int, mtime: int, shown: str):
+def _read(path: str, extra: dict):
     import torch
 
-    extra = {META_FILE: ""}
-    try:
-        program = torch.export.load(abspath, extra_files=extra)
-        module = program.module()
-    except Exception as err:
-        text = " ".join(str(err).split())[:160] or type(err).__name__
-        raise ModelError(f"{shown}: not a loadable torch.export program ({type(err).__name__}: {text}); give a "
-                         "file written by torch.export.save") from None
-    return program, module, read_meta(shown, extra[META_FILE])
+    program = torch.export.load(path, extra_files=extra)
+    return program, program.module()
 
 
 def input_shape(program, path: str) -> tuple[int | None, ...]:

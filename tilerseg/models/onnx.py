@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from .batches import in_fixed_batches
 from .registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -407,22 +408,14 @@ class OnnxModel(torch.nn.Module):
         if self.layout == "NHWC":
             x = x.permute(0, 2, 3, 1)
         run = self.runner(str(x.device))
-        step = self.batch or N
-        parts = []
         try:
-            for i in range(0, N, step):
-                part = x[i:i + step]
-                k = part.shape[0]
-                if k < step:  # a fixed batch: fill the last piece with copies of its first window
-                    part = torch.cat([part, part[:1].expand(step - k, *part.shape[1:])])
-                parts.append(run(part)[:k])
+            out = in_fixed_batches(run, x, self.batch or N)
         except ModelError:
             raise
         except Exception as err:  # a runtime error on a window (shapes, operators): one line
             text = " ".join(str(err).split())[:240] or type(err).__name__
             raise ModelError(f"{self.onnx_path}: {self.runtime} failed on a {H}x{W} window "
                              f"({type(err).__name__}: {text})") from None
-        out = torch.cat(parts) if len(parts) > 1 else parts[0]
         if out.dim() != 4:
             raise ModelError(f"{self.onnx_path}: the graph returned a {out.dim()}-D output; tilerseg needs "
                              "(batch, classes, height, width)")

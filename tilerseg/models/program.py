@@ -16,12 +16,16 @@ and the run then uses the gaussian merge and says why.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+from typing import Callable
 
 import torch
 
 from ..errors import ModelError
+from .batches import in_fixed_batches
 from .registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,27 @@ def settings(path: str, meta: dict, flags: dict) -> dict:
         raise ModelError(f"{path}: stride {stride!r}: give a positive whole number ({META_FILE} or "
                          "--model-arg stride=)") from None
     return {"output": output, "stride": stride}
+
+
+def load_program(path: str, read: Callable, what: str, writer: str):
+    """``(read(abspath, extra_files), metadata)`` of a program file, read
+    once per process while the file is unchanged (its size and mtime key
+    the cache). A file ``read`` cannot load is one line: not a loadable
+    ``what``, give a file written by ``writer``."""
+    st = os.stat(path)
+    return _load(os.path.abspath(path), st.st_size, st.st_mtime_ns, path, read, what, writer)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(abspath: str, size: int, mtime: int, shown: str, read: Callable, what: str, writer: str):
+    extra = {META_FILE: ""}
+    try:
+        loaded = read(abspath, extra)
+    except Exception as err:
+        text = " ".join(str(err).split())[:160] or type(err).__name__
+        raise ModelError(f"{shown}: not a loadable {what} ({type(err).__name__}: {text}); give a file written by "
+                         f"{writer}") from None
+    return loaded, read_meta(shown, extra[META_FILE])
 
 
 def read_meta(path: str, text: str | bytes | None) -> dict:
@@ -177,17 +202,12 @@ class ProgramModel(torch.nn.Module):
 
     def forward(self, x):
         N, C, H, W = x.shape
-        step = self.batch or N
-        parts = []
+        def run(part):
+            out = self.program(part.contiguous())
+            return out[0] if isinstance(out, (tuple, list)) else out
+
         try:
-            for i in range(0, N, step):
-                part = x[i:i + step]
-                k = part.shape[0]
-                if k < step:
-                    part = torch.cat([part, part[:1].expand(step - k, *part.shape[1:])])
-                out = self.program(part.contiguous())
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                parts.append(out[:k])
+            out = in_fixed_batches(run, x, self.batch or N)
         except Exception as err:  # the program's own checks (shapes, guards) raise many types: one line
             if type(err).__module__.startswith("tilerseg"):  # ours (or the receptive-field tracer's): as is
                 raise
@@ -195,7 +215,6 @@ class ProgramModel(torch.nn.Module):
             raise ModelError(f"{self.program_path}: the {self.kind} program failed on a {N}x{C}x{H}x{W} window "
                              f"({type(err).__name__}: {text}); give --tile/--halo that make windows it takes, "
                              "or export it with dynamic height and width") from None
-        out = torch.cat(parts) if len(parts) > 1 else parts[0]
         if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[-2:]) != (H, W):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"{self.program_path}: the program returns {shape} for a {N}x{C}x{H}x{W} window; "

@@ -8,12 +8,9 @@ what model zoos hold today; the file is loaded, never rebuilt, and run by
 """
 from __future__ import annotations
 
-import functools
-import os
 import warnings
 
-from ..errors import ModelError
-from .program import META_FILE, ProgramModel, describe_program, read_meta
+from .program import ProgramModel, describe_program, load_program
 from .registry import ModelSpec
 
 KIND = "torchscript"
@@ -22,24 +19,15 @@ KIND = "torchscript"
 def load(path: str):
     """``(module, metadata)`` of the TorchScript file, read once per
     process while the file is unchanged."""
-    st = os.stat(path)
-    return _cached(os.path.abspath(path), st.st_size, st.st_mtime_ns, path)
+    return load_program(path, _read, "TorchScript program", "torch.jit.save")
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(abspath: str, size: int, mtime: int, shown: str):
+def _read(path: str, extra: dict):
     import torch
 
-    extra = {META_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the user's file is one
-            module = torch.jit.load(abspath, map_location="cpu", _extra_files=extra)
-    except Exception as err:
-        text = " ".join(str(err).split())[:160] or type(err).__name__
-        raise ModelError(f"{shown}: not a loadable TorchScript program ({type(err).__name__}: {text}); give a file "
-                         "written by torch.jit.save") from None
-    return module.eval(), read_meta(shown, extra[META_FILE])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the user's file is one
+        return torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
 
 
 def describe(path: str, spec: ModelSpec) -> dict:
